@@ -1,0 +1,5 @@
+"""``python -m rmserve``: the same as the ``rmserve`` console script."""
+
+from rmserve.cli import app
+
+app()

@@ -1,0 +1,1 @@
+"""HTTP layer: pydantic schemas, thin routes, the app factory and error mapping."""

@@ -1,0 +1,1 @@
+"""Model backends (one module per kind): know torch, know nothing of asyncio or HTTP."""

@@ -1,0 +1,1 @@
+"""Tools that make reward models: train heads, upcycle, merge, calibrate."""
