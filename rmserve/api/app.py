@@ -1,0 +1,79 @@
+"""The app factory and its lifespan: load models (in the background), start batchers, drain on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import FastAPI
+
+from rmserve import __version__
+from rmserve.api.errors import install_error_handlers
+from rmserve.api.middleware import RequestContextMiddleware
+from rmserve.api.routes import router
+from rmserve.api.state import AppState
+from rmserve.config import ModelSpec, Settings
+from rmserve.metrics import Metrics
+from rmserve.models.base import RewardModel
+from rmserve.serving import ModelRegistry, load_models
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, models: Sequence[RewardModel] | None = None) -> FastAPI:
+    """Build the app.
+
+    Args:
+        settings: server settings.
+        models: already loaded models to serve (tests, embedding); when ``None`` the models the
+            settings name are loaded in the background at startup, ``/ready`` answering 503 until done.
+    """
+    state = AppState(settings=settings, metrics=Metrics())
+
+    def serve(loaded: Sequence[RewardModel], specs: Sequence[ModelSpec] | None) -> None:
+        registry = ModelRegistry.from_models(
+            loaded, settings, specs=specs, observer_for=state.metrics.observer
+        )
+        registry.start()
+        state.registry = registry
+
+    async def load_in_background() -> None:
+        try:
+            loaded, specs = await asyncio.to_thread(load_models, settings)
+            serve(loaded, specs)
+            log.info("ready: serving %s", ", ".join(state.registry.models) if state.registry else "")
+        except Exception as exc:
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("model loading failed: %s", state.load_error)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = None
+        if models is not None:
+            serve(models, None)
+        else:
+            loader = asyncio.create_task(load_in_background())
+        try:
+            yield
+        finally:
+            state.shutting_down = True
+            if loader is not None and not loader.done():
+                await asyncio.gather(loader, return_exceptions=True)  # a thread cannot be interrupted
+            if state.registry is not None:
+                await state.registry.close(settings.shutdown_timeout_s)
+
+    app = FastAPI(
+        title="rmserve",
+        version=__version__,
+        summary="Reward-model inference server for RLHF.",
+        lifespan=lifespan,
+    )
+    app.state.rmserve = state
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=state.metrics, max_request_bytes=settings.max_request_bytes
+    )
+    return app

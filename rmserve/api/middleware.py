@@ -1,0 +1,121 @@
+"""ASGI middleware: request ids, the request body limit, and request metrics.
+
+Plain ASGI (not BaseHTTPMiddleware) so that streaming and cancellation pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from rmserve.metrics import Metrics
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID = "x-request-id"
+
+
+class RequestContextMiddleware:
+    """Tags each HTTP request with an id (echoed in ``x-request-id``), enforces ``max_request_bytes``
+    (413), and counts requests and their latency by model, endpoint and status.
+
+    Routes put the model's name in ``scope["state"]["model"]`` for the metrics label.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_request_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+                await self._too_large(send_with_id, int(length))
+                return
+            body_receive = await self._buffer_body(receive, send_with_id)
+            if body_receive is None:
+                return
+            await self.app(scope, body_receive, send_with_id)
+        finally:
+            path = scope.get("path", "")
+            model = scope["state"].get("model", "")
+            self.metrics.requests.labels(model, path, str(status)).inc()
+            if model:
+                self.metrics.request_duration.labels(model, path).observe(time.perf_counter() - start)
+
+    async def _buffer_body(self, receive: Receive, send: Send) -> Receive | None:
+        """Read the whole body (bounded), then replay it; None if it was too large (413 sent) or cut off."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the client left before sending the whole body: nothing to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_request_bytes:
+                await self._too_large(send, size)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    async def _too_large(self, send: Send, size: int) -> None:
+        body = json.dumps(
+            {
+                "error": {
+                    "type": "payload_too_large",
+                    "message": f"the request body has {size}+ bytes, over the limit of {self.max_request_bytes}; "
+                    "split the inputs over several requests (or raise --max-request-bytes).",
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,173 @@
+"""HTTP routes: validate, hand the work to the served model, map errors. No logic of their own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from rmserve.api.errors import ApiError, from_domain
+from rmserve.api.schemas import (
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    ScoreRequest,
+    ScoreResponse,
+    Status,
+    Usage,
+)
+from rmserve.api.state import AppState
+from rmserve.serving import ModelRegistry
+
+T = TypeVar("T")
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        404: "Unknown model.",
+        413: "Request body, input count or token total over the limits.",
+        422: "Invalid input (message says which and how to fix it).",
+        429: "Queue full; retry after Retry-After seconds.",
+        500: "The batch holding the request failed.",
+        503: "Models still loading, or the server is shutting down.",
+    }.items()
+}
+
+
+class ClientDisconnected(Exception):
+    """The client hung up before its response was ready."""
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.rmserve
+
+
+def _registry(request: Request) -> ModelRegistry:
+    state = _state(request)
+    if state.shutting_down:
+        raise ApiError(
+            503,
+            "shutting_down",
+            "the server is shutting down; retry on another replica.",
+            {"Retry-After": "1"},
+        )
+    if state.registry is None:
+        detail = (
+            f"model loading failed: {state.load_error}" if state.load_error else "models are still loading"
+        )
+        raise ApiError(
+            503, "not_ready", f"{detail}; GET /ready says when the server can score.", {"Retry-After": "5"}
+        )
+    return state.registry
+
+
+async def _until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, cancelling it if the client disconnects first (its queued inputs are then dropped)."""
+    task = asyncio.ensure_future(work)
+
+    async def wait_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnected
+    return task.result()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+@router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
+async def score(body: ScoreRequest, request: Request, response: Response) -> ScoreResponse | Response:
+    """Score inputs with a reward model; rewards come back in input order."""
+    registry = _registry(request)
+    settings = _state(request).settings
+    try:
+        served = registry.get(body.model)
+        request.scope["state"]["model"] = served.name
+        if len(body.inputs) > settings.max_inputs_per_request:
+            raise ApiError(
+                413,
+                "too_many_inputs",
+                f"the request has {len(body.inputs)} inputs, over the limit of {settings.max_inputs_per_request}; "
+                "split it into several requests.",
+            )
+        outcome = await _until_disconnect(request, served.score(body.inputs, body.truncation))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except Exception as exc:
+        raise from_domain(exc) from exc
+    total = outcome.tokenize_s + outcome.queue_s + outcome.inference_s
+    response.headers["x-tokenization-time"] = _ms(outcome.tokenize_s)
+    response.headers["x-queue-time"] = _ms(outcome.queue_s)
+    response.headers["x-inference-time"] = _ms(outcome.inference_s)
+    response.headers["x-compute-time"] = _ms(total)
+    return ScoreResponse(
+        model=outcome.model,
+        rewards=outcome.rewards,
+        truncated=outcome.truncated,
+        usage=Usage(input_tokens=outcome.input_tokens),
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    """The served models, their kind, dtype, device and limits."""
+    registry = _registry(request)
+    return ModelList(
+        data=[
+            ModelCard(
+                id=m.info.name,
+                kind=m.info.kind,
+                architecture=m.info.architecture,
+                dtype=m.info.dtype,
+                device=m.info.device,
+                max_length=m.info.max_length,
+                parameters=m.info.parameters,
+                default=m.name == registry.default,
+            )
+            for m in registry.models.values()
+        ]
+    )
+
+
+@router.get("/health", response_model=Status, responses={503: {"model": Status}})
+async def health(request: Request) -> Status | JSONResponse:
+    """Liveness: 200 while the process is sound, 503 if its models failed to load."""
+    state = _state(request)
+    if state.load_error:
+        return JSONResponse({"status": "failed", "detail": state.load_error}, status_code=503)
+    return Status(status="ok")
+
+
+@router.get("/ready", response_model=Status, responses={503: {"model": Status}})
+async def ready(request: Request) -> Status | JSONResponse:
+    """Readiness: 200 once every model is loaded and until shutdown begins, else 503."""
+    state = _state(request)
+    if state.shutting_down:
+        return JSONResponse({"status": "shutting_down"}, status_code=503, headers={"Retry-After": "1"})
+    if state.registry is None:
+        status = "failed" if state.load_error else "loading"
+        return JSONResponse(
+            {"status": status, "detail": state.load_error}, status_code=503, headers={"Retry-After": "5"}
+        )
+    return Status(status="ready")
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (text exposition format)."""
+    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,348 @@
+"""The dynamic batcher: one bounded queue per model, batches cut by a padded-token budget.
+
+Requests put items (one per input) on the queue and await their futures. A single loop task owns
+the queue: it waits (event-driven, no polling) until a full batch is waiting or the oldest item has
+waited ``max_wait_s``, cuts a batch around the oldest item with :func:`grow_batch` (length-aware, so
+padding stays low), and runs it on the model's device executor (one thread per device, so one
+forward at a time). While a forward runs, new items queue up and form the next batch.
+
+Guarantees:
+- a failing forward fails exactly the items of its batch (``BatchFailed``); the loop keeps serving;
+- items whose future is already done (their client hung up) are dropped before they are computed;
+- the queue is bounded in tokens: a submit that would overflow it raises ``Overloaded`` with a
+  retry-after estimate; one larger than the whole queue raises ``RequestTooLarge``;
+- ``close`` stops intake, lets every accepted item finish, and fails what is left only on timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from rmserve.batching.planning import BatchLimits, grow_batch
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+WINDOW = 1024  # items considered when grouping by length; the oldest is always among them
+
+
+class BatcherError(Exception):
+    """Base class of the batcher's errors."""
+
+
+class Overloaded(BatcherError):
+    """The queue is full; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(BatcherError):
+    """The request alone holds more tokens than the whole queue may."""
+
+
+class Closed(BatcherError):
+    """The batcher is shutting down and takes no new work."""
+
+
+class BatchFailed(BatcherError):
+    """The forward of the batch holding this item failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult(Generic[R]):
+    """One item's value and where its time went."""
+
+    value: R
+    queue_s: float
+    inference_s: float
+    batch_id: int
+    batch_size: int
+
+
+class BatchObserver(Protocol):
+    """Receives what the batcher measures (implemented by the metrics module)."""
+
+    def batch_done(
+        self,
+        *,
+        size: int,
+        real_tokens: int,
+        padded_tokens: int,
+        queue_s: Sequence[float],
+        inference_s: float,
+        ok: bool,
+    ) -> None: ...
+
+    def queue_changed(self, *, items: int, tokens: int) -> None: ...
+
+    def items_dropped(self, count: int) -> None: ...
+
+
+class _NoObserver:
+    def batch_done(self, **_: object) -> None:
+        pass
+
+    def queue_changed(self, **_: object) -> None:
+        pass
+
+    def items_dropped(self, count: int) -> None:
+        pass
+
+
+@dataclass(eq=False, slots=True)
+class _Item(Generic[P, R]):
+    payload: P
+    n_tokens: int
+    future: asyncio.Future[ItemResult[R]]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher(Generic[P, R]):
+    """Collects items from concurrent requests into batches and runs them on one executor.
+
+    Args:
+        run_batch: computes a batch, returning one value per payload in order; runs on ``executor``.
+        executor: the device's executor (one worker thread: one forward at a time per device).
+        limits: per-batch caps (padded tokens, items).
+        max_wait_s: how long the oldest item may wait for company before a partial batch runs.
+        max_queue_tokens: tokens that may wait in the queue.
+        observer: receives batch and queue measurements.
+        name: used in log lines and errors.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[P]], Sequence[R]],
+        *,
+        executor: Executor,
+        limits: BatchLimits,
+        max_wait_s: float,
+        max_queue_tokens: int,
+        observer: BatchObserver | None = None,
+        name: str = "model",
+    ) -> None:
+        self._run_batch = run_batch
+        self._executor = executor
+        self.limits = limits
+        self.max_wait_s = max_wait_s
+        self.max_queue_tokens = max_queue_tokens
+        self._observer: BatchObserver = observer or _NoObserver()
+        self.name = name
+        self._pending: list[_Item[P, R]] = []
+        self._queued_tokens = 0
+        self._busy = False
+        self._closing = False
+        self._arrival = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._tokens_per_s = 0.0  # moving average, for Retry-After estimates
+        self._batches = 0
+
+    @property
+    def queued_items(self) -> int:
+        return len(self._pending)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    def start(self) -> None:
+        """Start the loop task on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def submit(self, items: Sequence[tuple[P, int]]) -> list[ItemResult[R]]:
+        """Queue items (payload, token count) and wait for all of their results, in order.
+
+        If the caller is cancelled (its client hung up), its items still queued are dropped.
+
+        Raises:
+            Closed: the batcher is shutting down.
+            RequestTooLarge: the items hold more tokens than the queue may ever hold.
+            Overloaded: the queue has no room for the items now.
+            BatchFailed: the forward of a batch holding one of the items failed.
+        """
+        if self._closing:
+            raise Closed(
+                f"model {self.name!r} is shutting down and takes no new requests; retry on another replica."
+            )
+        if not items:
+            return []
+        total = sum(n for _, n in items)
+        if total > self.max_queue_tokens:
+            raise RequestTooLarge(
+                f"the request holds {total} tokens but model {self.name!r} queues at most {self.max_queue_tokens}; "
+                "split it into smaller requests."
+            )
+        if self._queued_tokens + total > self.max_queue_tokens:
+            raise Overloaded(
+                f"model {self.name!r} is overloaded ({self._queued_tokens} tokens queued, limit "
+                f"{self.max_queue_tokens}); retry later.",
+                retry_after_s=self._retry_after(total),
+            )
+        loop = asyncio.get_running_loop()
+        queued = [_Item[P, R](payload, n, loop.create_future()) for payload, n in items]
+        self._pending.extend(queued)
+        self._queued_tokens += total
+        self._observer.queue_changed(items=len(self._pending), tokens=self._queued_tokens)
+        self._arrival.set()
+        try:
+            return list(await asyncio.gather(*(item.future for item in queued)))
+        finally:
+            for item in queued:
+                item.future.cancel()  # no-op on finished items; marks the rest to be dropped
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop taking work, finish every accepted item, then stop the loop.
+
+        Items still unfinished after ``timeout_s`` fail with ``Closed``, so nothing hangs.
+        """
+        self._closing = True
+        deadline = time.monotonic() + timeout_s
+        while (self._pending or self._busy) and time.monotonic() < deadline:
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        leftover, self._pending = self._pending, []
+        for item in leftover:
+            if not item.future.done():
+                item.future.set_exception(
+                    Closed(f"model {self.name!r} shut down before this input was scored.")
+                )
+        self._queued_tokens = 0
+
+    def _retry_after(self, tokens: int) -> int:
+        if self._tokens_per_s <= 0:
+            return 1
+        return max(1, math.ceil((self._queued_tokens + tokens - self.max_queue_tokens) / self._tokens_per_s))
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wait_for_batch()
+            batch: list[_Item[P, R]] = []
+            try:
+                batch = self._take_batch()
+                if batch:
+                    await self._run(batch)
+            except asyncio.CancelledError:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(Closed(f"model {self.name!r} shut down during this batch."))
+                raise
+            except Exception as exc:  # a bug here must not leave requests hanging
+                log.exception("batcher %s: unexpected error", self.name)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(BatchFailed(f"internal batching error: {exc}"))
+            finally:
+                self._busy = False
+                self._progress.set()
+
+    async def _wait_for_batch(self) -> None:
+        """Return once a batch should be cut: a full batch waits, or the oldest item's wait is over."""
+        while True:
+            self._prune()
+            if not self._pending:
+                self._arrival.clear()
+                await self._arrival.wait()
+                continue
+            if (
+                self._queued_tokens >= self.limits.max_batch_tokens
+                or len(self._pending) >= self.limits.max_batch_size
+            ):
+                return
+            remaining = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _prune(self) -> None:
+        """Drop items whose future is already done (cancelled by a client that hung up)."""
+        live = [item for item in self._pending if not item.future.done()]
+        dropped = len(self._pending) - len(live)
+        if dropped:
+            self._pending = live
+            self._queued_tokens = sum(item.n_tokens for item in live)
+            self._observer.items_dropped(dropped)
+            self._observer.queue_changed(items=len(live), tokens=self._queued_tokens)
+            self._progress.set()
+
+    def _take_batch(self) -> list[_Item[P, R]]:
+        self._prune()
+        if not self._pending:
+            return []
+        window = self._pending[:WINDOW]
+        chosen = [window[i] for i in grow_batch([item.n_tokens for item in window], 0, self.limits)]
+        taken = set(map(id, chosen))
+        self._pending = [item for item in self._pending if id(item) not in taken]
+        self._queued_tokens -= sum(item.n_tokens for item in chosen)
+        self._busy = True
+        self._observer.queue_changed(items=len(self._pending), tokens=self._queued_tokens)
+        return chosen
+
+    async def _run(self, batch: list[_Item[P, R]]) -> None:
+        start = time.monotonic()
+        self._batches += 1
+        batch_id = self._batches
+        queue_s = [start - item.enqueued for item in batch]
+        real = sum(item.n_tokens for item in batch)
+        padded = len(batch) * max(item.n_tokens for item in batch)
+        loop = asyncio.get_running_loop()
+        try:
+            values = await loop.run_in_executor(
+                self._executor, self._run_batch, [item.payload for item in batch]
+            )
+            if len(values) != len(batch):
+                raise RuntimeError(f"the model returned {len(values)} results for a batch of {len(batch)}")
+        except Exception as exc:
+            elapsed = time.monotonic() - start
+            log.error("batcher %s: forward of %d items failed: %s", self.name, len(batch), exc)
+            self._observer.batch_done(
+                size=len(batch),
+                real_tokens=real,
+                padded_tokens=padded,
+                queue_s=queue_s,
+                inference_s=elapsed,
+                ok=False,
+            )
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(
+                        BatchFailed(f"scoring failed for the batch holding this input: {exc}")
+                    )
+            return
+        elapsed = time.monotonic() - start
+        rate = real / max(elapsed, 1e-9)
+        self._tokens_per_s = rate if self._tokens_per_s <= 0 else 0.8 * self._tokens_per_s + 0.2 * rate
+        self._observer.batch_done(
+            size=len(batch),
+            real_tokens=real,
+            padded_tokens=padded,
+            queue_s=queue_s,
+            inference_s=elapsed,
+            ok=True,
+        )
+        for item, value, waited in zip(batch, values, queue_s, strict=True):
+            if not item.future.done():
+                item.future.set_result(ItemResult(value, waited, elapsed, batch_id, len(batch)))

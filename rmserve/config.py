@@ -1,0 +1,164 @@
+"""Settings: the one frozen object every other module receives; the only reader of the environment.
+
+Sources, highest priority first: explicit values (CLI flags), environment variables ``RMSERVE_<NAME>``
+(e.g. ``RMSERVE_PORT=9000``), the YAML file named by ``config`` / ``RMSERVE_CONFIG``, then defaults.
+
+A YAML config can serve several models at once::
+
+    max_batch_tokens: 8192
+    models:
+      - name: demo
+        path: demo
+      - name: my-rm
+        path: /models/my-rm
+        dtype: bfloat16
+        max_length: 2048
+
+Requests pick a model with ``"model": NAME``; the first one listed is the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DTypeName = Literal["auto", "float32", "bfloat16"]
+TruncationName = Literal["left", "right", "error"]
+DEMO = "demo"
+
+
+class ModelSpec(BaseModel):
+    """One served model; unset fields take the server-wide value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(
+        min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="Name requests use."
+    )
+    path: str = Field(min_length=1, description="A local Hugging Face model folder, or 'demo'.")
+    kind: Literal["dense"] = Field("dense", description="Model kind.")
+    dtype: DTypeName | None = None
+    device: str | None = None
+    max_length: int | None = Field(None, ge=2)
+    truncation: TruncationName | None = None
+    max_batch_tokens: int | None = Field(None, ge=1)
+    max_batch_size: int | None = Field(None, ge=1)
+
+
+class Settings(BaseSettings):
+    """Server settings. Each field is a CLI flag of ``rmserve serve`` and an env var ``RMSERVE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="RMSERVE_", frozen=True, extra="forbid")
+
+    model: str | None = Field(
+        None,
+        description="Model to serve: a local Hugging Face folder or 'demo' (the default when no config lists models).",
+    )
+    config: Path | None = Field(None, description="YAML file with settings and a 'models' list.")
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    dtype: DTypeName = Field(
+        "auto", description="Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16."
+    )
+    device: str = Field("auto", description="Device: auto, cpu, cuda or cuda:N.")
+    max_length: int | None = Field(
+        None,
+        ge=2,
+        description="Most tokens per input (default: the model's limit, capped by max_batch_tokens).",
+    )
+    truncation: TruncationName = Field(
+        "left", description="Over-long inputs: left (keep the end), right, or error (422)."
+    )
+    max_batch_tokens: int = Field(
+        8192, ge=16, description="Padded tokens per batch (batch size x longest input)."
+    )
+    max_batch_size: int = Field(64, ge=1, description="Inputs per batch.")
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="How long the oldest queued input waits for company before a partial batch runs.",
+    )
+    max_queue_tokens: int = Field(
+        1_048_576, ge=16, description="Tokens that may wait per model; past it requests get 429."
+    )
+    max_inputs_per_request: int = Field(4096, ge=1, description="Inputs in one request; past it 413.")
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Request body size; past it 413.")
+    shutdown_timeout_s: float = Field(
+        60.0, ge=0, description="On shutdown, how long accepted work may take to finish."
+    )
+    cache_dir: Path = Field(Path.home() / ".cache" / "rmserve", description="Where the demo model is built.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    models: tuple[ModelSpec, ...] = Field((), description="Served models (from the YAML config).")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names_unique(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            names = [m["name"] if isinstance(m, dict) else getattr(m, "name", None) for m in value]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"model names must be unique; repeated: {', '.join(map(str, dupes))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> Settings:
+        if self.model is not None and self.models:
+            raise ValueError(
+                "both --model and a config 'models' list were given; serve either one model (--model) "
+                "or the config's list (remove --model / RMSERVE_MODEL)."
+            )
+        return self
+
+    def served_models(self) -> list[ModelSpec]:
+        """The models to serve: the config's list, else ``--model``, else the demo."""
+        if self.models:
+            return list(self.models)
+        path = self.model or DEMO
+        name = DEMO if path == DEMO else (Path(path).name or path)
+        return [ModelSpec(name=name, path=path)]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls, init_settings, env_settings))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Values from the YAML file named by the ``config`` setting (flag or env)."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        init: PydanticBaseSettingsSource,
+        env: PydanticBaseSettingsSource,
+    ) -> None:
+        super().__init__(settings_cls)
+        self._path = init().get("config") or env().get("config")
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._path:
+            return {}
+        path = Path(self._path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist; check --config / RMSERVE_CONFIG.")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"config file {path} must hold a mapping of settings, got {type(data).__name__}."
+            )
+        if "config" in data:
+            raise ValueError(f"config file {path} may not name another config file.")
+        return data

@@ -1,0 +1,134 @@
+"""Prometheus metrics, one registry per app (so several apps in one process never collide).
+
+Names (all labelled by ``model``; requests also by ``endpoint`` and ``status``):
+
+- ``rmserve_requests_total``: requests answered, by HTTP status;
+- ``rmserve_request_duration_seconds``: time from request arrival to response;
+- ``rmserve_queue_time_seconds``: time each input waited in the queue;
+- ``rmserve_inference_time_seconds``: time of each batch's forward pass;
+- ``rmserve_batch_size``: inputs per batch;
+- ``rmserve_batch_tokens``: real tokens per batch;
+- ``rmserve_real_tokens_total`` / ``rmserve_padded_tokens_total``: tokens scored vs computed
+  (padding efficiency = real / padded, also exported per batch as ``rmserve_padding_efficiency``);
+- ``rmserve_batches_total``: batches run, by outcome (``ok``/``failed``);
+- ``rmserve_dropped_inputs_total``: queued inputs dropped because their client hung up;
+- ``rmserve_queue_depth`` / ``rmserve_queue_tokens``: inputs and tokens waiting now;
+- ``rmserve_input_tokens_total``: tokens of scored inputs, after truncation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+RATIO_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 1.0)
+
+
+class Metrics:
+    """The server's metrics, registered on a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "rmserve_requests_total", "Requests answered.", ["model", "endpoint", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "rmserve_request_duration_seconds",
+            "Request latency.",
+            ["model", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "rmserve_queue_time_seconds",
+            "Queue wait per input.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_time = Histogram(
+            "rmserve_inference_time_seconds",
+            "Forward time per batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "rmserve_batch_size", "Inputs per batch.", ["model"], buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "rmserve_batch_tokens", "Real tokens per batch.", ["model"], buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.padding_efficiency = Histogram(
+            "rmserve_padding_efficiency",
+            "Real / padded tokens per batch.",
+            ["model"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.real_tokens = Counter("rmserve_real_tokens_total", "Tokens scored.", ["model"], registry=r)
+        self.padded_tokens = Counter(
+            "rmserve_padded_tokens_total", "Tokens computed, padding included.", ["model"], registry=r
+        )
+        self.batches = Counter("rmserve_batches_total", "Batches run.", ["model", "outcome"], registry=r)
+        self.dropped = Counter(
+            "rmserve_dropped_inputs_total",
+            "Queued inputs dropped after their client hung up.",
+            ["model"],
+            registry=r,
+        )
+        self.queue_depth = Gauge("rmserve_queue_depth", "Inputs waiting.", ["model"], registry=r)
+        self.queue_tokens = Gauge("rmserve_queue_tokens", "Tokens waiting.", ["model"], registry=r)
+        self.input_tokens = Counter(
+            "rmserve_input_tokens_total", "Tokens of scored inputs.", ["model"], registry=r
+        )
+
+    def observer(self, model: str) -> ModelObserver:
+        """The batcher observer for one model."""
+        return ModelObserver(self, model)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class ModelObserver:
+    """Feeds one model's batcher measurements into the metrics (implements ``BatchObserver``)."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._m = metrics
+        self._model = model
+
+    def batch_done(
+        self,
+        *,
+        size: int,
+        real_tokens: int,
+        padded_tokens: int,
+        queue_s: Sequence[float],
+        inference_s: float,
+        ok: bool,
+    ) -> None:
+        m, name = self._m, self._model
+        m.batches.labels(name, "ok" if ok else "failed").inc()
+        m.batch_size.labels(name).observe(size)
+        m.batch_tokens.labels(name).observe(real_tokens)
+        m.inference_time.labels(name).observe(inference_s)
+        m.real_tokens.labels(name).inc(real_tokens)
+        m.padded_tokens.labels(name).inc(padded_tokens)
+        m.padding_efficiency.labels(name).observe(real_tokens / padded_tokens if padded_tokens else 1.0)
+        queue_hist = m.queue_time.labels(name)
+        for waited in queue_s:
+            queue_hist.observe(waited)
+
+    def queue_changed(self, *, items: int, tokens: int) -> None:
+        self._m.queue_depth.labels(self._model).set(items)
+        self._m.queue_tokens.labels(self._model).set(tokens)
+
+    def items_dropped(self, count: int) -> None:
+        self._m.dropped.labels(self._model).inc(count)

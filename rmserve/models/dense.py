@@ -1,0 +1,174 @@
+"""Dense Hugging Face reward models: any ``AutoModelForSequenceClassification`` with one label.
+
+Decoder models (those with a ``score`` head: Llama, Qwen2, Mistral, Gemma, GPT-NeoX, ...) are run as
+their base model on right-padded batches without an attention mask, and the score head is applied to
+the hidden state of each sequence's last real token. Under causal attention a token never sees the
+padding to its right, so every real token's hidden state equals the unpadded computation; the scored
+token is found from the sequence lengths, never from ``pad_token_id``, so a sequence that ends in
+EOS when EOS is also the pad token is still scored on its last token.
+
+Encoder models (BERT-like cross-encoders, ``classifier`` head) run the full model with an attention
+mask: their pooling (CLS) is position-based and unaffected by padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from rmserve.models.base import DTypeName, ForwardError, ModelInfo, resolve_device, resolve_dtype
+from rmserve.models.inputs import EncodedInput, InputEncoder
+
+_UNBOUNDED = 1_000_000  # tokenizers report ~1e30 as model_max_length when they know no limit
+
+
+class DenseRewardModel:
+    """A single-reward Hugging Face sequence-classification model.
+
+    Args:
+        name: the name requests use to pick this model.
+        path: a local Hugging Face model folder (config, weights, tokenizer).
+        dtype: ``auto``, ``float32`` or ``bfloat16``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        max_length: the most tokens per input; defaults to the model's own limit.
+
+    Raises:
+        ValueError: the folder is not a one-label sequence-classification model, or the options
+            do not fit this machine.
+    """
+
+    kind = "dense"
+
+    def __init__(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        dtype: DTypeName = "auto",
+        device: str = "auto",
+        max_length: int | None = None,
+    ) -> None:
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"{path} is not a Hugging Face model folder (no config.json); point --model at a folder "
+                "saved with save_pretrained(), or use the built-in 'demo'."
+            )
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "num_labels", 1) != 1:
+            raise ValueError(
+                f"{path} has num_labels={config.num_labels}; a reward model has exactly one output."
+            )
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.path = path
+        self._tokenizer_path = path
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype)
+        self.model: nn.Module = model.to(self.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        self.pad_id = _pad_token_id(tokenizer, model.config)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.pad_id
+        head = getattr(model, "score", None)
+        self.decoder = isinstance(head, nn.Linear)
+        self.base = getattr(model, model.base_model_prefix) if self.decoder else None
+        self.head = head if self.decoder else None
+        self.max_length = _max_length(config, tokenizer, max_length)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.info = ModelInfo(
+            name=name,
+            kind=self.kind,
+            architecture=type(model).__name__,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            max_length=self.max_length,
+            parameters=sum(p.numel() for p in model.parameters()),
+            path=str(path),
+        )
+
+    def new_encoder(self, max_length: int | None = None) -> InputEncoder:
+        """A fresh encoder with its own tokenizer instance (tokenizers are not thread-safe).
+
+        Args:
+            max_length: a tighter token limit than the model's own.
+        """
+        tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+        limit = self.max_length if max_length is None else min(max_length, self.max_length)
+        return InputEncoder(
+            tokenizer, max_length=limit, vocab_size=self.vocab_size, text_pairs=not self.decoder
+        )
+
+    @torch.inference_mode()
+    def score(self, batch: Sequence[EncodedInput]) -> list[float]:
+        """Rewards (raw logits) for a batch, in batch order.
+
+        Raises:
+            ForwardError: the model produced a NaN or infinite reward.
+        """
+        lengths = torch.tensor([len(x) for x in batch])  # (B,)
+        width = int(lengths.max())
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # (B, T), right-padded
+        for row, item in enumerate(batch):
+            ids[row, : len(item)] = torch.tensor(item.token_ids)
+        ids = ids.to(self.device)
+        if self.decoder:
+            assert self.base is not None and self.head is not None
+            hidden = self.base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
+            rows = torch.arange(len(batch), device=self.device)
+            pooled = hidden[rows, lengths.to(self.device) - 1]  # (B, H): each sequence's last real token
+            logits = self.head(pooled)  # (B, 1)
+        else:
+            mask = torch.arange(width)[None, :] < lengths[:, None]  # (B, T)
+            kwargs = {"attention_mask": mask.long().to(self.device)}
+            if batch[0].token_type_ids is not None:
+                types = torch.zeros_like(ids)  # (B, T)
+                for row, item in enumerate(batch):
+                    if item.token_type_ids is not None:
+                        types[row, : len(item)] = torch.tensor(item.token_type_ids)
+                kwargs["token_type_ids"] = types
+            logits = self.model(input_ids=ids, **kwargs).logits  # (B, 1)
+        rewards = logits[:, 0].float().cpu()  # (B,)
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        if bad:
+            raise ForwardError(
+                f"the model produced a non-finite reward for {len(bad)} of {len(batch)} inputs in this batch; "
+                "check the checkpoint's weights, or use --dtype float32 if running in bfloat16."
+            )
+        return rewards.tolist()
+
+
+def _pad_token_id(tokenizer: object, config: object) -> int:
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(config, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if isinstance(candidate, int):
+            return candidate
+    return 0  # padding is never attended to nor scored, any id is correct
+
+
+def _max_length(config: object, tokenizer: object, requested: int | None) -> int:
+    limits = [
+        v
+        for v in (
+            getattr(config, "max_position_embeddings", None),
+            getattr(config, "n_positions", None),
+            getattr(tokenizer, "model_max_length", None),
+        )
+        if isinstance(v, int) and 0 < v < _UNBOUNDED
+    ]
+    model_limit = min(limits) if limits else None
+    if requested is None:
+        if model_limit is None:
+            raise ValueError("the model states no maximum length; set max_length for it in the config.")
+        return model_limit
+    if model_limit is not None and requested > model_limit:
+        raise ValueError(
+            f"max_length={requested} exceeds the model's limit of {model_limit} positions; lower max_length."
+        )
+    return requested

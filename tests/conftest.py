@@ -1,0 +1,30 @@
+"""Shared fixtures; tests are marked unit / api / e2e by their folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import BUILDERS
+
+TIERS = {"unit", "api", "e2e"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders of tiny random reward models: llama, qwen2, gpt_neox, bert."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
