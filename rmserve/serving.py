@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from pathlib import Path
 from rmserve.batching.batcher import Batcher, BatchObserver
 from rmserve.batching.planning import BatchLimits
 from rmserve.config import DEMO, ModelSpec, Settings
-from rmserve.models.base import ModelInfo, RewardModel
+from rmserve.models.base import ForwardError, ModelInfo, RewardModel
 from rmserve.models.inputs import EncodedInput, InputEncoder, RewardInput, Truncation
 from rmserve.models.loader import load_model
 
@@ -81,7 +82,7 @@ class ServedModel:
         self.truncation = truncation
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{model.info.name}")
         self.batcher: Batcher[EncodedInput, float] = Batcher(
-            model.score,
+            self._forward,
             executor=device_executor,
             limits=limits,
             max_wait_s=max_wait_s,
@@ -89,6 +90,21 @@ class ServedModel:
             observer=observer,
             name=model.info.name,
         )
+
+    def _forward(self, batch: list[EncodedInput]) -> list[float]:
+        """The model's forward, with its output checked (runs on the device thread).
+
+        Raises:
+            ForwardError: a reward is NaN or infinite.
+        """
+        rewards = self.model.score(batch)
+        bad = sum(1 for r in rewards if not math.isfinite(r))
+        if bad:
+            raise ForwardError(
+                f"the model produced a non-finite reward for {bad} of {len(batch)} inputs in this batch; "
+                "check the checkpoint's weights, or use --dtype float32 if it runs in bfloat16."
+            )
+        return rewards
 
     @property
     def name(self) -> str:

@@ -45,11 +45,7 @@ class RewardModel(Protocol):
         ...
 
     def score(self, batch: Sequence[EncodedInput]) -> list[float]:
-        """Rewards for a batch, in batch order (raw logits, float).
-
-        Raises:
-            ForwardError: the forward failed or produced a non-finite reward.
-        """
+        """Rewards for a batch, in batch order (raw logits, float); any exception fails the batch."""
         ...
 
 
