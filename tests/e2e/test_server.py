@@ -11,9 +11,9 @@ import sys
 import httpx
 import pytest
 
+from rmserve.launch import CLEAN_EXIT, start_server
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import INPUT_ADAPTER
-from tests.e2e.server import CLEAN_EXIT, start_server
 
 DIALOGUES = [
     {"prompt": f"Question number {i}: what is {i} plus {i}?", "response": f"It is {2 * i}. " * (1 + i % 7)}

@@ -1,4 +1,7 @@
-"""Start a real ``rmserve serve`` process on 127.0.0.1 and wait on /ready (not on log lines)."""
+"""Run ``rmserve serve`` as a child process on 127.0.0.1 and wait on /ready (not on log lines).
+
+Used by the end-to-end tests, the benchmarks and the load tests.
+"""
 
 from __future__ import annotations
 
@@ -41,13 +44,36 @@ class Server:
 
 
 def start_server(
-    args: list[str], log: Path, *, env: dict[str, str] | None = None, ready_timeout: float = 300
+    args: list[str],
+    log: Path,
+    *,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 300,
+    command: list[str] | None = None,
 ) -> Server:
-    """Run ``python -m rmserve serve ARGS --port P`` and wait until /ready answers 200."""
+    """Run ``COMMAND --host 127.0.0.1 --port P ARGS`` and wait until /ready answers 200.
+
+    Args:
+        args: flags after the host and port.
+        log: file that receives the process's stdout and stderr.
+        env: extra environment variables.
+        ready_timeout: seconds to wait for /ready.
+        command: the server command; default ``python -m rmserve serve``.
+
+    Raises:
+        RuntimeError: the process exited, or was not ready in time (the message holds its log).
+    """
     port = free_port()
     with log.open("wb") as handle:
         process = subprocess.Popen(
-            [sys.executable, "-m", "rmserve", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            [
+                *(command or [sys.executable, "-m", "rmserve", "serve"]),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *args,
+            ],
             stdout=handle,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
