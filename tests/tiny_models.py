@@ -29,7 +29,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmle
 VOCAB = 384
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
-    "{% if not loop.last %}\n{% endif %}{% endfor %}"
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}"
 )
 
 
