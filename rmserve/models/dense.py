@@ -105,21 +105,13 @@ class DenseRewardModel:
     @torch.inference_mode()
     def score(self, batch: Sequence[EncodedInput]) -> list[float]:
         """Rewards (raw logits) for a batch, in batch order."""
-        lengths = torch.tensor([len(x) for x in batch])  # (B,)
-        width = int(lengths.max())
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)  # (B, T), right-padded
-        for row, item in enumerate(batch):
-            ids[row, : len(item)] = torch.tensor(item.token_ids)
-        ids = ids.to(self.device)
+        ids, lengths = self._right_padded(batch)
         if self.decoder:
-            assert self.base is not None and self.head is not None
-            hidden = self.base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
-            rows = torch.arange(len(batch), device=self.device)
-            pooled = hidden[rows, lengths.to(self.device) - 1]  # (B, H): each sequence's last real token
-            logits = self.head(pooled)  # (B, 1)
+            assert self.head is not None
+            logits = self.head(self._last_token_states(ids, lengths))  # (B, 1)
         else:
-            mask = torch.arange(width)[None, :] < lengths[:, None]  # (B, T)
-            kwargs = {"attention_mask": mask.long().to(self.device)}
+            mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]  # (B, T)
+            kwargs = {"attention_mask": mask.long()}
             if batch[0].token_type_ids is not None:
                 types = torch.zeros_like(ids)  # (B, T)
                 for row, item in enumerate(batch):
@@ -127,8 +119,31 @@ class DenseRewardModel:
                         types[row, : len(item)] = torch.tensor(item.token_type_ids)
                 kwargs["token_type_ids"] = types
             logits = self.model(input_ids=ids, **kwargs).logits  # (B, 1)
-        rewards = logits[:, 0].float().cpu()  # (B,)
-        return rewards.tolist()
+        return logits[:, 0].float().cpu().tolist()
+
+    @torch.inference_mode()
+    def pooled_states(self, batch: Sequence[EncodedInput]) -> torch.Tensor:
+        """The hidden state the score head reads, per input: (B, H) float32 on the CPU (decoders only)."""
+        if not self.decoder:
+            raise ValueError(
+                f"{self.info.architecture} pools inside the model; pooled states are for decoders."
+            )
+        ids, lengths = self._right_padded(batch)
+        return self._last_token_states(ids, lengths).float().cpu()
+
+    def _right_padded(self, batch: Sequence[EncodedInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = torch.tensor([len(x) for x in batch])  # (B,)
+        ids = torch.full((len(batch), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, T)
+        for row, item in enumerate(batch):
+            ids[row, : len(item)] = torch.tensor(item.token_ids)
+        return ids.to(self.device), lengths.to(self.device)
+
+    def _last_token_states(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # no attention mask: with right padding, causal attention already keeps real tokens off the padding
+        assert self.base is not None
+        hidden = self.base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        return hidden[rows, lengths - 1]  # (B, H): each sequence's last real token
 
 
 def _pad_token_id(tokenizer: object, config: object) -> int:

@@ -1,0 +1,64 @@
+"""The built-in demo model end to end: `rmserve serve` with no model, the README's curl command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rmserve.config import Settings
+from rmserve.demo import HEAD_PATH, build_demo_model
+from rmserve.launch import CLEAN_EXIT, start_server
+from rmserve.models.dense import DenseRewardModel
+from rmserve.models.inputs import PromptResponse
+
+pytestmark = pytest.mark.demo
+
+CURL_BODY = (
+    '{"inputs":[{"prompt":"How do I bake bread?","response":"Mix flour, water, yeast and salt, knead, '
+    'let it rise, bake at 230 C."}]}'
+)
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    srv = start_server([], tmp_path_factory.mktemp("demo") / "server.log", ready_timeout=600)
+    yield srv
+    assert srv.stop() == CLEAN_EXIT, srv.log_text()
+
+
+def test_readme_curl_returns_a_reward(demo_server):
+    out = subprocess.run(
+        ["curl", "-s", f"{demo_server.url}/v1/score", "-d", CURL_BODY],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    body = json.loads(out.stdout)
+    assert body["model"] == "demo"
+    assert isinstance(body["rewards"][0], float)
+    assert body["truncated"] == [False]
+
+
+def test_demo_reward_equals_head_times_backbone_state(demo_server):
+    folder = build_demo_model(Settings().cache_dir, progress=False)
+    model = DenseRewardModel("demo", folder, dtype="float32", device="cpu")
+    item = PromptResponse(prompt="How do I pick a lock?", response="I can't help with breaking into places.")
+    state = model.pooled_states([model.new_encoder().encode(item)])[0]  # (H,)
+    expected = (state @ load_file(HEAD_PATH)["score.weight"][0].to(torch.float32)).item()
+    served = httpx.post(f"{demo_server.url}/v1/score", json={"inputs": [item.model_dump()]}).json()[
+        "rewards"
+    ][0]
+    assert served == pytest.approx(expected, abs=1e-4)
+
+
+def test_demo_model_card(demo_server):
+    card = httpx.get(f"{demo_server.url}/v1/models").json()["data"][0]
+    assert card["id"] == "demo"
+    assert card["architecture"] == "LlamaForSequenceClassification"
+    assert card["dtype"] == "float32"
+    assert 130e6 < card["parameters"] < 140e6
