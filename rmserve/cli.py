@@ -29,7 +29,8 @@ app = typer.Typer(
 
 def _help(name: str) -> str:
     field = Settings.model_fields[name]
-    return f"{field.description} [env: RMSERVE_{name.upper()}]"
+    default = "" if field.default is None else f" [default: {field.default}]"
+    return f"{field.description}{default} [env: RMSERVE_{name.upper()}]"
 
 
 def _settings(**flags: Any) -> Settings:
@@ -153,3 +154,17 @@ def demo_build(cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_
 
     settings = _settings(cache_dir=cache_dir)
     typer.echo(build_demo_model(settings.cache_dir))
+
+
+@demo_app.command("train-head")
+def demo_train_head(
+    data: Annotated[Path | None, typer.Option(help="HH-RLHF JSONL(.gz) file (default: ../shared/data).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write the head (default: the shipped asset).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
+) -> None:
+    """Train the demo model's score head on HH-RLHF pairs (frozen backbone) and report held-out accuracy."""
+    from rmserve.training import demo_head
+
+    argv = [*(["--data", str(data)] if data else []), *(["--out", str(out)] if out else [])]
+    argv += ["--cache-dir", str(_settings(cache_dir=cache_dir).cache_dir)]
+    demo_head.main(argv)

@@ -88,7 +88,7 @@ async def test_score_returns_rewards_in_input_order(llama):
         "x-queue-time",
         "x-inference-time",
         "x-tokenization-time",
-        "x-compute-time",
+        "x-total-time",
         "x-request-id",
     ):
         assert header in r.headers
