@@ -44,7 +44,9 @@ def create_naive_app(model: DenseRewardModel, max_length: int) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--host", default="127.0.0.1")

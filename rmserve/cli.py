@@ -29,8 +29,8 @@ app = typer.Typer(
 
 def _help(name: str) -> str:
     field = Settings.model_fields[name]
-    default = "" if field.default is None else f" [default: {field.default}]"
-    return f"{field.description}{default} [env: RMSERVE_{name.upper()}]"
+    default = "" if field.default is None else f"default {field.default}; "
+    return f"{field.description} ({default}env RMSERVE_{name.upper()})"
 
 
 def _settings(**flags: Any) -> Settings:
