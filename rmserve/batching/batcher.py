@@ -309,6 +309,7 @@ class Batcher(Generic[P, R]):
         real = sum(item.n_tokens for item in batch)
         padded = len(batch) * max(item.n_tokens for item in batch)
         loop = asyncio.get_running_loop()
+        error: Exception | None = None
         try:
             values = await loop.run_in_executor(
                 self._executor, self._run_batch, [item.payload for item in batch]
@@ -316,33 +317,26 @@ class Batcher(Generic[P, R]):
             if len(values) != len(batch):
                 raise RuntimeError(f"the model returned {len(values)} results for a batch of {len(batch)}")
         except Exception as exc:
-            elapsed = time.monotonic() - start
-            log.error("batcher %s: forward of %d items failed: %s", self.name, len(batch), exc)
-            self._observer.batch_done(
-                size=len(batch),
-                real_tokens=real,
-                padded_tokens=padded,
-                queue_s=queue_s,
-                inference_s=elapsed,
-                ok=False,
-            )
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(
-                        BatchFailed(f"scoring failed for the batch holding this input: {exc}")
-                    )
-            return
+            error = exc
         elapsed = time.monotonic() - start
-        rate = real / max(elapsed, 1e-9)
-        self._tokens_per_s = rate if self._tokens_per_s <= 0 else 0.8 * self._tokens_per_s + 0.2 * rate
         self._observer.batch_done(
             size=len(batch),
             real_tokens=real,
             padded_tokens=padded,
             queue_s=queue_s,
             inference_s=elapsed,
-            ok=True,
+            ok=error is None,
         )
+        if error is not None:
+            log.error("batcher %s: forward of %d items failed: %s", self.name, len(batch), error)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(
+                        BatchFailed(f"scoring failed for the batch holding this input: {error}")
+                    )
+            return
+        rate = real / max(elapsed, 1e-9)
+        self._tokens_per_s = rate if self._tokens_per_s <= 0 else 0.8 * self._tokens_per_s + 0.2 * rate
         for item, value, waited in zip(batch, values, queue_s, strict=True):
             if not item.future.done():
                 item.future.set_result(ItemResult(value, waited, elapsed, batch_id, len(batch)))
