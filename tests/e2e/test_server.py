@@ -137,3 +137,23 @@ def _counter(metrics: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_a_client_that_hangs_up_has_its_queued_inputs_dropped(tiny_model_dirs, tmp_path):
+    srv = start_server(["--model", str(tiny_model_dirs["llama"]), "--max-batch-size", "1"], tmp_path / "server.log")
+    try:
+
+        async def scenario() -> int:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+                long = asyncio.create_task(client.post("/v1/score", json={"inputs": DIALOGUES * 4}))
+                await asyncio.sleep(0.3)  # the long request's inputs now fill the queue
+                with pytest.raises(httpx.ReadTimeout):
+                    await client.post("/v1/score", json={"inputs": DIALOGUES[:20]}, timeout=0.3)
+                return (await long).status_code
+
+        assert asyncio.run(scenario()) == 200
+        metrics = httpx.get(f"{srv.url}/metrics").text
+    finally:
+        assert srv.stop() == CLEAN_EXIT
+    assert _counter(metrics, 'rmserve_dropped_inputs_total{model="llama"}') == 20
+    assert _counter(metrics, 'rmserve_real_tokens_total{model="llama"}') > 0
