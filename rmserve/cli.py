@@ -60,6 +60,7 @@ def serve(
     truncation: Annotated[str | None, typer.Option(help=_help("truncation"))] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help=_help("max_batch_tokens"))] = None,
     max_batch_size: Annotated[int | None, typer.Option(help=_help("max_batch_size"))] = None,
+    max_join_padding: Annotated[int | None, typer.Option(help=_help("max_join_padding"))] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help=_help("max_wait_ms"))] = None,
     max_queue_tokens: Annotated[int | None, typer.Option(help=_help("max_queue_tokens"))] = None,
     max_inputs_per_request: Annotated[int | None, typer.Option(help=_help("max_inputs_per_request"))] = None,
@@ -106,6 +107,7 @@ def score(
     truncation: Annotated[str | None, typer.Option(help=_help("truncation"))] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help=_help("max_batch_tokens"))] = None,
     max_batch_size: Annotated[int | None, typer.Option(help=_help("max_batch_size"))] = None,
+    max_join_padding: Annotated[int | None, typer.Option(help=_help("max_join_padding"))] = None,
     cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
 ) -> None:
     """Score a JSONL file offline, with the server's tokenisation and model code.
@@ -116,7 +118,8 @@ def score(
 
     settings = _settings(
         model=model, dtype=dtype, device=device, max_length=max_length, truncation=truncation,
-        max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, cache_dir=cache_dir,
+        max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, max_join_padding=max_join_padding,
+        cache_dir=cache_dir,
     )  # fmt: skip
     _configure_logging("warning")
     try:
@@ -158,8 +161,12 @@ def demo_build(cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_
 
 @demo_app.command("train-head")
 def demo_train_head(
-    data: Annotated[Path | None, typer.Option(help="HH-RLHF JSONL(.gz) file (default: ../shared/data).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Where to write the head (default: the shipped asset).")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="HH-RLHF JSONL(.gz) file (default: ../shared/data).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the head (default: the shipped asset).")
+    ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
 ) -> None:
     """Train the demo model's score head on HH-RLHF pairs (frozen backbone) and report held-out accuracy."""

@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 DTypeName = Literal["auto", "float32", "bfloat16"]
 TruncationName = Literal["left", "right", "error"]
 DEMO = "demo"
+CPU_JOIN_PADDING = 32
 
 
 class ModelSpec(BaseModel):
@@ -47,6 +48,7 @@ class ModelSpec(BaseModel):
     truncation: TruncationName | None = None
     max_batch_tokens: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1)
+    max_join_padding: int | None = Field(None, ge=0)
 
 
 class Settings(BaseSettings):
@@ -77,6 +79,12 @@ class Settings(BaseSettings):
         8192, ge=16, description="Padded tokens per batch (batch size x longest input)."
     )
     max_batch_size: int = Field(64, ge=1, description="Inputs per batch.")
+    max_join_padding: int | None = Field(
+        None,
+        ge=0,
+        description="Most padding tokens an input may add to a batch by joining it; default by device: "
+        f"{CPU_JOIN_PADDING} on CPU (padding is nearly pure loss there), unlimited on GPU.",
+    )
     max_wait_ms: float = Field(
         2.0,
         ge=0,

@@ -14,7 +14,7 @@ from rmserve.batching.planning import BatchLimits, plan_offline
 from rmserve.config import Settings
 from rmserve.models.base import RewardModel
 from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
-from rmserve.serving import load_models
+from rmserve.serving import default_join_padding, load_models
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,12 @@ def score_model(
     model: RewardModel, inputs: Sequence[RewardInput], settings: Settings, *, progress: bool = False
 ) -> list[OfflineResult]:
     """Score inputs with a loaded model: encode all, sort by length, run token-budget batches."""
-    limits = BatchLimits(settings.max_batch_tokens, settings.max_batch_size)
+    join = settings.max_join_padding
+    limits = BatchLimits(
+        settings.max_batch_tokens,
+        settings.max_batch_size,
+        default_join_padding(model.info.device) if join is None else join,
+    )
     encoder = model.new_encoder(settings.max_length or min(model.info.max_length, limits.max_batch_tokens))
     encoded = encoder.encode_many(inputs, settings.truncation)
     rewards: list[float] = [0.0] * len(encoded)

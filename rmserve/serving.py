@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rmserve.batching.batcher import Batcher, BatchObserver
-from rmserve.batching.planning import BatchLimits
-from rmserve.config import DEMO, ModelSpec, Settings
+from rmserve.batching.planning import UNLIMITED, BatchLimits
+from rmserve.config import CPU_JOIN_PADDING, DEMO, ModelSpec, Settings
 from rmserve.models.base import ForwardError, ModelInfo, RewardModel
 from rmserve.models.inputs import EncodedInput, InputEncoder, RewardInput, Truncation
 from rmserve.models.loader import load_model
@@ -145,6 +145,11 @@ class ServedModel:
         )
 
 
+def default_join_padding(device: str) -> int:
+    """How much padding an input may add by joining a batch, when not configured: see ``planning``."""
+    return CPU_JOIN_PADDING if device.startswith("cpu") else UNLIMITED
+
+
 def resolve_model_path(spec: ModelSpec, cache_dir: Path) -> Path:
     """The folder to load for a spec; ``demo`` is built into ``cache_dir`` on first use."""
     if spec.path == DEMO:
@@ -208,9 +213,15 @@ class ModelRegistry:
             device = model.info.device
             if device not in executors:
                 executors[device] = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{device}")
+            join = (
+                spec.max_join_padding
+                if spec and spec.max_join_padding is not None
+                else settings.max_join_padding
+            )
             limits = BatchLimits(
                 max_batch_tokens=(spec and spec.max_batch_tokens) or settings.max_batch_tokens,
                 max_batch_size=(spec and spec.max_batch_size) or settings.max_batch_size,
+                max_join_padding=default_join_padding(device) if join is None else join,
             )
             requested = (spec and spec.max_length) or settings.max_length
             served.append(

@@ -140,7 +140,9 @@ def _counter(metrics: str, name: str) -> float:
 
 
 def test_a_client_that_hangs_up_has_its_queued_inputs_dropped(tiny_model_dirs, tmp_path):
-    srv = start_server(["--model", str(tiny_model_dirs["llama"]), "--max-batch-size", "1"], tmp_path / "server.log")
+    srv = start_server(
+        ["--model", str(tiny_model_dirs["llama"]), "--max-batch-size", "1"], tmp_path / "server.log"
+    )
     try:
 
         async def scenario() -> int:

@@ -34,6 +34,16 @@ def test_grow_batch_respects_the_padded_budget_and_size():
     assert len(grow_batch(lengths, 0, BatchLimits(10_000, 2))) == 2
 
 
+def test_join_padding_keeps_inputs_that_would_pad_too_much_out():
+    lengths = [100, 104, 130, 96, 300]
+    # 104 adds 4 (to the 100 already in), 96 adds 4; 130 would add 3 x 26 = 78 > 10
+    assert grow_batch(lengths, 0, BatchLimits(10_000, 8, max_join_padding=10)) == [3, 0, 1]
+    assert grow_batch(lengths, 0, BatchLimits(10_000, 8, max_join_padding=0)) == [0]
+    assert plan_offline(lengths, BatchLimits(10_000, 8, max_join_padding=10)) == [[3, 0, 1], [2], [4]]
+    with pytest.raises(ValueError, match="max_join_padding"):
+        BatchLimits(1, 1, max_join_padding=-1)
+
+
 def test_the_anchor_is_served_even_alone_over_budget():
     assert grow_batch([500, 3, 4], 0, BatchLimits(100, 8)) == [0]
 
@@ -55,7 +65,7 @@ def test_random_invariants():
     rng = random.Random(7)
     for _ in range(300):
         lengths = [rng.randint(1, 200) for _ in range(rng.randint(1, 60))]
-        limits = BatchLimits(rng.randint(50, 4000), rng.randint(1, 32))
+        limits = BatchLimits(rng.randint(50, 4000), rng.randint(1, 32), rng.choice([0, 8, 64, 10**9]))
         anchor = rng.randrange(len(lengths))
         chosen = grow_batch(lengths, anchor, limits)
         assert anchor in chosen
@@ -63,6 +73,8 @@ def test_random_invariants():
         if len(chosen) > 1:
             assert padded_tokens([lengths[i] for i in chosen]) <= limits.max_batch_tokens
         assert [lengths[i] for i in chosen] == sorted(lengths[i] for i in chosen)
+        if limits.max_join_padding == 0:
+            assert len({lengths[i] for i in chosen}) == 1
         batches = plan_offline(lengths, limits)
         assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
         for b in batches:
