@@ -10,11 +10,11 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from rmserve.batching.planning import BatchLimits, plan_offline
+from rmserve.batching.planning import plan_offline
 from rmserve.config import Settings
 from rmserve.models.base import RewardModel
 from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
-from rmserve.serving import default_join_padding, load_models
+from rmserve.serving import load_models, resolve_limits
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,8 @@ def score_model(
     model: RewardModel, inputs: Sequence[RewardInput], settings: Settings, *, progress: bool = False
 ) -> list[OfflineResult]:
     """Score inputs with a loaded model: encode all, sort by length, run token-budget batches."""
-    join = settings.max_join_padding
-    limits = BatchLimits(
-        settings.max_batch_tokens,
-        settings.max_batch_size,
-        default_join_padding(model.info.device) if join is None else join,
-    )
-    encoder = model.new_encoder(settings.max_length or min(model.info.max_length, limits.max_batch_tokens))
-    encoded = encoder.encode_many(inputs, settings.truncation)
+    limits, max_length, truncation = resolve_limits(settings, None, model.info)
+    encoded = model.new_encoder(max_length).encode_many(inputs, truncation)
     rewards: list[float] = [0.0] * len(encoded)
     batches = plan_offline([len(e) for e in encoded], limits)
     with tqdm(total=sum(map(len, encoded)), unit="tok", disable=not progress, desc="scoring") as bar:

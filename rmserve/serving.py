@@ -145,9 +145,27 @@ class ServedModel:
         )
 
 
-def default_join_padding(device: str) -> int:
-    """How much padding an input may add by joining a batch, when not configured: see ``planning``."""
-    return CPU_JOIN_PADDING if device.startswith("cpu") else UNLIMITED
+def resolve_limits(
+    settings: Settings, spec: ModelSpec | None, info: ModelInfo
+) -> tuple[BatchLimits, int, Truncation]:
+    """A model's batch limits, token limit per input and default truncation.
+
+    Per-model values (``spec``) win over server-wide ``settings``; unset, ``max_join_padding`` depends on
+    the device (see ``batching.planning``) and ``max_length`` is the model's own limit, capped by
+    ``max_batch_tokens``.
+    """
+    join = spec.max_join_padding if spec and spec.max_join_padding is not None else settings.max_join_padding
+    if join is None:
+        join = CPU_JOIN_PADDING if info.device.startswith("cpu") else UNLIMITED
+    limits = BatchLimits(
+        max_batch_tokens=(spec and spec.max_batch_tokens) or settings.max_batch_tokens,
+        max_batch_size=(spec and spec.max_batch_size) or settings.max_batch_size,
+        max_join_padding=join,
+    )
+    max_length = (
+        (spec and spec.max_length) or settings.max_length or min(info.max_length, limits.max_batch_tokens)
+    )
+    return limits, max_length, (spec and spec.truncation) or settings.truncation
 
 
 def resolve_model_path(spec: ModelSpec, cache_dir: Path) -> Path:
@@ -213,22 +231,12 @@ class ModelRegistry:
             device = model.info.device
             if device not in executors:
                 executors[device] = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{device}")
-            join = (
-                spec.max_join_padding
-                if spec and spec.max_join_padding is not None
-                else settings.max_join_padding
-            )
-            limits = BatchLimits(
-                max_batch_tokens=(spec and spec.max_batch_tokens) or settings.max_batch_tokens,
-                max_batch_size=(spec and spec.max_batch_size) or settings.max_batch_size,
-                max_join_padding=default_join_padding(device) if join is None else join,
-            )
-            requested = (spec and spec.max_length) or settings.max_length
+            limits, max_length, truncation = resolve_limits(settings, spec, model.info)
             served.append(
                 ServedModel(
                     model,
-                    max_length=requested or min(model.info.max_length, limits.max_batch_tokens),
-                    truncation=(spec and spec.truncation) or settings.truncation,
+                    max_length=max_length,
+                    truncation=truncation,
                     limits=limits,
                     device_executor=executors[device],
                     max_wait_s=settings.max_wait_ms / 1000,
