@@ -29,7 +29,7 @@ app = typer.Typer(
 
 def _help(name: str) -> str:
     field = Settings.model_fields[name]
-    default = "" if field.default is None else f"default {field.default}; "
+    default = "" if field.default is None or field.default_factory else f"default {field.default}; "
     return f"{field.description} ({default}env RMSERVE_{name.upper()})"
 
 

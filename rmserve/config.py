@@ -98,7 +98,10 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         60.0, ge=0, description="On shutdown, how long accepted work may take to finish."
     )
-    cache_dir: Path = Field(Path.home() / ".cache" / "rmserve", description="Where the demo model is built.")
+    cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "rmserve",
+        description="Where the demo model is built (default ~/.cache/rmserve).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     models: tuple[ModelSpec, ...] = Field((), description="Served models (from the YAML config).")
 
@@ -106,8 +109,8 @@ class Settings(BaseSettings):
     @classmethod
     def _names_unique(cls, value: Any) -> Any:
         if isinstance(value, list | tuple):
-            names = [m["name"] if isinstance(m, dict) else getattr(m, "name", None) for m in value]
-            dupes = sorted({n for n in names if names.count(n) > 1})
+            names = [m.get("name") if isinstance(m, dict) else getattr(m, "name", None) for m in value]
+            dupes = sorted({str(n) for n in names if n is not None and names.count(n) > 1})
             if dupes:
                 raise ValueError(f"model names must be unique; repeated: {', '.join(map(str, dupes))}")
         return value
@@ -126,7 +129,7 @@ class Settings(BaseSettings):
         if self.models:
             return list(self.models)
         path = self.model or DEMO
-        name = DEMO if path == DEMO else (Path(path).name or path)
+        name = DEMO if path == DEMO else Path(path).expanduser().resolve().name
         return [ModelSpec(name=name, path=path)]
 
     @classmethod

@@ -200,8 +200,9 @@ class Batcher(Generic[P, R]):
         try:
             return list(await asyncio.gather(*(item.future for item in queued)))
         finally:
-            for item in queued:
-                item.future.cancel()  # no-op on finished items; marks the rest to be dropped
+            dropped = [item.future.cancel() for item in queued]  # True for items not yet finished
+            if any(dropped):
+                self._prune()  # free their queue room now, not after the running forward
 
     async def close(self, timeout_s: float) -> None:
         """Stop taking work, finish every accepted item, then stop the loop.
@@ -226,7 +227,9 @@ class Batcher(Generic[P, R]):
                 item.future.set_exception(
                     Closed(f"model {self.name!r} shut down before this input was scored.")
                 )
-        self._queued_tokens = 0
+        if leftover:
+            self._queued_tokens = 0
+            self._observer.queue_changed(items=0, tokens=0)
 
     def _retry_after(self, tokens: int) -> int:
         if self._tokens_per_s <= 0:
