@@ -147,7 +147,7 @@ def test_a_client_that_hangs_up_has_its_queued_inputs_dropped(tiny_model_dirs, t
 
         async def scenario() -> int:
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
-                long = asyncio.create_task(client.post("/v1/score", json={"inputs": DIALOGUES * 4}))
+                long = asyncio.create_task(client.post("/v1/score", json={"inputs": DIALOGUES * 12}))
                 await asyncio.sleep(0.3)  # the long request's inputs now fill the queue
                 with pytest.raises(httpx.ReadTimeout):
                     await client.post("/v1/score", json={"inputs": DIALOGUES[:20]}, timeout=0.3)
