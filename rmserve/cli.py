@@ -119,7 +119,8 @@ def score(
 
     Each output line is {"reward", "truncated", "input_tokens"} plus the input's "id" if it had one.
     """
-    from rmserve.offline import read_inputs, score_offline
+    from rmserve.offline import read_inputs, score_model
+    from rmserve.serving import load_models
 
     settings = _settings(
         model=model, dtype=dtype, device=device, max_length=max_length, truncation=truncation,
@@ -132,8 +133,9 @@ def score(
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    loaded, _ = load_models(settings)
     started = time.perf_counter()
-    results = score_offline(settings, inputs, progress=True)
+    results = score_model(loaded[0], inputs, settings, progress=True)
     elapsed = time.perf_counter() - started
     out = output.open("w") if output else sys.stdout
     try:

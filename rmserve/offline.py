@@ -14,7 +14,7 @@ from rmserve.batching.planning import plan_offline
 from rmserve.config import Settings
 from rmserve.models.base import RewardModel
 from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
-from rmserve.serving import load_models, resolve_limits
+from rmserve.serving import resolve_limits
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,3 @@ def score_model(
                 rewards[index] = reward
             bar.update(sum(len(encoded[i]) for i in batch))
     return [OfflineResult(r, e.truncated, len(e)) for r, e in zip(rewards, encoded, strict=True)]
-
-
-def score_offline(
-    settings: Settings, inputs: Sequence[RewardInput], *, progress: bool = False
-) -> list[OfflineResult]:
-    """Load the settings' (single) model and score ``inputs`` with it."""
-    models, _ = load_models(settings)
-    return score_model(models[0], inputs, settings, progress=progress)
