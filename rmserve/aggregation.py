@@ -1,0 +1,93 @@
+"""Robust aggregation of k reward heads (or ensemble members) into one reward per input.
+
+Pure tensor functions; every aggregate is computed in float32 from the head rewards ``r`` of shape
+(B, k) and, for each input, the index of its nominal head:
+
+- ``mean``: mean over heads;
+- ``min``: the worst case (WCO);
+- ``max``: the best case;
+- ``std``: population standard deviation over heads (divides by k);
+- ``uwo``: ``mean - uwo_lambda * variance``, with the population variance (divides by k), as in
+  DMoERM's uncertainty-weighted optimisation;
+- ``nominal``: the nominal head's reward (BRME: the head with the smallest sigma for that input;
+  ensembles and multi-head models: a configured head, by default the first);
+- ``tradeoff``: ``tradeoff_lambda * nominal + (1 - tradeoff_lambda) * min`` (BRME eq. 7).
+
+With k = 1 every aggregate equals the reward, and ``std`` is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+AGGREGATES = ("mean", "min", "max", "std", "uwo", "nominal", "tradeoff")
+
+
+@dataclass(frozen=True)
+class AggregationParams:
+    """The lambdas of the robust aggregates.
+
+    Raises:
+        ValueError: ``uwo_lambda`` is negative or not finite, or ``tradeoff_lambda`` is outside [0, 1].
+    """
+
+    uwo_lambda: float = 1.0
+    tradeoff_lambda: float = 0.6
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.uwo_lambda) or self.uwo_lambda < 0:
+            raise ValueError(f"uwo_lambda must be a finite number >= 0, got {self.uwo_lambda}.")
+        if not math.isfinite(self.tradeoff_lambda) or not 0 <= self.tradeoff_lambda <= 1:
+            raise ValueError(f"tradeoff_lambda must lie in [0, 1], got {self.tradeoff_lambda}.")
+
+
+def brme_nominal_index(head_std: torch.Tensor) -> torch.Tensor:
+    """Per input, the head with the smallest sigma (the first of equal ones): (B, k) -> (B,) long."""
+    return head_std.argmin(dim=-1)
+
+
+def aggregate(
+    heads: torch.Tensor,
+    nominal_index: torch.Tensor,
+    params: AggregationParams,
+    names: tuple[str, ...] = AGGREGATES,
+) -> dict[str, torch.Tensor]:
+    """Aggregates of head rewards.
+
+    Args:
+        heads: head rewards, (B, k).
+        nominal_index: each input's nominal head, (B,) long.
+        params: the lambdas.
+        names: which aggregates to compute (a subset of ``AGGREGATES``).
+
+    Returns:
+        Each named aggregate, (B,) float32.
+
+    Raises:
+        ValueError: an unknown aggregate name, or shapes that do not match.
+    """
+    unknown = [n for n in names if n not in AGGREGATES]
+    if unknown:
+        raise ValueError(f"unknown aggregate {unknown[0]!r}; choose from {', '.join(AGGREGATES)}.")
+    if heads.ndim != 2 or nominal_index.shape != heads.shape[:1]:
+        raise ValueError(
+            f"heads must be (B, k) and nominal_index (B,), got {tuple(heads.shape)} and {tuple(nominal_index.shape)}."
+        )
+    r = heads.float()  # (B, k)
+    mean = r.mean(dim=-1)  # (B,)
+    variance = (r - mean[:, None]).pow(2).mean(dim=-1)  # (B,) population variance
+    worst = r.min(dim=-1).values  # (B,)
+    nominal = r.gather(-1, nominal_index[:, None].long())[:, 0]  # (B,)
+    values = {
+        "mean": mean,
+        "min": worst,
+        "max": r.max(dim=-1).values,
+        "std": variance.sqrt(),
+        "uwo": mean - params.uwo_lambda * variance,
+        "nominal": nominal,
+        "tradeoff": params.tradeoff_lambda * nominal + (1 - params.tradeoff_lambda) * worst,
+    }
+    return {name: values[name] for name in names}
