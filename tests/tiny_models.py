@@ -99,13 +99,23 @@ def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out: Path,
     return out
 
 
+# shared by every tiny model: 2 layers, 32 wide, one reward
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_labels=1,
+)
+
+
 def build_llama(out: Path, seed: int = 0) -> Path:
     """Llama with a ChatML tokenizer where pad == eos and the template ends with eos."""
     torch.manual_seed(seed)
     tokenizer = bpe_tokenizer(chat=True, bos=False)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, num_labels=1,
+        **TINY, num_key_value_heads=2, max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     return _save(LlamaForSequenceClassification(config).eval(), tokenizer, out, "score")
@@ -116,9 +126,8 @@ def build_qwen2(out: Path, seed: int = 1) -> Path:
     torch.manual_seed(seed)
     tokenizer = bpe_tokenizer(chat=True, bos=False)
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        **TINY, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id
+    )
     return _save(Qwen2ForSequenceClassification(config).eval(), tokenizer, out, "score")
 
 
@@ -127,9 +136,8 @@ def build_gpt_neox(out: Path, seed: int = 2) -> Path:
     torch.manual_seed(seed)
     tokenizer = bpe_tokenizer(chat=False, bos=True)
     config = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=256, num_labels=1, bos_token_id=0, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        **TINY, max_position_embeddings=256, bos_token_id=0, eos_token_id=tokenizer.eos_token_id
+    )
     config.pad_token_id = None
     return _save(GPTNeoXForSequenceClassification(config).eval(), tokenizer, out, "score")
 
@@ -139,9 +147,8 @@ def build_bert(out: Path, seed: int = 3) -> Path:
     torch.manual_seed(seed)
     tokenizer = wordpiece_tokenizer()
     config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, num_labels=1, pad_token_id=tokenizer.pad_token_id, initializer_range=0.5,
-    )  # fmt: skip
+        **TINY, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id, initializer_range=0.5
+    )
     return _save(BertForSequenceClassification(config).eval(), tokenizer, out, "classifier")
 
 
