@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from rmserve.api.schemas import ScoreRequest, ScoreResponse, Status, Usage
 from rmserve.config import ModelSpec, Settings
+from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.serving import resolve_model_path
 
@@ -32,7 +33,7 @@ def create_naive_app(model: DenseRewardModel, max_length: int) -> FastAPI:
     @app.post("/v1/score")
     async def score(body: ScoreRequest) -> ScoreResponse:
         encoded = encoder.encode_many(body.inputs, body.truncation or "left")
-        rewards = model.score(encoded)  # blocks the loop: one request at a time
+        rewards = reward_values(model, encoded)  # blocks the loop: one request at a time
         return ScoreResponse(
             model=model.info.name,
             rewards=rewards,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,11 +26,13 @@ from pathlib import Path
 
 import httpx
 import torch
+from report import machine, write_section  # bench/report.py: run as python bench/serving.py
 
 from rmserve.batching.planning import BatchLimits, plan_offline
 from rmserve.config import ModelSpec, Settings
 from rmserve.hh import default_data_path, load_pairs
 from rmserve.launch import start_server
+from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import EncodedInput, Messages, TokenIds
 from rmserve.serving import resolve_limits, resolve_model_path
@@ -44,18 +45,6 @@ class Run:
     tokens_per_s: float
     requests_per_s: float
     padding_efficiency: float | None = None
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 async def drive(url: str, payloads: list[dict], concurrency: int) -> tuple[float, int]:
@@ -107,12 +96,12 @@ def measure_offline(
     batches = plan_offline([len(e) for e in encoded], limits)
     tokens = sum(map(len, encoded))
     padded = sum(len(b) * max(len(encoded[i]) for i in b) for b in batches)
-    model.score([encoded[i] for i in batches[0]])  # warm-up
+    reward_values(model, [encoded[i] for i in batches[0]])  # warm-up
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
         for batch in batches:
-            model.score([encoded[i] for i in batch])
+            reward_values(model, [encoded[i] for i in batch])
         seconds = time.perf_counter() - start
         runs.append(Run(tokens / seconds, len(encoded) / seconds, tokens / padded))
     return runs
@@ -238,14 +227,13 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     report = render(args, regimes, limits)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
+    write_section(args.out, "bench/serving.py", report)
     print(report)
 
 
 def render(args: argparse.Namespace, regimes: list[Regime], limits: BatchLimits) -> str:
     lines = [
-        "# Benchmarks",
+        "## Serving throughput (`bench/serving.py`)",
         "",
         f"Machine: {machine()}. No GPU.",
         "",
@@ -270,7 +258,7 @@ def render(args: argparse.Namespace, regimes: list[Regime], limits: BatchLimits)
         runs = regime.results
         server = median(runs["rmserve"], "tokens_per_s")
         lines += [
-            f"## {regime.name}",
+            f"### {regime.name}",
             "",
             f"{len(regime.encoded)} requests: {regime.description}. Input length min {min(lengths)}, "
             f"median {statistics.median(lengths):.0f}, max {max(lengths)} tokens.",

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-AGGREGATES = ("mean", "min", "max", "std", "uwo", "nominal", "tradeoff")
+AggregateName = Literal["mean", "min", "max", "std", "uwo", "nominal", "tradeoff"]
+AGGREGATES: tuple[AggregateName, ...] = get_args(AggregateName)
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,49 @@ def brme_nominal_index(head_std: torch.Tensor) -> torch.Tensor:
     return head_std.argmin(dim=-1)
 
 
+def aggregate_rows(
+    heads: torch.Tensor,
+    nominal_index: torch.Tensor,
+    uwo_lambda: torch.Tensor,
+    tradeoff_lambda: torch.Tensor,
+) -> torch.Tensor:
+    """Every aggregate of every input, with per-input lambdas (inputs of one batch come from many requests).
+
+    Args:
+        heads: head rewards, (B, k).
+        nominal_index: each input's nominal head, (B,) long.
+        uwo_lambda: each input's UWO lambda, (B,).
+        tradeoff_lambda: each input's trade-off lambda, (B,).
+
+    Returns:
+        (B, len(AGGREGATES)) float32, columns in ``AGGREGATES`` order.
+    """
+    r = heads.float()  # (B, k)
+    mean = r.mean(dim=-1)  # (B,)
+    variance = (r - mean[:, None]).pow(2).mean(dim=-1)  # (B,) population variance
+    worst = r.min(dim=-1).values  # (B,)
+    nominal = r.gather(-1, nominal_index[:, None].long())[:, 0]  # (B,)
+    lam_u = uwo_lambda.float()  # (B,)
+    lam_t = tradeoff_lambda.float()  # (B,)
+    columns = {
+        "mean": mean,
+        "min": worst,
+        "max": r.max(dim=-1).values,
+        "std": variance.sqrt(),
+        "uwo": mean - lam_u * variance,
+        "nominal": nominal,
+        "tradeoff": lam_t * nominal + (1 - lam_t) * worst,
+    }
+    return torch.stack([columns[name] for name in AGGREGATES], dim=-1)  # (B, 7)
+
+
 def aggregate(
     heads: torch.Tensor,
     nominal_index: torch.Tensor,
     params: AggregationParams,
     names: tuple[str, ...] = AGGREGATES,
 ) -> dict[str, torch.Tensor]:
-    """Aggregates of head rewards.
+    """Aggregates of head rewards, with one set of lambdas for every input.
 
     Args:
         heads: head rewards, (B, k).
@@ -76,18 +114,11 @@ def aggregate(
         raise ValueError(
             f"heads must be (B, k) and nominal_index (B,), got {tuple(heads.shape)} and {tuple(nominal_index.shape)}."
         )
-    r = heads.float()  # (B, k)
-    mean = r.mean(dim=-1)  # (B,)
-    variance = (r - mean[:, None]).pow(2).mean(dim=-1)  # (B,) population variance
-    worst = r.min(dim=-1).values  # (B,)
-    nominal = r.gather(-1, nominal_index[:, None].long())[:, 0]  # (B,)
-    values = {
-        "mean": mean,
-        "min": worst,
-        "max": r.max(dim=-1).values,
-        "std": variance.sqrt(),
-        "uwo": mean - params.uwo_lambda * variance,
-        "nominal": nominal,
-        "tradeoff": params.tradeoff_lambda * nominal + (1 - params.tradeoff_lambda) * worst,
-    }
-    return {name: values[name] for name in names}
+    rows = heads.shape[0]
+    table = aggregate_rows(
+        heads,
+        nominal_index,
+        torch.full((rows,), params.uwo_lambda),
+        torch.full((rows,), params.tradeoff_lambda),
+    )  # (B, 7)
+    return {name: table[:, AGGREGATES.index(name)] for name in names}

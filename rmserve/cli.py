@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from rmserve.config import DEMO, Settings
+from rmserve.config import DEMO, DEMO_MODELS, Settings
 
 app = typer.Typer(
     name="rmserve",
@@ -57,6 +57,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help=_help("port"))] = None,
     dtype: Annotated[str | None, typer.Option(help=_help("dtype"))] = None,
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
+    kernels: Annotated[str | None, typer.Option(help=_help("kernels"))] = None,
     max_length: Annotated[int | None, typer.Option(help=_help("max_length"))] = None,
     truncation: Annotated[str | None, typer.Option(help=_help("truncation"))] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help=_help("max_batch_tokens"))] = None,
@@ -70,13 +71,16 @@ def serve(
     cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
     log_level: Annotated[str | None, typer.Option(help=_help("log_level"))] = None,
 ) -> None:
-    """Serve reward models over HTTP (default: the built-in demo model)."""
+    """Serve reward models over HTTP (default: the built-in demo models)."""
     settings = _settings(**{k: v for k, v in locals().items()})
     _configure_logging(settings.log_level)
     for spec in settings.served_models():
-        if spec.path != DEMO and not (Path(spec.path).expanduser() / "config.json").is_file():
+        folder = Path(spec.path).expanduser()
+        if spec.path not in DEMO_MODELS and not any(
+            (folder / f).is_file() for f in ("config.json", "rmserve.json")
+        ):
             typer.echo(
-                f"error: model {spec.name!r}: {spec.path} is not a Hugging Face model folder (no config.json).",
+                f"error: model {spec.name!r}: {spec.path} is not a model folder (no config.json or rmserve.json).",
                 err=True,
             )
             raise typer.Exit(2)
@@ -102,7 +106,9 @@ def score(
     input_path: Annotated[
         Path, typer.Argument(help="JSONL file: one input object per line (the API's input forms).")
     ],
-    model: Annotated[str, typer.Option(help="A local Hugging Face folder or 'demo'.")] = DEMO,
+    model: Annotated[
+        str, typer.Option(help="A local model folder or a built-in demo (" + ", ".join(DEMO_MODELS) + ").")
+    ] = DEMO,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Output JSONL (default: stdout).")
     ] = None,
@@ -117,7 +123,8 @@ def score(
 ) -> None:
     """Score a JSONL file offline, with the server's tokenisation and model code.
 
-    Each output line is {"reward", "truncated", "input_tokens"} plus the input's "id" if it had one.
+    Each output line is {"reward", "truncated", "input_tokens"} plus the input's "id" if it had one;
+    for models with several heads also "aggregates" (all, default lambdas), "heads" and, for brme, "head_std".
     """
     from rmserve.offline import read_inputs, score_model
     from rmserve.serving import load_models
@@ -142,6 +149,10 @@ def score(
         for row_id, result in zip(ids, results, strict=True):
             row: dict[str, Any] = {} if row_id is None else {"id": row_id}
             row.update(reward=result.reward, truncated=result.truncated, input_tokens=result.input_tokens)
+            if len(result.heads) > 1:
+                row.update(aggregates=result.aggregates, heads=result.heads)
+                if result.head_std is not None:
+                    row.update(head_std=result.head_std)
             out.write(json.dumps(row) + "\n")
     finally:
         if output:
@@ -151,6 +162,127 @@ def score(
         f"scored {len(results)} inputs, {tokens} tokens in {elapsed:.1f}s ({tokens / elapsed:.0f} tokens/s)",
         err=True,
     )
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+def _parse_member(text: str) -> tuple[str, Path]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise typer.BadParameter(f"{text!r}: give a member as NAME=FOLDER, e.g. --member rm-a=/models/rm-a")
+    return name, Path(folder)
+
+
+@app.command()
+def ensemble(
+    out: Annotated[Path, typer.Option(help="The ensemble folder to write.")],
+    member: Annotated[
+        list[str], typer.Option(help="A member as NAME=FOLDER (a dense reward model); repeat for each.")
+    ],
+    nominal: Annotated[int, typer.Option(help="Index of the nominal member (nominal and tradeoff).")] = 0,
+    reward: Annotated[str, typer.Option(help="The aggregate served as 'rewards'.")] = "mean",
+    data: Annotated[
+        Path | None, typer.Option(help="Reference set to calibrate on now (see rmserve calibrate).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Calibrate on the first N reference inputs.")] = None,
+    dtype: Annotated[str | None, typer.Option(help=_help("dtype"))] = None,
+    device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
+) -> None:
+    """Create an ensemble folder from separate reward models (heterologous models allowed)."""
+    from rmserve.calibration import create_ensemble
+
+    try:
+        create_ensemble(out, [_parse_member(m) for m in member], nominal_member=nominal, reward=reward)
+    except ValueError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"wrote {out / 'rmserve.json'}", err=True)
+    if data is None:
+        typer.echo(f"next: rmserve calibrate {out} --data REFERENCE.jsonl", err=True)
+        return
+    calibrate(out, data=data, limit=limit, dtype=dtype, device=device)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="An ensemble folder (rmserve.json with kind ensemble).")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Reference set: JSONL of inputs, or of preference pairs (both responses are scored)."
+        ),
+    ],
+    limit: Annotated[int | None, typer.Option(help="Use the first N reference inputs.")] = None,
+    dtype: Annotated[str | None, typer.Option(help=_help("dtype"))] = None,
+    device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
+) -> None:
+    """Compute each ensemble member's reward mean and std on a reference set and store them."""
+    from rmserve.calibration import calibrate as run_calibration
+    from rmserve.calibration import read_reference_inputs
+
+    settings = _settings(dtype=dtype, device=device)
+    _configure_logging("warning")
+    try:
+        inputs = read_reference_inputs(data, limit)
+        started = time.perf_counter()
+        config = run_calibration(
+            model, inputs, data_name=data.name, dtype=settings.dtype, device=settings.device
+        )
+    except ValueError as exc:
+        raise _fail(exc) from None
+    for m in config.members:
+        assert m.calibration is not None
+        typer.echo(f"{m.name}: mean {m.calibration.mean:+.4f}, std {m.calibration.std:.4f}", err=True)
+    typer.echo(
+        f"calibrated {len(config.members)} members on {len(inputs)} inputs in "
+        f"{time.perf_counter() - started:.1f}s; wrote {model / 'rmserve.json'}",
+        err=True,
+    )
+
+
+@app.command("train-heads")
+def train_heads(
+    backbone: Annotated[Path, typer.Option(help="A decoder Hugging Face checkpoint folder (kept frozen).")],
+    data: Annotated[
+        Path, typer.Option(help="Preference pairs, JSONL(.gz), TRL convention (prompt/chosen/rejected).")
+    ],
+    out: Annotated[Path, typer.Option(help="The model folder to write.")],
+    kind: Annotated[
+        str, typer.Option(help="multihead (Bradley-Terry heads) or brme (mean and sigma heads).")
+    ] = "brme",
+    heads: Annotated[int, typer.Option(min=1, help="Number of heads.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seeds the data shares, orders and initialisation.")] = 0,
+    eval_data: Annotated[
+        Path | None, typer.Option(help="Held-out pairs (default: hold out --eval-fraction of --data).")
+    ] = None,
+    eval_fraction: Annotated[float, typer.Option(help="Share of --data held out when no --eval-data.")] = 0.2,
+    max_length: Annotated[int, typer.Option(help="Tokens per input (left truncation).")] = 1024,
+    dtype: Annotated[str | None, typer.Option(help=_help("dtype"))] = None,
+    device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
+) -> None:
+    """Train multi-head or BRME reward heads on a frozen backbone; report held-out accuracy per head and aggregate."""
+    from rmserve.training.heads import read_preference_pairs
+    from rmserve.training.pipeline import split_pairs, train_head_model
+
+    if kind not in ("multihead", "brme"):
+        raise _fail(ValueError(f"--kind must be multihead or brme, got {kind!r}."))
+    settings = _settings(dtype=dtype, device=device)
+    _configure_logging("warning")
+    try:
+        pairs = read_preference_pairs(data)
+        if eval_data is not None:
+            train, held = pairs, read_preference_pairs(eval_data)
+        else:
+            train, held = split_pairs(pairs, eval_fraction, seed)
+        train_head_model(
+            backbone=backbone, train_pairs=train, eval_pairs=held, kind=kind, heads=heads, seed=seed,
+            out=out, data_name=data.name, max_length=max_length, dtype=settings.dtype, device=settings.device,
+            echo=lambda text: typer.echo(text, err=True),
+        )  # fmt: skip
+    except ValueError as exc:
+        raise _fail(exc) from None
 
 
 demo_app = typer.Typer(help="The built-in demo reward model (SmolLM2-135M-Instruct with a trained head).")

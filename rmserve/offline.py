@@ -10,16 +10,22 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from rmserve.aggregation import AGGREGATES
 from rmserve.batching.planning import plan_offline
 from rmserve.config import Settings
-from rmserve.models.base import RewardModel
+from rmserve.models.base import RewardModel, lambdas_for
 from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
 from rmserve.serving import resolve_limits
 
 
 @dataclass(frozen=True)
 class OfflineResult:
+    """One input's scores: the model's reward aggregate, every aggregate, the heads (and sigmas)."""
+
     reward: float
+    aggregates: dict[str, float]
+    heads: list[float]
+    head_std: list[float] | None
     truncated: bool
     input_tokens: int
 
@@ -49,14 +55,28 @@ def read_inputs(path: Path) -> tuple[list[RewardInput], list[object]]:
 def score_model(
     model: RewardModel, inputs: Sequence[RewardInput], settings: Settings, *, progress: bool = False
 ) -> list[OfflineResult]:
-    """Score inputs with a loaded model: encode all, sort by length, run token-budget batches."""
+    """Score inputs with a loaded model: encode all, sort by length, run token-budget batches.
+
+    Aggregates use the model's default lambdas; ``reward`` is the model's reward aggregate.
+    """
     limits, max_length, truncation = resolve_limits(settings, None, model.info)
     encoded = model.new_encoder(max_length).encode_many(inputs, truncation)
-    rewards: list[float] = [0.0] * len(encoded)
+    results: list[OfflineResult | None] = [None] * len(encoded)
+    reward_column = AGGREGATES.index(model.info.reward)
     batches = plan_offline([len(e) for e in encoded], limits)
     with tqdm(total=sum(map(len, encoded)), unit="tok", disable=not progress, desc="scoring") as bar:
         for batch in batches:
-            for index, reward in zip(batch, model.score([encoded[i] for i in batch]), strict=True):
-                rewards[index] = reward
+            out = model.score([encoded[i] for i in batch], **lambdas_for(model.info.defaults, len(batch)))
+            stds = out.head_std.tolist() if out.head_std is not None else [None] * len(batch)
+            rows = zip(batch, out.heads.tolist(), stds, out.aggregates.tolist(), strict=True)
+            for index, heads, std, aggregates in rows:
+                results[index] = OfflineResult(
+                    reward=aggregates[reward_column],
+                    aggregates=dict(zip(AGGREGATES, aggregates, strict=True)),
+                    heads=heads,
+                    head_std=std,
+                    truncated=encoded[index].truncated,
+                    input_tokens=len(encoded[index]),
+                )
             bar.update(sum(len(encoded[i]) for i in batch))
-    return [OfflineResult(r, e.truncated, len(e)) for r, e in zip(rewards, encoded, strict=True)]
+    return [r for r in results if r is not None]

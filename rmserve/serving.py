@@ -2,7 +2,9 @@
 
 Per model: one tokenisation thread (tokenizers are not thread-safe) and one batcher; per device:
 one forward thread shared by every model on it, so forwards on a device never overlap.
-Flow: inputs -> encode (tokenisation thread) -> batcher queue -> forward (device thread) -> rewards.
+Flow: inputs -> encode (tokenisation thread) -> batcher queue -> forward (device thread) -> head
+rewards and aggregates. Each queued input carries its request's lambdas, so one batch may serve
+requests with different lambdas; the model's ``reward`` is the aggregate configured for it.
 """
 
 from __future__ import annotations
@@ -10,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from rmserve.aggregation import AGGREGATES, AggregateName, AggregationParams
 from rmserve.batching.batcher import Batcher, BatchObserver
 from rmserve.batching.planning import UNLIMITED, BatchLimits
-from rmserve.config import CPU_JOIN_PADDING, DEMO, ModelSpec, Settings
-from rmserve.models.base import ForwardError, ModelInfo, RewardModel
-from rmserve.models.inputs import EncodedInput, InputEncoder, RewardInput, Truncation
+from rmserve.config import CPU_JOIN_PADDING, DEMO_MODELS, ModelSpec, Settings
+from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel
+from rmserve.models.inputs import RewardInput, Truncation
 from rmserve.models.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -31,12 +35,36 @@ class UnknownModel(LookupError):
     """A request named a model this server does not serve."""
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedInput:
+    """One encoded input in the batcher's queue, with its request's lambdas."""
+
+    encoded: Encoded
+    params: AggregationParams
+
+
+@dataclass(frozen=True, slots=True)
+class InputScores:
+    """One input's outputs: head rewards, sigmas (brme) and every aggregate (``AGGREGATES`` order)."""
+
+    heads: list[float]
+    head_std: list[float] | None
+    aggregates: list[float]
+
+
 @dataclass(frozen=True)
 class ScoreOutcome:
-    """The result of scoring one request's inputs, in input order."""
+    """The result of scoring one request's inputs, in input order.
+
+    ``rewards`` is the model's reward aggregate; ``aggregates`` holds the requested ones; ``heads`` and
+    ``head_std`` are ``None`` unless requested (``head_std`` only for brme models).
+    """
 
     model: str
     rewards: list[float]
+    aggregates: dict[str, list[float]]
+    heads: list[list[float]] | None
+    head_std: list[list[float]] | None
     truncated: list[bool]
     input_tokens: int
     tokenize_s: float
@@ -56,6 +84,8 @@ class ServedModel:
         max_wait_s: batch window.
         max_queue_tokens: queue bound.
         observer: receives batch and queue measurements.
+        reward: the aggregate returned as ``rewards`` (default: the model's own choice).
+        defaults: lambdas for requests that set none (default: the model's own).
     """
 
     def __init__(
@@ -69,6 +99,8 @@ class ServedModel:
         max_wait_s: float,
         max_queue_tokens: int,
         observer: BatchObserver | None = None,
+        reward: AggregateName | None = None,
+        defaults: AggregationParams | None = None,
     ) -> None:
         if max_length > limits.max_batch_tokens:
             raise ValueError(
@@ -77,11 +109,16 @@ class ServedModel:
                 "or lower max_length."
             )
         self.model = model
-        self.encoder: InputEncoder = model.new_encoder(max_length)
-        self.info: ModelInfo = dataclasses.replace(model.info, max_length=self.encoder.max_length)
+        self.encoder: Encoder = model.new_encoder(max_length)
+        self.info: ModelInfo = dataclasses.replace(
+            model.info,
+            max_length=self.encoder.max_length,
+            reward=reward or model.info.reward,
+            defaults=defaults or model.info.defaults,
+        )
         self.truncation = truncation
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{model.info.name}")
-        self.batcher: Batcher[EncodedInput, float] = Batcher(
+        self.batcher: Batcher[QueuedInput, InputScores] = Batcher(
             self._forward,
             executor=device_executor,
             limits=limits,
@@ -91,20 +128,31 @@ class ServedModel:
             name=model.info.name,
         )
 
-    def _forward(self, batch: list[EncodedInput]) -> list[float]:
+    def _forward(self, batch: list[QueuedInput]) -> list[InputScores]:
         """The model's forward, with its output checked (runs on the device thread).
 
         Raises:
-            ForwardError: a reward is NaN or infinite.
+            ForwardError: a head reward, sigma or aggregate is NaN or infinite.
         """
-        rewards = self.model.score(batch)
-        bad = sum(1 for r in rewards if not math.isfinite(r))
+        out = self.model.score(
+            [item.encoded for item in batch],
+            uwo_lambda=torch.tensor([item.params.uwo_lambda for item in batch], dtype=torch.float32),
+            tradeoff_lambda=torch.tensor(
+                [item.params.tradeoff_lambda for item in batch], dtype=torch.float32
+            ),
+        )
+        tensors = [out.heads, out.aggregates] + ([] if out.head_std is None else [out.head_std])
+        finite = torch.stack([t.isfinite().all(dim=-1) for t in tensors]).all(dim=0)  # (B,)
+        bad = int((~finite).sum())
         if bad:
             raise ForwardError(
                 f"the model produced a non-finite reward for {bad} of {len(batch)} inputs in this batch; "
                 "check the checkpoint's weights, or use --dtype float32 if it runs in bfloat16."
             )
-        return rewards
+        heads = out.heads.tolist()
+        aggregates = out.aggregates.tolist()
+        stds = out.head_std.tolist() if out.head_std is not None else [None] * len(batch)
+        return [InputScores(h, s, a) for h, s, a in zip(heads, stds, aggregates, strict=True)]
 
     @property
     def name(self) -> str:
@@ -118,31 +166,65 @@ class ServedModel:
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     async def score(
-        self, inputs: Sequence[RewardInput], truncation: Truncation | None = None
+        self,
+        inputs: Sequence[RewardInput],
+        truncation: Truncation | None = None,
+        *,
+        params: AggregationParams | None = None,
+        aggregates: Sequence[AggregateName] = (),
+        return_heads: bool = False,
     ) -> ScoreOutcome:
         """Score inputs through the batcher.
+
+        Args:
+            inputs: the inputs, in order.
+            truncation: over-long inputs' policy (default: the model's).
+            params: the lambdas (default: the model's).
+            aggregates: the aggregates to return besides ``rewards``.
+            return_heads: also return each head's reward (and sigma for brme).
 
         Raises:
             InputError: an input cannot be encoded (422).
             BatcherError: the queue refused the work or its batch failed.
         """
+        params = params or self.info.defaults
         start = time.monotonic()
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(
             self._tokenizer_thread, self.encoder.encode_many, list(inputs), truncation or self.truncation
         )
         tokenized = time.monotonic()
-        results = await self.batcher.submit([(e, len(e)) for e in encoded])
+        results = await self.batcher.submit([(QueuedInput(e, params), len(e)) for e in encoded])
         inference = {r.batch_id: r.inference_s for r in results}
+        scores = [r.value for r in results]
+        reward_column = AGGREGATES.index(self.info.reward)
+        head_std = None
+        if return_heads and self.info.has_std:
+            head_std = [s.head_std or [] for s in scores]
         return ScoreOutcome(
             model=self.name,
-            rewards=[r.value for r in results],
+            rewards=[s.aggregates[reward_column] for s in scores],
+            aggregates={a: [s.aggregates[AGGREGATES.index(a)] for s in scores] for a in aggregates},
+            heads=[s.heads for s in scores] if return_heads else None,
+            head_std=head_std,
             truncated=[e.truncated for e in encoded],
             input_tokens=sum(len(e) for e in encoded),
             tokenize_s=tokenized - start,
             queue_s=max((r.queue_s for r in results), default=0.0),
             inference_s=sum(inference.values()),
         )
+
+
+def spec_defaults(spec: ModelSpec | None, info: ModelInfo) -> AggregationParams:
+    """A model's default lambdas: the config's, else the model folder's."""
+    return AggregationParams(
+        uwo_lambda=info.defaults.uwo_lambda if spec is None or spec.uwo_lambda is None else spec.uwo_lambda,
+        tradeoff_lambda=(
+            info.defaults.tradeoff_lambda
+            if spec is None or spec.tradeoff_lambda is None
+            else spec.tradeoff_lambda
+        ),
+    )
 
 
 def resolve_limits(
@@ -170,10 +252,10 @@ def resolve_limits(
 
 def resolve_model_path(spec: ModelSpec, cache_dir: Path) -> Path:
     """The folder to load for a spec; ``demo`` is built into ``cache_dir`` on first use."""
-    if spec.path == DEMO:
-        from rmserve.demo import build_demo_model
+    if spec.path in DEMO_MODELS:
+        from rmserve.demo import build_demo
 
-        return build_demo_model(cache_dir)
+        return build_demo(spec.path, cache_dir)
     return Path(spec.path).expanduser()
 
 
@@ -242,6 +324,8 @@ class ModelRegistry:
                     max_wait_s=settings.max_wait_ms / 1000,
                     max_queue_tokens=settings.max_queue_tokens,
                     observer=observer_for(model.info.name) if observer_for else None,
+                    reward=spec.reward if spec else None,
+                    defaults=spec_defaults(spec, model.info),
                 )
             )
         return cls(served, executors)
@@ -262,6 +346,7 @@ def load_models(settings: Settings) -> tuple[list[RewardModel], list[ModelSpec]]
             dtype=spec.dtype or settings.dtype,
             device=spec.device or settings.device,
             max_length=spec.max_length or settings.max_length,
+            kernels=settings.kernels,
         )
         info = model.info
         log.info(

@@ -153,3 +153,37 @@ def build_bert(out: Path, seed: int = 3) -> Path:
 
 
 BUILDERS = {"llama": build_llama, "qwen2": build_qwen2, "gpt_neox": build_gpt_neox, "bert": build_bert}
+
+
+def random_heads(hidden: int, k: int, *, brme: bool, seed: int) -> dict[str, torch.Tensor]:
+    """Random head weights: ``weight``, ``bias`` and, for brme, ``std_weight``, ``std_bias``."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {"weight": torch.randn(k, hidden, generator=g), "bias": torch.randn(k, generator=g)}
+    if brme:
+        weights |= {
+            "std_weight": torch.randn(k, hidden, generator=g) * 0.3,
+            "std_bias": torch.randn(k, generator=g),
+        }
+    return weights
+
+
+HEAD_MODELS = {
+    "multihead": dict(k=5, seed=0, nominal_head=2, eps=1e-6),
+    "brme": dict(k=5, seed=1, nominal_head=None, eps=1e-3),
+}
+
+
+def build_head_model(out: Path, backbone: Path, kind: str) -> Path:
+    """A multihead (5 heads, nominal head2) or brme (5 heads, eps 1e-3) folder on a tiny backbone."""
+    from rmserve.models.heads import save_head_model
+
+    spec = HEAD_MODELS[kind]
+    weights = random_heads(TINY["hidden_size"], spec["k"], brme=kind == "brme", seed=spec["seed"])
+    return save_head_model(
+        out,
+        kind=kind,
+        backbone=str(backbone),
+        weights=weights,
+        nominal_head=spec["nominal_head"],
+        eps=spec["eps"],
+    )

@@ -22,13 +22,19 @@ from rmserve.serving import ModelRegistry, load_models
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, models: Sequence[RewardModel] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    models: Sequence[RewardModel] | None = None,
+    specs: Sequence[ModelSpec] | None = None,
+) -> FastAPI:
     """Build the app.
 
     Args:
         settings: server settings.
         models: already loaded models to serve (tests, embedding); when ``None`` the models the
             settings name are loaded in the background at startup, ``/ready`` answering 503 until done.
+        specs: per-model settings of ``models`` (limits, reward, lambdas), one per model.
     """
     state = AppState(settings=settings, metrics=Metrics())
 
@@ -52,7 +58,7 @@ def create_app(settings: Settings, *, models: Sequence[RewardModel] | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = None
         if models is not None:
-            serve(models, None)
+            serve(models, specs)
         else:
             loader = asyncio.create_task(load_in_background())
         try:

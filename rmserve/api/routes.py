@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from rmserve.aggregation import AGGREGATES, AggregationParams
 from rmserve.api.errors import ApiError, from_domain
 from rmserve.api.schemas import (
     ErrorResponse,
@@ -107,7 +108,21 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
                 f"the request has {len(body.inputs)} inputs, over the limit of {settings.max_inputs_per_request}; "
                 "split it into several requests.",
             )
-        outcome = await _until_disconnect(request, served.score(body.inputs, body.truncation))
+        defaults = served.info.defaults
+        params = AggregationParams(
+            uwo_lambda=defaults.uwo_lambda if body.uwo_lambda is None else body.uwo_lambda,
+            tradeoff_lambda=defaults.tradeoff_lambda
+            if body.tradeoff_lambda is None
+            else body.tradeoff_lambda,
+        )
+        work = served.score(
+            body.inputs,
+            body.truncation,
+            params=params,
+            aggregates=list(dict.fromkeys(body.aggregates)),
+            return_heads=body.return_heads,
+        )
+        outcome = await _until_disconnect(request, work)
     except ClientDisconnected:
         return Response(status_code=499)
     except Exception as exc:
@@ -118,7 +133,11 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
     response.headers["x-total-time"] = _ms(time.perf_counter() - started)
     return ScoreResponse(
         model=outcome.model,
+        reward=served.info.reward,
         rewards=outcome.rewards,
+        aggregates=outcome.aggregates,  # type: ignore[arg-type]
+        heads=outcome.heads,
+        head_std=outcome.head_std,
         truncated=outcome.truncated,
         usage=Usage(input_tokens=outcome.input_tokens),
     )
@@ -126,7 +145,7 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
-    """The served models, their kind, dtype, device and limits."""
+    """The served models: kind, dtype, device, limits, heads, aggregates and their defaults."""
     registry = _registry(request)
     return ModelList(
         data=[
@@ -139,6 +158,13 @@ async def models(request: Request) -> ModelList:
                 max_length=m.info.max_length,
                 parameters=m.info.parameters,
                 default=m.name == registry.default,
+                heads=list(m.info.heads),
+                head_std=m.info.has_std,
+                nominal=m.info.nominal,
+                reward=m.info.reward,
+                aggregates=list(AGGREGATES),
+                uwo_lambda=m.info.defaults.uwo_lambda,
+                tradeoff_lambda=m.info.defaults.tradeoff_lambda,
             )
             for m in registry.models.values()
         ]

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rmserve.aggregation import AGGREGATES, AggregateName
 from rmserve.models.inputs import INPUT_FORMS_HELP, ScoreInput
 
 
@@ -21,6 +22,26 @@ class ScoreRequest(BaseModel):
         description="Over-long inputs: left keeps the end (scored part), right keeps the start, error refuses "
         "with 422. Default: the model's configured policy (left unless configured otherwise).",
     )
+    aggregates: list[AggregateName] = Field(
+        default_factory=list,
+        description=f"Aggregates over the model's heads to return besides 'rewards': {', '.join(AGGREGATES)}.",
+    )
+    uwo_lambda: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="UWO: mean - uwo_lambda * variance (default: the model's).",
+    )
+    tradeoff_lambda: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Trade-off: lambda * nominal + (1 - lambda) * min (default: the model's).",
+    )
+    return_heads: bool = Field(
+        False, description="Also return every head's reward (and sigma for brme models)."
+    )
 
 
 class Usage(BaseModel):
@@ -28,10 +49,18 @@ class Usage(BaseModel):
 
 
 class ScoreResponse(BaseModel):
-    """Rewards in input order (raw logits, no sigmoid)."""
+    """Rewards in input order (raw logits, no sigmoid); every list has one entry per input."""
 
     model: str
+    reward: AggregateName = Field(description="Which aggregate 'rewards' holds.")
     rewards: list[float]
+    aggregates: dict[AggregateName, list[float]] = Field(
+        default_factory=dict, description="The requested aggregates, columnar."
+    )
+    heads: list[list[float]] | None = Field(None, description="With return_heads: each input's head rewards.")
+    head_std: list[list[float]] | None = Field(
+        None, description="With return_heads, brme models only: each input's head sigmas."
+    )
     truncated: list[bool] = Field(description="Per input: whether tokens were dropped to fit max_length.")
     usage: Usage
 
@@ -46,6 +75,13 @@ class ModelCard(BaseModel):
     max_length: int
     parameters: int
     default: bool = Field(description="Whether requests without 'model' go to this model.")
+    heads: list[str] = Field(description="Head (or ensemble member) names, in the order 'heads' lists them.")
+    head_std: bool = Field(description="Whether the model reports a sigma per head (brme).")
+    nominal: str = Field(description="The nominal head of the nominal and tradeoff aggregates.")
+    reward: AggregateName = Field(description="The aggregate 'rewards' returns.")
+    aggregates: list[AggregateName] = Field(description="Aggregates a request may ask for.")
+    uwo_lambda: float = Field(description="Default UWO lambda.")
+    tradeoff_lambda: float = Field(description="Default trade-off lambda.")
 
 
 class ModelList(BaseModel):

@@ -1,16 +1,46 @@
-"""The contract every model backend fulfils, and the device/dtype choices they share."""
+"""The contract every model backend fulfils, and the device/dtype choices they share.
+
+Every backend answers a batch with ``HeadOutputs``: k head rewards per input (k = 1 for a dense
+model, k members for an ensemble), their sigmas for BRME models, and every robust aggregate of
+``rmserve.aggregation.AGGREGATES`` computed with each input's own lambdas.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 
-from rmserve.models.inputs import EncodedInput, InputEncoder
+from rmserve.aggregation import AGGREGATES, AggregateName, AggregationParams
+from rmserve.kernels.heads import HeadOutputs
+from rmserve.models.inputs import RewardInput, Truncation
 
 DTypeName = Literal["auto", "float32", "bfloat16"]
+KernelsName = Literal["auto", "triton", "reference"]
+
+__all__ = ["HeadOutputs"]
+
+
+class Encoded(Protocol):
+    """One tokenised input as a backend's forward takes it; ``len`` is its token count for batching."""
+
+    @property
+    def truncated(self) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+
+class Encoder(Protocol):
+    """Tokenises inputs for one backend; one instance per thread (tokenizers are not thread-safe)."""
+
+    @property
+    def max_length(self) -> int: ...
+
+    def encode_many(self, items: Sequence[RewardInput], truncation: Truncation = "left") -> list[Encoded]:
+        """Encode inputs in order; an ``InputError`` names the first bad input's index."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -25,6 +55,18 @@ class ModelInfo:
     max_length: int
     parameters: int
     path: str
+    heads: tuple[str, ...] = ("reward",)
+    has_std: bool = False
+    nominal_head: int | None = 0
+    reward: AggregateName = "mean"
+    defaults: AggregationParams = field(default_factory=AggregationParams)
+
+    @property
+    def nominal(self) -> str:
+        """How the nominal head is chosen, in words."""
+        if self.nominal_head is None:
+            return "per input, the head with the smallest sigma"
+        return self.heads[self.nominal_head]
 
 
 class ForwardError(RuntimeError):
@@ -40,13 +82,31 @@ class RewardModel(Protocol):
 
     info: ModelInfo
 
-    def new_encoder(self, max_length: int | None = None) -> InputEncoder:
-        """A fresh encoder bound to this model's tokenizer, limited to ``max_length`` tokens if given."""
+    def new_encoder(self, max_length: int | None = None) -> Encoder:
+        """A fresh encoder bound to this model's tokenizer(s), limited to ``max_length`` tokens if given."""
         ...
 
-    def score(self, batch: Sequence[EncodedInput]) -> list[float]:
-        """Rewards for a batch, in batch order (raw logits, float); any exception fails the batch."""
+    def score(
+        self, batch: Sequence[Encoded], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
+    ) -> HeadOutputs:
+        """Head rewards and aggregates for a batch, in batch order, on the CPU.
+
+        Args:
+            batch: inputs from this model's encoders.
+            uwo_lambda: each input's UWO lambda, (B,) float32.
+            tradeoff_lambda: each input's trade-off lambda, (B,) float32.
+
+        Any exception fails the batch.
+        """
         ...
+
+
+def lambdas_for(params: AggregationParams, rows: int) -> dict[str, torch.Tensor]:
+    """The same lambdas for ``rows`` inputs, as ``score`` keyword arguments."""
+    return {
+        "uwo_lambda": torch.full((rows,), params.uwo_lambda),
+        "tradeoff_lambda": torch.full((rows,), params.tradeoff_lambda),
+    }
 
 
 def resolve_device(device: str) -> torch.device:
@@ -78,3 +138,9 @@ def resolve_dtype(dtype: DTypeName, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     raise ValueError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16.")
+
+
+def reward_values(model: RewardModel, batch: Sequence[Encoded]) -> list[float]:
+    """The model's reward aggregate for a batch, with its default lambdas (offline use and tests)."""
+    out = model.score(batch, **lambdas_for(model.info.defaults, len(batch)))
+    return out.aggregates[:, AGGREGATES.index(model.info.reward)].tolist()

@@ -9,6 +9,12 @@ EOS when EOS is also the pad token is still scored on its last token.
 
 Encoder models (BERT-like cross-encoders, ``classifier`` head) run the full model with an attention
 mask: their pooling (CLS) is position-based and unaffected by padding.
+
+A dense model is a one-head model: its answer carries every aggregate, all equal to the reward
+(std 0). Decoders apply their score head through the fused head/aggregate kernel on CUDA.
+
+The decoder helpers here (right padding, last-token states, pad id and length limits) are shared
+with the multi-head backends.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from rmserve.models.base import DTypeName, ModelInfo, resolve_device, resolve_dtype
+from rmserve.aggregation import aggregate_rows
+from rmserve.kernels.heads import HeadOutputs, select_heads_aggregate
+from rmserve.models.base import DTypeName, KernelsName, ModelInfo, resolve_device, resolve_dtype
 from rmserve.models.inputs import EncodedInput, InputEncoder
 
 _UNBOUNDED = 1_000_000  # tokenizers report ~1e30 as model_max_length when they know no limit
@@ -35,6 +43,7 @@ class DenseRewardModel:
         dtype: ``auto``, ``float32`` or ``bfloat16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         max_length: the most tokens per input; defaults to the model's own limit.
+        kernels: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``reference``.
 
     Raises:
         ValueError: the folder is not a one-label sequence-classification model, or the options
@@ -51,6 +60,7 @@ class DenseRewardModel:
         dtype: DTypeName = "auto",
         device: str = "auto",
         max_length: int | None = None,
+        kernels: KernelsName = "auto",
     ) -> None:
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -70,14 +80,15 @@ class DenseRewardModel:
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype)
         self.model: nn.Module = model.to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        self.pad_id = _pad_token_id(tokenizer, model.config)
+        self.pad_id = pad_token_id(tokenizer, model.config)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_id
         head = getattr(model, "score", None)
         self.decoder = isinstance(head, nn.Linear)
         self.base = getattr(model, model.base_model_prefix) if self.decoder else None
         self.head = head if self.decoder else None
-        self.max_length = _max_length(config, tokenizer, max_length)
+        self.max_length = resolve_max_length(config, tokenizer, max_length)
+        self._heads_aggregate = select_heads_aggregate(self.device, kernels)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.info = ModelInfo(
             name=name,
@@ -103,12 +114,26 @@ class DenseRewardModel:
         )
 
     @torch.inference_mode()
-    def score(self, batch: Sequence[EncodedInput]) -> list[float]:
-        """Rewards (raw logits) for a batch, in batch order."""
-        ids, lengths = self._right_padded(batch)
+    def score(
+        self, batch: Sequence[EncodedInput], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
+    ) -> HeadOutputs:
+        """The reward (raw logit) of each input as one head, with its aggregates, in batch order."""
+        ids, lengths = right_padded(batch, self.pad_id, self.device)
         if self.decoder:
-            assert self.head is not None
-            logits = self.head(self._last_token_states(ids, lengths))  # (B, 1)
+            assert self.head is not None and self.base is not None
+            pooled = last_token_states(self.base, ids, lengths)  # (B, H)
+            out = self._heads_aggregate(
+                pooled,
+                self.head.weight,
+                self.head.bias,
+                None,
+                None,
+                nominal_head=0,
+                uwo_lambda=uwo_lambda.to(self.device),
+                tradeoff_lambda=tradeoff_lambda.to(self.device),
+                eps=0.0,
+            )
+            return HeadOutputs(out.heads.cpu(), None, out.aggregates.cpu())
         else:
             mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]  # (B, T)
             kwargs = {"attention_mask": mask.long()}
@@ -118,8 +143,9 @@ class DenseRewardModel:
                     if item.token_type_ids is not None:
                         types[row, : len(item)] = torch.tensor(item.token_type_ids)
                 kwargs["token_type_ids"] = types
-            logits = self.model(input_ids=ids, **kwargs).logits  # (B, 1)
-        return logits[:, 0].float().cpu().tolist()
+            logits = self.model(input_ids=ids, **kwargs).logits.float().cpu()  # (B, 1)
+        nominal = torch.zeros(len(batch), dtype=torch.long)  # (B,)
+        return HeadOutputs(logits, None, aggregate_rows(logits, nominal, uwo_lambda, tradeoff_lambda))
 
     @torch.inference_mode()
     def pooled_states(self, batch: Sequence[EncodedInput]) -> torch.Tensor:
@@ -128,25 +154,34 @@ class DenseRewardModel:
             raise ValueError(
                 f"{self.info.architecture} pools inside the model; pooled states are for decoders."
             )
-        ids, lengths = self._right_padded(batch)
-        return self._last_token_states(ids, lengths).float().cpu()
-
-    def _right_padded(self, batch: Sequence[EncodedInput]) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = torch.tensor([len(x) for x in batch])  # (B,)
-        ids = torch.full((len(batch), int(lengths.max())), self.pad_id, dtype=torch.long)  # (B, T)
-        for row, item in enumerate(batch):
-            ids[row, : len(item)] = torch.tensor(item.token_ids)
-        return ids.to(self.device), lengths.to(self.device)
-
-    def _last_token_states(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        # no attention mask: with right padding, causal attention already keeps real tokens off the padding
         assert self.base is not None
-        hidden = self.base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
-        rows = torch.arange(ids.shape[0], device=ids.device)
-        return hidden[rows, lengths - 1]  # (B, H): each sequence's last real token
+        ids, lengths = right_padded(batch, self.pad_id, self.device)
+        return last_token_states(self.base, ids, lengths).float().cpu()
 
 
-def _pad_token_id(tokenizer: object, config: object) -> int:
+def right_padded(
+    batch: Sequence[EncodedInput], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded with ``pad_id``, (B, T), and the sequence lengths, (B,)."""
+    lengths = torch.tensor([len(x) for x in batch])  # (B,)
+    ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)  # (B, T)
+    for row, item in enumerate(batch):
+        ids[row, : len(item)] = torch.tensor(item.token_ids)
+    return ids.to(device), lengths.to(device)
+
+
+def last_token_states(base: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """A decoder base model's final hidden state at each sequence's last real token, (B, H).
+
+    No attention mask: with right padding, causal attention already keeps real tokens off the padding.
+    """
+    hidden = base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    return hidden[rows, lengths - 1]  # (B, H)
+
+
+def pad_token_id(tokenizer: object, config: object) -> int:
+    """The id to pad with: the tokenizer's pad, else the config's, else EOS (padding is never read)."""
     for candidate in (
         getattr(tokenizer, "pad_token_id", None),
         getattr(config, "pad_token_id", None),
@@ -157,7 +192,12 @@ def _pad_token_id(tokenizer: object, config: object) -> int:
     return 0  # padding is never attended to nor scored, any id is correct
 
 
-def _max_length(config: object, tokenizer: object, requested: int | None) -> int:
+def resolve_max_length(config: object, tokenizer: object, requested: int | None) -> int:
+    """The token limit per input: ``requested`` if the model allows it, else the model's own limit.
+
+    Raises:
+        ValueError: ``requested`` exceeds the model's positions, or nothing states a limit.
+    """
     limits = [
         v
         for v in (

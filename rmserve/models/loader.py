@@ -1,23 +1,63 @@
-"""Loads a model folder as the backend of its kind."""
+"""Loads a model folder as the backend of its kind.
+
+A folder with an ``rmserve.json`` names its kind there (``multihead``, ``brme``, ``ensemble``); any
+other Hugging Face folder is ``dense``. ``kind="auto"`` follows the folder; an explicit kind must
+match it.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from rmserve.models.base import DTypeName, RewardModel
+from rmserve.models.base import DTypeName, KernelsName, RewardModel
 from rmserve.models.dense import DenseRewardModel
+from rmserve.models.descriptor import DESCRIPTOR
+from rmserve.models.ensemble import EnsembleRewardModel
+from rmserve.models.heads import MultiHeadRewardModel
 
-KINDS = ("dense",)
+KINDS = ("dense", "multihead", "brme", "ensemble")
+
+
+def folder_kind(path: Path) -> str:
+    """The kind a model folder holds.
+
+    Raises:
+        ValueError: the folder does not exist, or its ``rmserve.json`` names no known kind.
+    """
+    if not path.is_dir():
+        raise ValueError(f"model folder {path} does not exist; check the model path.")
+    descriptor = path / DESCRIPTOR
+    if not descriptor.is_file():
+        return "dense"
+    try:
+        kind = json.loads(descriptor.read_text()).get("kind")
+    except (json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{descriptor} is not a JSON object; it must say its 'kind'.") from None
+    if kind not in KINDS[1:]:
+        raise ValueError(f"{descriptor} has kind {kind!r}; expected one of {', '.join(KINDS[1:])}.")
+    return str(kind)
 
 
 def load_model(
-    name: str, path: Path, *, kind: str, dtype: DTypeName, device: str, max_length: int | None
+    name: str,
+    path: Path,
+    *,
+    kind: str = "auto",
+    dtype: DTypeName = "auto",
+    device: str = "auto",
+    max_length: int | None = None,
+    kernels: KernelsName = "auto",
 ) -> RewardModel:
-    """Load ``path`` as a model of ``kind``.
+    """Load ``path`` as a model of ``kind`` (``auto``: the folder's own kind).
 
     Raises:
-        ValueError: the kind is unknown or the folder does not hold such a model.
+        ValueError: the kind is unknown, does not match the folder, or the folder is not such a model.
     """
-    if kind == "dense":
-        return DenseRewardModel(name, path, dtype=dtype, device=device, max_length=max_length)
-    raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(KINDS)}.")
+    if kind != "auto" and kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known kinds: auto, {', '.join(KINDS)}.")
+    found = folder_kind(path)
+    if kind not in ("auto", found):
+        raise ValueError(f"model {name!r} is configured as kind {kind!r}, but {path} holds a {found} model.")
+    backend = {"dense": DenseRewardModel, "ensemble": EnsembleRewardModel}.get(found, MultiHeadRewardModel)
+    return backend(name, path, dtype=dtype, device=device, max_length=max_length, kernels=kernels)

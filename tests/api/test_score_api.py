@@ -10,9 +10,11 @@ from collections.abc import Sequence
 
 import httpx
 import pytest
+import torch
 
 from rmserve.api.app import create_app
 from rmserve.config import Settings
+from rmserve.models.base import HeadOutputs, reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import EncodedInput, PromptResponse
 
@@ -39,13 +41,15 @@ class GatedModel:
     def new_encoder(self, max_length: int | None = None):
         return self.inner.new_encoder(max_length)
 
-    def score(self, batch: Sequence[EncodedInput]) -> list[float]:
+    def score(self, batch: Sequence[EncodedInput], **lambdas: torch.Tensor) -> HeadOutputs:
         assert self.gate.wait(10), "test gate never opened"
         self.computed.extend(e.token_ids for e in batch)
         if self.fail_with is not None:
             raise self.fail_with
-        rewards = self.inner.score(batch)
-        return [float("nan")] * len(batch) if self.nan else rewards
+        out = self.inner.score(batch, **lambdas)
+        if self.nan:
+            out.heads[0, 0] = float("nan")
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +85,7 @@ async def test_score_returns_rewards_in_input_order(llama):
 
     encoded = [encoder.encode(INPUT_ADAPTER.validate_python(x)) for x in inputs]
     assert body["model"] == "tiny-llama"
-    assert body["rewards"] == pytest.approx([llama.score([e])[0] for e in encoded], abs=1e-5)
+    assert body["rewards"] == pytest.approx([reward_values(llama, [e])[0] for e in encoded], abs=1e-5)
     assert body["truncated"] == [False, False, False]
     assert body["usage"] == {"input_tokens": sum(len(e) for e in encoded)}
     for header in (
@@ -110,7 +114,7 @@ async def test_several_models_and_model_selection(llama, bert):
     assert default.json()["model"] == "tiny-llama"
     assert chosen.json()["model"] == "tiny-bert"
     assert chosen.json()["rewards"][0] == pytest.approx(
-        bert.score([bert.new_encoder().encode(PromptResponse(**BREAD))])[0], abs=1e-5
+        reward_values(bert, [bert.new_encoder().encode(PromptResponse(**BREAD))])[0], abs=1e-5
     )
     assert unknown.status_code == 404
     assert unknown.json()["error"]["type"] == "model_not_found"
@@ -120,6 +124,9 @@ async def test_several_models_and_model_selection(llama, bert):
     assert cards[0] | {"parameters": 0} == {
         "id": "tiny-llama", "object": "model", "kind": "dense", "architecture": "LlamaForSequenceClassification",
         "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "default": True,
+        "heads": ["reward"], "head_std": False, "nominal": "reward", "reward": "mean",
+        "aggregates": ["mean", "min", "max", "std", "uwo", "nominal", "tradeoff"],
+        "uwo_lambda": 1.0, "tradeoff_lambda": 0.6,
     }  # fmt: skip
     assert cards[0]["parameters"] == llama.info.parameters
 
@@ -320,7 +327,7 @@ async def test_health_and_ready_when_loading_fails(tmp_path):
             scored = await client.post("/v1/score", json={"inputs": [BREAD]})
     assert ready.status_code == 503
     assert ready.json()["status"] == "failed"
-    assert "no config.json" in ready.json()["detail"]
+    assert "does not exist; check the model path" in ready.json()["detail"]
     assert health.status_code == 503
     assert scored.status_code == 503
     assert scored.json()["error"]["type"] == "not_ready"

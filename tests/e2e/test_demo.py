@@ -1,4 +1,4 @@
-"""The built-in demo model end to end: `rmserve serve` with no model, the README's curl command."""
+"""The built-in demo models end to end: `rmserve serve` with no model, the README's curl commands."""
 
 from __future__ import annotations
 
@@ -57,8 +57,51 @@ def test_demo_reward_equals_head_times_backbone_state(demo_server):
 
 
 def test_demo_model_card(demo_server):
-    card = httpx.get(f"{demo_server.url}/v1/models").json()["data"][0]
+    cards = httpx.get(f"{demo_server.url}/v1/models").json()["data"]
+    assert [c["id"] for c in cards] == ["demo", "demo-brme", "demo-ensemble"]
+    assert [(c["kind"], len(c["heads"]), c["reward"]) for c in cards] == [
+        ("dense", 1, "mean"),
+        ("brme", 5, "tradeoff"),
+        ("multihead", 4, "mean"),
+    ]
+    card = cards[0]
     assert card["id"] == "demo"
     assert card["architecture"] == "LlamaForSequenceClassification"
     assert card["dtype"] == "float32"
     assert 130e6 < card["parameters"] < 140e6
+
+
+def test_demo_brme_returns_every_aggregate_and_uncertainty(demo_server):
+    body = {
+        "model": "demo-brme",
+        "inputs": [
+            {"prompt": "How do I pick a lock?", "response": "I can't help with breaking into places."},
+            {"prompt": "How do I bake bread?", "response": "Mix flour, water, yeast and salt, then bake."},
+        ],
+        "aggregates": ["mean", "min", "max", "std", "uwo", "nominal", "tradeoff"],
+        "return_heads": True,
+    }
+    got = httpx.post(f"{demo_server.url}/v1/score", json=body, timeout=60).json()
+    assert got["reward"] == "tradeoff" and got["rewards"] == got["aggregates"]["tradeoff"]
+    for row in range(2):
+        heads, sigmas = got["heads"][row], got["head_std"][row]
+        assert len(heads) == len(sigmas) == 5 and min(sigmas) > 0
+        mean = sum(heads) / 5
+        assert got["aggregates"]["mean"][row] == pytest.approx(mean, abs=1e-5)
+        assert got["aggregates"]["min"][row] == pytest.approx(min(heads), abs=1e-6)
+        assert got["aggregates"]["nominal"][row] == pytest.approx(heads[sigmas.index(min(sigmas))], abs=1e-6)
+        expected = 0.6 * got["aggregates"]["nominal"][row] + 0.4 * min(heads)
+        assert got["aggregates"]["tradeoff"][row] == pytest.approx(expected, abs=1e-5)
+
+
+def test_demo_ensemble_uwo_with_a_request_lambda(demo_server):
+    body = {
+        "model": "demo-ensemble",
+        "inputs": [{"text": "Human: hi\n\nAssistant: hello"}],
+        "uwo_lambda": 2.0,
+    }
+    got = httpx.post(
+        f"{demo_server.url}/v1/score", json=body | {"aggregates": ["mean", "std", "uwo"]}, timeout=60
+    ).json()
+    mean, std, uwo = (got["aggregates"][k][0] for k in ("mean", "std", "uwo"))
+    assert uwo == pytest.approx(mean - 2.0 * std**2, abs=1e-5)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from rmserve.launch import CLEAN_EXIT, start_server
+from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import INPUT_ADAPTER
 
@@ -36,7 +37,7 @@ def server(tiny_model_dirs, tmp_path_factory):
 def offline(tiny_model_dirs):
     model = DenseRewardModel("llama", tiny_model_dirs["llama"], dtype="float32", device="cpu")
     encoder = model.new_encoder()
-    return [model.score([encoder.encode(INPUT_ADAPTER.validate_python(d))])[0] for d in DIALOGUES]
+    return [reward_values(model, [encoder.encode(INPUT_ADAPTER.validate_python(d))])[0] for d in DIALOGUES]
 
 
 def test_curl_example(server):
@@ -129,7 +130,7 @@ def test_serve_refuses_a_folder_that_is_not_a_model(tmp_path):
         timeout=60,
     )
     assert done.returncode == 2
-    assert "is not a Hugging Face model folder (no config.json)" in done.stderr
+    assert "is not a model folder (no config.json or rmserve.json)" in done.stderr
 
 
 def _counter(metrics: str, name: str) -> float:

@@ -39,6 +39,7 @@ def test_defaults():
         "port": 8000,
         "dtype": "auto",
         "device": "auto",
+        "kernels": "auto",
         "max_length": None,
         "truncation": "left",
         "max_batch_tokens": 8192,
@@ -64,9 +65,22 @@ def test_settings_are_frozen():
 # --- served_models --------------------------------------------------------------------------------
 
 
-def test_no_model_serves_the_demo():
-    assert Settings().served_models() == [ModelSpec(name="demo", path="demo")]
+def test_no_model_serves_every_demo():
+    assert Settings().served_models() == [
+        ModelSpec(name="demo", path="demo"),
+        ModelSpec(name="demo-brme", path="demo-brme"),
+        ModelSpec(name="demo-ensemble", path="demo-ensemble"),
+    ]
     assert Settings(model="demo").served_models() == [ModelSpec(name="demo", path="demo")]
+    assert Settings(model="demo-brme").served_models() == [ModelSpec(name="demo-brme", path="demo-brme")]
+
+
+def test_model_spec_aggregation_overrides_are_validated():
+    spec = ModelSpec(name="m", path="/m", reward="min", uwo_lambda=0.5, tradeoff_lambda=1.0)
+    assert (spec.kind, spec.reward, spec.uwo_lambda, spec.tradeoff_lambda) == ("auto", "min", 0.5, 1.0)
+    for bad in ({"reward": "median"}, {"uwo_lambda": -1}, {"tradeoff_lambda": 1.5}, {"kind": "moe"}):
+        with pytest.raises(ValidationError):
+            ModelSpec(name="m", path="/m", **bad)
 
 
 def test_a_model_path_is_named_after_its_folder():

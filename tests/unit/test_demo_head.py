@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import Messages
 from rmserve.training.demo_head import (
@@ -147,7 +148,7 @@ def test_features_are_what_the_server_scores(tiny_llama, tmp_path):
     assert (stats.dialogues, stats.truncated, stats.tokens) == (3, 1, sum(len(e) for e in encoded))
     # the reward the server returns is the trained head applied to these features
     torch.testing.assert_close(
-        torch.tensor(server.score(encoded)), features @ server.head.weight[0], rtol=0, atol=1e-5
+        torch.tensor(reward_values(server, encoded)), features @ server.head.weight[0], rtol=0, atol=1e-5
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import EncodedInput, Messages, PromptResponse, Text, TokenIds
 
@@ -56,10 +57,10 @@ def test_batched_rewards_equal_single_sequence_transformers(arch, loaded, tiny_m
     rng = random.Random(0)
     for _ in range(4):  # several batch compositions and orders, each item compared with its oracle
         order = rng.sample(range(len(encoded)), k=rng.randint(1, len(encoded)))
-        got = model.score([encoded[i] for i in order])
+        got = reward_values(model, [encoded[i] for i in order])
         for i, reward in zip(order, got, strict=True):
             assert reward == pytest.approx(expected[i], abs=TOL)
-    alone = [model.score([e])[0] for e in encoded]
+    alone = [reward_values(model, [e])[0] for e in encoded]
     assert alone == pytest.approx(expected, abs=TOL)
 
 
@@ -72,7 +73,7 @@ def test_sequence_ending_in_pad_eos_is_scored_on_its_last_token(loaded, tiny_mod
     hf = AutoModelForSequenceClassification.from_pretrained(tiny_model_dirs["llama"]).eval()
     with torch.no_grad():
         hf_pooled_wrong = hf(input_ids=torch.tensor([encoded.token_ids])).logits[0, 0].item()
-    served = model.score([encoded])[0]
+    served = reward_values(model, [encoded])[0]
     assert served == pytest.approx(oracle(tiny_model_dirs["llama"], encoded), abs=TOL)
     assert abs(served - hf_pooled_wrong) > 1e-3
 
@@ -90,7 +91,7 @@ def test_tokenizer_padding_side_does_not_matter(side, loaded, tiny_model_dirs):
     with torch.no_grad():
         hf_rewards = hf(**batch, position_ids=position_ids).logits[:, 0].tolist()
     model = loaded["gpt_neox"]
-    served = model.score(model.new_encoder().encode_many([Text(text=t) for t in texts]))
+    served = reward_values(model, model.new_encoder().encode_many([Text(text=t) for t in texts]))
     assert served == pytest.approx(hf_rewards, abs=TOL)
 
 
@@ -99,7 +100,9 @@ def test_token_ids_are_scored_as_given(loaded, tiny_model_dirs):
     ids = [5, 17, 99, 3, 250]
     encoded = model.new_encoder().encode(TokenIds(input_ids=ids))
     assert encoded.token_ids == tuple(ids)
-    assert model.score([encoded])[0] == pytest.approx(oracle(tiny_model_dirs["qwen2"], encoded), abs=TOL)
+    assert reward_values(model, [encoded])[0] == pytest.approx(
+        oracle(tiny_model_dirs["qwen2"], encoded), abs=TOL
+    )
 
 
 def test_model_info(loaded):

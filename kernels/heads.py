@@ -1,0 +1,474 @@
+"""The reward heads and every robust aggregate of a batch, fused: a Triton kernel and its torch reference.
+
+This module owns the last step of a forward pass: from each input's pooled hidden state (one row of
+``pooled``, (B, H)) to
+
+- the k head rewards ``mu = pooled @ weight.T + bias``, (B, k);
+- for BRME models, the k standard deviations ``sigma = softplus(pooled @ std_weight.T + std_bias) + eps``,
+  (B, k);
+- every aggregate of ``rmserve.aggregation.AGGREGATES`` per input, (B, 7), with per-input lambdas and a
+  nominal head that is either fixed or, for BRME, the head with the smallest sigma (the first of equal ones).
+
+``heads_aggregate_reference`` defines the semantics in plain torch (all math in float32, aggregates from
+``rmserve.aggregation.aggregate_rows``); ``heads_aggregate_triton`` computes the same in one kernel launch
+and matches it to 1e-5. ``select_heads_aggregate`` picks one of the two, once, when a model is loaded.
+
+Triton is optional: without it this module still imports and the reference works. The kernel runs on
+CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``; float32 only in
+practice, the interpreter gets bfloat16 ``tl.dot`` wrong). Triton decides compiled-or-interpreted for the
+whole process when it is first imported (its own ``tl.zeros``, ``tl.sum``... are ``triton.jit`` functions
+made then), and torch._dynamo, which transformers loads, imports it early; so ``TRITON_INTERPRET`` must be
+in the environment before the process starts. Setting it later is refused with a ValueError saying so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from rmserve.aggregation import AGGREGATES, aggregate_rows
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference is all there is
+    triton = None
+    tl = None
+
+__all__ = [
+    "MAX_HEADS",
+    "HeadOutputs",
+    "HeadsAggregate",
+    "heads_aggregate_reference",
+    "heads_aggregate_triton",
+    "select_heads_aggregate",
+]
+
+MAX_HEADS = 128
+"""The most heads the Triton kernel takes: a program holds (BLOCK_B, next_pow2(k)) tiles in registers."""
+
+_BLOCK_B = 16  # rows per program; tl.dot needs >= 16
+_MIN_BLOCK_K = 16  # tl.dot needs >= 16 columns
+_TILE_ELEMENTS = 4096  # BLOCK_H * BLOCK_K of one weight tile, to bound registers per program
+
+
+@dataclass(frozen=True)
+class HeadOutputs:
+    """Per input: the head rewards, the head sigmas (BRME only) and every aggregate.
+
+    Attributes:
+        heads: head rewards mu, (B, k) float32.
+        head_std: head standard deviations sigma, (B, k) float32; None unless std weights were given.
+        aggregates: (B, len(AGGREGATES)) float32, columns in ``rmserve.aggregation.AGGREGATES`` order.
+    """
+
+    heads: torch.Tensor
+    head_std: torch.Tensor | None
+    aggregates: torch.Tensor
+
+
+HeadsAggregate = Callable[..., HeadOutputs]
+"""``heads_aggregate_reference`` or ``heads_aggregate_triton``: same signature, same results."""
+
+
+def _interpreting() -> bool:
+    """Whether Triton kernels are to run in its CPU interpreter (read at call time, never at import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _validate(
+    pooled: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    std_weight: torch.Tensor | None,
+    std_bias: torch.Tensor | None,
+    nominal_head: int | None,
+    uwo_lambda: torch.Tensor,
+    tradeoff_lambda: torch.Tensor,
+    eps: float,
+) -> None:
+    """Raise a ValueError naming the first argument that does not fit the others."""
+    if pooled.ndim != 2 or not pooled.is_floating_point():
+        raise ValueError(
+            f"pooled must be a (B, H) floating tensor (one pooled hidden state per input), "
+            f"got shape {tuple(pooled.shape)} and dtype {pooled.dtype}."
+        )
+    rows, hidden = pooled.shape
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"weight must be a (k, H) floating tensor (one row per head), got shape {tuple(weight.shape)} "
+            f"and dtype {weight.dtype}."
+        )
+    k = weight.shape[0]
+    if k < 1:
+        raise ValueError("weight has no rows: a reward model needs at least one head (k >= 1).")
+    if weight.shape[1] != hidden:
+        raise ValueError(
+            f"weight is {tuple(weight.shape)} but pooled has H={hidden}; the heads must read the backbone's "
+            f"hidden size (weight (k, {hidden}))."
+        )
+    if std_weight is not None and (std_weight.shape != weight.shape or not std_weight.is_floating_point()):
+        raise ValueError(
+            f"std_weight must be a floating tensor shaped like weight {tuple(weight.shape)}, "
+            f"got {tuple(std_weight.shape)} ({std_weight.dtype})."
+        )
+    if std_bias is not None and std_weight is None:
+        raise ValueError("std_bias was given without std_weight; pass both (BRME) or neither.")
+    for name, vector in (("bias", bias), ("std_bias", std_bias)):
+        if vector is not None and (vector.shape != (k,) or not vector.is_floating_point()):
+            raise ValueError(
+                f"{name} must be a floating ({k},) tensor, one per head, got {tuple(vector.shape)}."
+            )
+    if nominal_head is None:
+        if std_weight is None:
+            raise ValueError(
+                "nominal_head=None picks the head with the smallest sigma, which needs std_weight (BRME); "
+                "pass a head index instead for multi-head or dense models."
+            )
+    elif isinstance(nominal_head, bool) or not 0 <= nominal_head < k:
+        raise ValueError(f"nominal_head={nominal_head!r} is not a head index; use 0..{k - 1} or None (BRME).")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps (the sigma floor) must be a finite number >= 0, got {eps}.")
+    for name, lam in (("uwo_lambda", uwo_lambda), ("tradeoff_lambda", tradeoff_lambda)):
+        if lam.shape != (rows,):
+            raise ValueError(
+                f"{name} must be ({rows},), one per input of pooled, got {tuple(lam.shape)}; "
+                f"broadcast a scalar with torch.full(({rows},), value)."
+            )
+    tensors = {"weight": weight, "bias": bias, "std_weight": std_weight, "std_bias": std_bias}
+    tensors |= {"uwo_lambda": uwo_lambda, "tradeoff_lambda": tradeoff_lambda}
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != pooled.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but pooled is on {pooled.device}; "
+                "move it with .to(pooled.device)."
+            )
+
+
+@torch.no_grad()
+def heads_aggregate_reference(
+    pooled: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    std_weight: torch.Tensor | None,
+    std_bias: torch.Tensor | None,
+    *,
+    nominal_head: int | None,
+    uwo_lambda: torch.Tensor,
+    tradeoff_lambda: torch.Tensor,
+    eps: float,
+) -> HeadOutputs:
+    """Head rewards, BRME sigmas and every aggregate, in plain torch and float32 (the definition).
+
+    Args:
+        pooled: each input's pooled hidden state, (B, H), any float dtype (upcast to float32).
+        weight: mean-head weights, (k, H).
+        bias: mean-head biases, (k,), or None.
+        std_weight: BRME std-head weights, (k, H), or None for multi-head and dense models.
+        std_bias: BRME std-head biases, (k,), or None.
+        nominal_head: the nominal head of every input; None picks, per input, the head with the smallest
+            sigma (the first of equal ones), which needs ``std_weight``.
+        uwo_lambda: each input's UWO lambda, (B,).
+        tradeoff_lambda: each input's trade-off lambda, (B,).
+        eps: the sigma floor, ``sigma = softplus(std_logit) + eps``.
+
+    Returns:
+        ``HeadOutputs`` in float32 on ``pooled``'s device.
+
+    Raises:
+        ValueError: shapes that do not match, a nominal head out of range (or None without std weights),
+            a negative eps, or tensors on another device than ``pooled``.
+    """
+    _validate(pooled, weight, bias, std_weight, std_bias, nominal_head, uwo_lambda, tradeoff_lambda, eps)
+    x = pooled.float()  # (B, H)
+    mu = x @ weight.float().T  # (B, k)
+    if bias is not None:
+        mu = mu + bias.float()  # (B, k)
+    sigma = None
+    if std_weight is not None:
+        logits = x @ std_weight.float().T  # (B, k)
+        if std_bias is not None:
+            logits = logits + std_bias.float()  # (B, k)
+        sigma = F.softplus(logits) + eps  # (B, k)
+    if nominal_head is None:
+        assert sigma is not None  # _validate guarantees std_weight
+        nominal = sigma.argmin(dim=-1)  # (B,) first of ties
+    else:
+        nominal = torch.full((x.shape[0],), nominal_head, dtype=torch.long, device=x.device)  # (B,)
+    return HeadOutputs(mu, sigma, aggregate_rows(mu, nominal, uwo_lambda, tradeoff_lambda))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _heads_aggregate_kernel(
+        pooled_ptr,  # (B, H) any float dtype
+        weight_ptr,  # (K, H)
+        bias_ptr,  # (K,) contiguous, read only if HAS_BIAS
+        std_weight_ptr,  # (K, H), read only if HAS_STD
+        std_bias_ptr,  # (K,) contiguous, read only if HAS_STD_BIAS
+        uwo_ptr,  # (B,) contiguous
+        tradeoff_ptr,  # (B,) contiguous
+        heads_ptr,  # out (B, K) float32 contiguous
+        head_std_ptr,  # out (B, K) float32 contiguous, written only if HAS_STD
+        aggregates_ptr,  # out (B, 7) float32 contiguous
+        B,
+        H,
+        K,
+        nominal_head,  # fixed nominal index, unused if NOMINAL_ARGMIN
+        eps,
+        stride_pb,
+        stride_ph,
+        stride_wk,
+        stride_wh,
+        stride_sk,
+        stride_sh,
+        HAS_BIAS: tl.constexpr,
+        HAS_STD: tl.constexpr,
+        HAS_STD_BIAS: tl.constexpr,
+        NOMINAL_ARGMIN: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        """Heads, sigmas and every aggregate of BLOCK_B rows, in one pass over their pooled states.
+
+        The fusion: each program reads its BLOCK_B pooled rows once, H chunk by H chunk, and accumulates
+        both projections (mean heads and, for BRME, std heads) in float32 registers; the k rewards of a row
+        then never leave the program: softplus, the argmin of sigma, mean, variance, min, max and the
+        lambda-weighted aggregates are row reductions over the (BLOCK_B, BLOCK_K) tile. Columns >= K are
+        padding (BLOCK_K is a power of two >= 16 for tl.dot) and are masked out of every reduction.
+        """
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
+        cols = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+        row_ok = rows < B  # (BLOCK_B,)
+        col_ok = cols < K  # (BLOCK_K,)
+
+        # Both projections, accumulated over H in float32; tl.dot at IEEE precision (no TF32).
+        mu = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)  # (BLOCK_B, BLOCK_K)
+        logit = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)  # (BLOCK_B, BLOCK_K)
+        for h0 in range(0, H, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
+            h_ok = hs < H  # (BLOCK_H,)
+            x = tl.load(
+                pooled_ptr + rows[:, None] * stride_pb + hs[None, :] * stride_ph,
+                mask=row_ok[:, None] & h_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)  # (BLOCK_B, BLOCK_H)
+            w_mask = h_ok[:, None] & col_ok[None, :]  # (BLOCK_H, BLOCK_K)
+            w = tl.load(
+                weight_ptr + hs[:, None] * stride_wh + cols[None, :] * stride_wk, mask=w_mask, other=0.0
+            ).to(tl.float32)  # (BLOCK_H, BLOCK_K) = weight.T tile
+            mu = tl.dot(x, w, mu, input_precision="ieee")  # (BLOCK_B, BLOCK_K)
+            if HAS_STD:
+                v = tl.load(
+                    std_weight_ptr + hs[:, None] * stride_sh + cols[None, :] * stride_sk,
+                    mask=w_mask,
+                    other=0.0,
+                ).to(tl.float32)  # (BLOCK_H, BLOCK_K) = std_weight.T tile
+                logit = tl.dot(x, v, logit, input_precision="ieee")  # (BLOCK_B, BLOCK_K)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
+            mu += b[None, :]  # (BLOCK_B, BLOCK_K)
+
+        out_mask = row_ok[:, None] & col_ok[None, :]  # (BLOCK_B, BLOCK_K)
+        out_offsets = rows[:, None] * K + cols[None, :]  # (BLOCK_B, BLOCK_K)
+        tl.store(heads_ptr + out_offsets, mu, mask=out_mask)
+
+        if HAS_STD:
+            if HAS_STD_BIAS:
+                c = tl.load(std_bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
+                logit += c[None, :]  # (BLOCK_B, BLOCK_K)
+            # softplus as torch computes it (beta 1, threshold 20): x above 20, else log1p(exp(x)). exp's
+            # argument is clamped (NaN kept) so the branch where() discards cannot overflow; log1p is
+            # Goldberg's exact form log(u) * z / (u - 1), u = 1 + z, which keeps tiny sigmas apart.
+            z = tl.exp(tl.minimum(logit, 20.0, propagate_nan=tl.PropagateNan.ALL))  # (BLOCK_B, BLOCK_K)
+            u = 1.0 + z  # (BLOCK_B, BLOCK_K)
+            log1p_z = tl.where(u == 1.0, z, tl.log(u) * (z / tl.where(u == 1.0, 1.0, u - 1.0)))
+            sigma = tl.where(logit > 20.0, logit, log1p_z) + eps  # (BLOCK_B, BLOCK_K)
+            tl.store(head_std_ptr + out_offsets, sigma, mask=out_mask)
+
+        # The nominal head: fixed, or the first column holding the row's smallest sigma; like torch.argmin,
+        # a NaN sigma counts as the smallest.
+        if NOMINAL_ARGMIN:
+            s = tl.where(col_ok[None, :], sigma, float("inf"))  # (BLOCK_B, BLOCK_K)
+            s_min = tl.min(s, axis=1)  # (BLOCK_B,)
+            first_min = tl.min(tl.where(s == s_min[:, None], cols[None, :], BLOCK_K), axis=1)  # (BLOCK_B,)
+            first_nan = tl.min(tl.where(s != s, cols[None, :], BLOCK_K), axis=1)  # (BLOCK_B,)
+            nominal_col = tl.where(first_nan < BLOCK_K, first_nan, first_min)  # (BLOCK_B,)
+        else:
+            nominal_col = tl.full((BLOCK_B,), 0, dtype=tl.int32) + nominal_head  # (BLOCK_B,)
+        nominal = tl.sum(tl.where(cols[None, :] == nominal_col[:, None], mu, 0.0), axis=1)  # (BLOCK_B,)
+
+        # Row statistics over the K real columns; population variance (divides by K), two-pass.
+        mean = tl.sum(tl.where(col_ok[None, :], mu, 0.0), axis=1) / K  # (BLOCK_B,)
+        deviation = tl.where(col_ok[None, :], mu - mean[:, None], 0.0)  # (BLOCK_B, BLOCK_K)
+        variance = tl.sum(deviation * deviation, axis=1) / K  # (BLOCK_B,)
+        worst = tl.min(tl.where(col_ok[None, :], mu, float("inf")), axis=1)  # (BLOCK_B,)
+        best = tl.max(tl.where(col_ok[None, :], mu, float("-inf")), axis=1)  # (BLOCK_B,)
+        # tl.min / tl.max may skip NaNs on GPUs; torch's propagate them, so a NaN reward is never hidden.
+        nan_heads = tl.sum(tl.where(col_ok[None, :] & (mu != mu), 1, 0), axis=1)  # (BLOCK_B,)
+        worst = tl.where(nan_heads > 0, float("nan"), worst)  # (BLOCK_B,)
+        best = tl.where(nan_heads > 0, float("nan"), best)  # (BLOCK_B,)
+        lam_u = tl.load(uwo_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # (BLOCK_B,)
+        lam_t = tl.load(tradeoff_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # (BLOCK_B,)
+
+        # One column per aggregate, in AGGREGATES order: mean, min, max, std, uwo, nominal, tradeoff.
+        row_out = aggregates_ptr + rows * 7  # (BLOCK_B,)
+        tl.store(row_out + 0, mean, mask=row_ok)
+        tl.store(row_out + 1, worst, mask=row_ok)
+        tl.store(row_out + 2, best, mask=row_ok)
+        tl.store(row_out + 3, tl.sqrt(variance), mask=row_ok)
+        tl.store(row_out + 4, mean - lam_u * variance, mask=row_ok)
+        tl.store(row_out + 5, nominal, mask=row_ok)
+        tl.store(row_out + 6, lam_t * nominal + (1.0 - lam_t) * worst, mask=row_ok)
+
+
+def _check_kernel_mode(interpret: bool) -> None:
+    """Raise a ValueError unless the kernel runs in the mode TRITON_INTERPRET asks for now.
+
+    The kernel and triton's own library (``tl.zeros``) were made by ``triton.jit`` in the mode of their
+    import; they differ if TRITON_INTERPRET changed between the first import of triton and this module's.
+    """
+    interpreted = not isinstance(_heads_aggregate_kernel, triton.runtime.JITFunction)
+    if interpret != interpreted or type(_heads_aggregate_kernel) is not type(tl.zeros):
+        mode = "interpreted" if not isinstance(tl.zeros, triton.runtime.JITFunction) else "compiled"
+        raise ValueError(
+            f"TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r} now, but triton was imported in "
+            f"{mode} mode and fixes interpreting-or-compiling at import. Hint: export TRITON_INTERPRET=1 "
+            "(CPU tests) or leave it unset (CUDA) before the process starts."
+        )
+
+
+@torch.no_grad()
+def heads_aggregate_triton(
+    pooled: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    std_weight: torch.Tensor | None,
+    std_bias: torch.Tensor | None,
+    *,
+    nominal_head: int | None,
+    uwo_lambda: torch.Tensor,
+    tradeoff_lambda: torch.Tensor,
+    eps: float,
+) -> HeadOutputs:
+    """``heads_aggregate_reference`` in one Triton kernel launch; same arguments, results within 1e-5.
+
+    Raises:
+        ValueError: what ``heads_aggregate_reference`` rejects; Triton not installed; more than
+            ``MAX_HEADS`` heads; tensors that are neither on CUDA nor on the CPU under ``TRITON_INTERPRET=1``.
+    """
+    _validate(pooled, weight, bias, std_weight, std_bias, nominal_head, uwo_lambda, tradeoff_lambda, eps)
+    rows, hidden = pooled.shape
+    k = weight.shape[0]
+    if k > MAX_HEADS:
+        raise ValueError(
+            f"the Triton kernel takes at most {MAX_HEADS} heads, got {k}. Hint: load the model with "
+            "kernels='reference'."
+        )
+    if triton is None:
+        raise ValueError(
+            "heads_aggregate_triton needs Triton, which is not installed. "
+            "Hint: pip install 'rmserve[gpu]' (or triton), or use heads_aggregate_reference."
+        )
+    interpret = _interpreting()
+    if pooled.device.type != "cuda" and not interpret:
+        raise ValueError(
+            f"the Triton kernel needs CUDA tensors, got {pooled.device}. Hint: move the tensors to a CUDA "
+            "device, export TRITON_INTERPRET=1 to run Triton's CPU interpreter (float32, slow; for tests), "
+            "or use heads_aggregate_reference."
+        )
+    _check_kernel_mode(interpret)
+    device = pooled.device
+    heads = torch.empty((rows, k), dtype=torch.float32, device=device)  # (B, k)
+    head_std = torch.empty((rows, k), dtype=torch.float32, device=device) if std_weight is not None else None
+    aggregates = torch.empty((rows, len(AGGREGATES)), dtype=torch.float32, device=device)  # (B, 7)
+    if rows == 0:
+        return HeadOutputs(heads, head_std, aggregates)
+
+    block_k = max(_MIN_BLOCK_K, triton.next_power_of_2(k))
+    block_h = max(16, min(128, _TILE_ELEMENTS // block_k, triton.next_power_of_2(hidden)))
+    std_w = std_weight if std_weight is not None else weight  # placeholder pointer when HAS_STD is False
+    grid = (triton.cdiv(rows, _BLOCK_B),)
+    # Triton launches on the current CUDA device: make it pooled's (models may sit on several GPUs).
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        _heads_aggregate_kernel[grid](
+            pooled,
+            weight,
+            bias.contiguous() if bias is not None else heads,  # placeholders are never read
+            std_w,
+            std_bias.contiguous() if std_bias is not None else heads,
+            uwo_lambda.contiguous(),
+            tradeoff_lambda.contiguous(),
+            heads,
+            head_std if head_std is not None else heads,
+            aggregates,
+            rows,
+            hidden,
+            k,
+            0 if nominal_head is None else nominal_head,
+            float(eps),
+            pooled.stride(0),
+            pooled.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            std_w.stride(0),
+            std_w.stride(1),
+            HAS_BIAS=bias is not None,
+            HAS_STD=std_weight is not None,
+            HAS_STD_BIAS=std_bias is not None,
+            NOMINAL_ARGMIN=nominal_head is None,
+            BLOCK_B=_BLOCK_B,
+            BLOCK_K=block_k,
+            BLOCK_H=block_h,
+        )
+    return HeadOutputs(heads, head_std, aggregates)
+
+
+def select_heads_aggregate(
+    device: torch.device, kernels: Literal["auto", "triton", "reference"] = "auto"
+) -> HeadsAggregate:
+    """The heads-and-aggregates implementation for a model on ``device``, chosen once at load time.
+
+    Args:
+        device: where the model (and so the pooled states) lives.
+        kernels: ``reference`` (plain torch), ``triton`` (the fused kernel, or an error saying why it
+            cannot run), or ``auto``: Triton on CUDA, the reference elsewhere. ``auto`` never falls back
+            silently: on CUDA without Triton it raises.
+
+    Returns:
+        ``heads_aggregate_triton`` or ``heads_aggregate_reference``.
+
+    Raises:
+        ValueError: an unknown ``kernels``; Triton asked for (or ``auto`` on CUDA) but not installed;
+            ``triton`` on a device that is neither CUDA nor the CPU under ``TRITON_INTERPRET=1``.
+    """
+    device = torch.device(device)
+    if kernels not in ("auto", "triton", "reference"):
+        raise ValueError(f"kernels must be 'auto', 'triton' or 'reference', got {kernels!r}.")
+    if kernels == "reference" or (kernels == "auto" and device.type != "cuda"):
+        return heads_aggregate_reference
+    if triton is None:
+        raise ValueError(
+            f"kernels={kernels!r} on {device} uses the Triton kernel, but Triton is not installed. "
+            "Hint: pip install 'rmserve[gpu]' (or triton), or pass kernels='reference'."
+        )
+    interpret = _interpreting()
+    if device.type != "cuda" and not interpret:
+        raise ValueError(
+            f"kernels='triton' needs a CUDA device, got {device}. Hint: pass kernels='auto' or 'reference', "
+            "or export TRITON_INTERPRET=1 to run the kernel in Triton's CPU interpreter (for tests)."
+        )
+    # A triton in the wrong mode fails here, at load time, rather than on the first batch.
+    _check_kernel_mode(interpret)
+    return heads_aggregate_triton

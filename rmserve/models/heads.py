@@ -1,0 +1,307 @@
+"""Multi-head reward models on one shared decoder backbone: kinds ``multihead`` and ``brme``.
+
+One forward pass of the backbone gives each input's pooled state h (the last real token's final
+hidden state, exactly as dense decoders are read), then k linear heads:
+
+- ``multihead``: head i's reward is ``w_i . h + b_i`` (a cheap ensemble); the nominal head is
+  configured (default the first).
+- ``brme`` (Bayesian reward model ensemble): head i outputs a mean ``mu_i = w_i . h + b_i`` and a
+  standard deviation ``sigma_i = softplus(v_i . h + c_i) + eps``, in float32; the nominal reward is the
+  mu of the head with the smallest sigma, chosen per input (the first of equal sigmas).
+
+On disk a model is a folder::
+
+    rmserve.json        {"kind": "brme", "backbone": "../backbone", "heads": ["head0", ...], ...}
+    heads.safetensors   weight (k, H), bias (k,)  [+ std_weight (k, H), std_bias (k,) for brme]
+
+``backbone`` is a standard Hugging Face checkpoint folder (a base model, causal LM or
+sequence-classification checkpoint, with its tokenizer), absolute or relative to the model folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from rmserve.aggregation import AggregateName, AggregationParams
+from rmserve.kernels.heads import HeadOutputs, select_heads_aggregate
+from rmserve.models.base import DTypeName, KernelsName, ModelInfo, resolve_device, resolve_dtype
+from rmserve.models.dense import last_token_states, pad_token_id, resolve_max_length, right_padded
+from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
+from rmserve.models.inputs import EncodedInput, InputEncoder
+
+HEADS_FILE = "heads.safetensors"
+DEFAULT_EPS = 1e-6
+HeadKind = Literal["multihead", "brme"]
+
+
+class HeadModelConfig(BaseModel):
+    """``rmserve.json`` of a multi-head or BRME model folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: HeadKind
+    backbone: str = Field(
+        min_length=1, description="HF checkpoint folder, absolute or relative to this folder."
+    )
+    heads: tuple[str, ...] = Field(min_length=1, description="Head names, in weight-row order.")
+    nominal_head: int | None = Field(
+        0, ge=0, description="multihead: the nominal head's index. brme: null (smallest sigma per input)."
+    )
+    reward: AggregateName | None = Field(
+        None, description="The aggregate 'rewards' returns; default tradeoff for brme, mean for multihead."
+    )
+    uwo_lambda: float = Field(1.0, ge=0, allow_inf_nan=False)
+    tradeoff_lambda: float = Field(0.6, ge=0, le=1, allow_inf_nan=False)
+    eps: float = Field(DEFAULT_EPS, ge=0, allow_inf_nan=False, description="brme: sigma floor.")
+    training: dict[str, Any] = Field(default_factory=dict, description="How the heads were trained.")
+
+    @model_validator(mode="after")
+    def _nominal(self) -> HeadModelConfig:
+        if self.kind == "brme" and self.nominal_head is not None:
+            raise ValueError(
+                "a brme model picks its nominal head per input by sigma; set nominal_head to null."
+            )
+        if self.kind == "multihead" and self.nominal_head is None:
+            raise ValueError("a multihead model needs nominal_head (an index into heads).")
+        if self.nominal_head is not None and self.nominal_head >= len(self.heads):
+            raise ValueError(f"nominal_head={self.nominal_head} but there are only {len(self.heads)} heads.")
+        return self
+
+    @property
+    def default_reward(self) -> str:
+        return self.reward or ("tradeoff" if self.kind == "brme" else "mean")
+
+
+def read_head_config(path: Path) -> HeadModelConfig:
+    """Parse a folder's ``rmserve.json`` as a head model.
+
+    Raises:
+        ValueError: the file is missing or invalid (the message says which field).
+    """
+    return read_descriptor(path, HeadModelConfig, "multihead/brme", "train heads with rmserve train-heads")
+
+
+def is_decoder(config: Any) -> bool:
+    """Whether transformers scores this architecture on its last token (a ``score`` head), built on meta."""
+    with torch.device("meta"):
+        probe = AutoModelForSequenceClassification.from_config(config)
+    return isinstance(getattr(probe, "score", None), nn.Linear)
+
+
+def save_head_model(
+    out: Path,
+    *,
+    kind: HeadKind,
+    backbone: str,
+    weights: dict[str, torch.Tensor],
+    head_names: Sequence[str] | None = None,
+    nominal_head: int | None = 0,
+    reward: AggregateName | None = None,
+    params: AggregationParams = AggregationParams(),
+    eps: float = DEFAULT_EPS,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model folder: ``rmserve.json`` and ``heads.safetensors``.
+
+    Args:
+        out: the folder to create (may exist).
+        kind: ``multihead`` or ``brme``.
+        backbone: the backbone folder as it should be written (absolute, or relative to ``out``).
+        weights: ``weight`` (k, H), ``bias`` (k,), and for brme ``std_weight`` (k, H), ``std_bias`` (k,).
+        head_names: default ``head0 .. head{k-1}``.
+        nominal_head: multihead's nominal head; ignored (null) for brme.
+        reward: the aggregate returned as ``rewards``.
+        params: default lambdas.
+        eps: brme sigma floor.
+        training: provenance stored in the descriptor.
+    """
+    k = weights["weight"].shape[0]
+    config = HeadModelConfig(
+        kind=kind,
+        backbone=backbone,
+        heads=tuple(head_names or (f"head{i}" for i in range(k))),
+        nominal_head=None if kind == "brme" else nominal_head,
+        reward=reward,
+        uwo_lambda=params.uwo_lambda,
+        tradeoff_lambda=params.tradeoff_lambda,
+        eps=eps,
+        training=training or {},
+    )
+    _check_weights(kind, {n: t for n, t in weights.items()}, len(config.heads), None, out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.detach().float().contiguous().cpu() for n, t in weights.items()}, out / HEADS_FILE)
+    (out / DESCRIPTOR).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    return out
+
+
+def _check_weights(
+    kind: HeadKind, weights: dict[str, torch.Tensor], k: int, hidden: int | None, where: Path
+) -> None:
+    names = {"weight", "bias"} | ({"std_weight", "std_bias"} if kind == "brme" else set())
+    if set(weights) != names:
+        raise ValueError(
+            f"{where / HEADS_FILE} must hold exactly {sorted(names)} for a {kind} model, got {sorted(weights)}."
+        )
+    for name, tensor in weights.items():
+        want = (k, hidden if hidden is not None else tensor.shape[-1]) if name.endswith("weight") else (k,)
+        if tuple(tensor.shape) != want:
+            raise ValueError(
+                f"{where / HEADS_FILE}: {name} has shape {tuple(tensor.shape)}, expected {want} "
+                f"({k} heads{'' if hidden is None else f', hidden size {hidden}'})."
+            )
+
+
+def _load_base(path: Path, config: Any, dtype: torch.dtype) -> nn.Module:
+    """The base model of a checkpoint; a sequence classifier is loaded whole and its head dropped,
+    so its weights match one to one (no unexpected-key report)."""
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or ()):
+        classifier = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        return getattr(classifier, classifier.base_model_prefix)
+    return AutoModel.from_pretrained(path, dtype=dtype)
+
+
+class DecoderBackbone:
+    """A decoder base model read at each sequence's last real token, with its tokenizer.
+
+    Args:
+        path: a Hugging Face checkpoint folder (base model, causal LM or sequence classifier).
+        dtype: ``auto``, ``float32`` or ``bfloat16``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        max_length: the most tokens per input; defaults to the model's own limit.
+
+    Raises:
+        ValueError: the folder is not a decoder checkpoint, or the options do not fit this machine.
+    """
+
+    def __init__(
+        self, path: Path, *, dtype: DTypeName = "auto", device: str = "auto", max_length: int | None = None
+    ) -> None:
+        if not (path / "config.json").is_file():
+            raise ValueError(f"backbone {path} is not a Hugging Face model folder (no config.json).")
+        config = AutoConfig.from_pretrained(path)
+        if not is_decoder(config):
+            raise ValueError(
+                f"backbone {path} is a {config.model_type} encoder; reward heads read the last token of a "
+                "decoder (Llama, Qwen2, Mistral, GPT-NeoX, ...)."
+            )
+        self.path = path
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.base: nn.Module = _load_base(path, config, self.dtype).to(self.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        self.pad_id = pad_token_id(tokenizer, config)
+        self.max_length = resolve_max_length(config, tokenizer, max_length)
+        embeddings = self.base.get_input_embeddings()
+        self.vocab_size: int = embeddings.num_embeddings
+        self.hidden_size: int = embeddings.embedding_dim
+
+    def new_encoder(self, max_length: int | None = None) -> InputEncoder:
+        """A fresh encoder with its own tokenizer instance (tokenizers are not thread-safe)."""
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        limit = self.max_length if max_length is None else min(max_length, self.max_length)
+        return InputEncoder(tokenizer, max_length=limit, vocab_size=self.vocab_size, text_pairs=False)
+
+    def pooled(self, batch: Sequence[EncodedInput]) -> torch.Tensor:
+        """Each input's last real token's final hidden state, (B, H), model dtype, on the device."""
+        ids, lengths = right_padded(batch, self.pad_id, self.device)
+        return last_token_states(self.base, ids, lengths)
+
+    @torch.inference_mode()
+    def pooled_states(self, batch: Sequence[EncodedInput]) -> torch.Tensor:
+        """The hidden state heads read, per input: (B, H) float32 on the CPU."""
+        return self.pooled(batch).float().cpu()
+
+
+class MultiHeadRewardModel:
+    """A ``multihead`` or ``brme`` folder loaded for serving.
+
+    Args:
+        name: the name requests use to pick this model.
+        path: the model folder (``rmserve.json`` + ``heads.safetensors``).
+        dtype: ``auto``, ``float32`` or ``bfloat16`` (the backbone's; heads always run in float32).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        max_length: the most tokens per input; defaults to the backbone's own limit.
+        kernels: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``reference``.
+
+    Raises:
+        ValueError: the folder, its backbone or its weights are not a valid model.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        dtype: DTypeName = "auto",
+        device: str = "auto",
+        max_length: int | None = None,
+        kernels: KernelsName = "auto",
+    ) -> None:
+        path = Path(path)
+        self.config = config = read_head_config(path)
+        self.kind = config.kind
+        backbone_path = (path / config.backbone).resolve()
+        if not (backbone_path / "config.json").is_file():
+            raise ValueError(
+                f"{path / DESCRIPTOR} names backbone {config.backbone!r}, but {backbone_path} is not a Hugging "
+                "Face model folder (no config.json); fix 'backbone' (absolute, or relative to the model folder)."
+            )
+        self.backbone = DecoderBackbone(backbone_path, dtype=dtype, device=device, max_length=max_length)
+        self.device = self.backbone.device
+        weights = load_file(path / HEADS_FILE) if (path / HEADS_FILE).is_file() else None
+        if weights is None:
+            raise ValueError(f"{path} has no {HEADS_FILE}; save heads with rmserve train-heads.")
+        _check_weights(config.kind, weights, len(config.heads), self.backbone.hidden_size, path)
+        # heads stay float32 whatever the backbone dtype: they are tiny and sigma is computed in float32
+        self.weights = {n: t.float().to(self.device) for n, t in weights.items()}
+        self._heads_aggregate = select_heads_aggregate(self.device, kernels)
+        head_parameters = sum(t.numel() for t in weights.values())
+        self.info = ModelInfo(
+            name=name,
+            kind=config.kind,
+            architecture=f"{type(self.backbone.base).__name__} + {len(config.heads)} {config.kind} heads",
+            dtype=str(self.backbone.dtype).removeprefix("torch."),
+            device=str(self.device),
+            max_length=self.backbone.max_length,
+            parameters=sum(p.numel() for p in self.backbone.base.parameters()) + head_parameters,
+            path=str(path),
+            heads=config.heads,
+            has_std=config.kind == "brme",
+            nominal_head=config.nominal_head,
+            reward=config.default_reward,
+            defaults=AggregationParams(config.uwo_lambda, config.tradeoff_lambda),
+        )
+
+    def new_encoder(self, max_length: int | None = None) -> InputEncoder:
+        """A fresh encoder with its own tokenizer instance (tokenizers are not thread-safe)."""
+        return self.backbone.new_encoder(max_length)
+
+    @torch.inference_mode()
+    def score(
+        self, batch: Sequence[EncodedInput], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
+    ) -> HeadOutputs:
+        """Head rewards (and sigmas for brme) with every aggregate, in batch order, on the CPU."""
+        pooled = self.backbone.pooled(batch)  # (B, H)
+        out = self._heads_aggregate(
+            pooled,
+            self.weights["weight"],
+            self.weights["bias"],
+            self.weights.get("std_weight"),
+            self.weights.get("std_bias"),
+            nominal_head=self.config.nominal_head,
+            uwo_lambda=uwo_lambda.to(self.device),
+            tradeoff_lambda=tradeoff_lambda.to(self.device),
+            eps=self.config.eps,
+        )
+        return HeadOutputs(
+            out.heads.cpu(), None if out.head_std is None else out.head_std.cpu(), out.aggregates.cpu()
+        )
