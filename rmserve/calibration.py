@@ -32,7 +32,7 @@ from rmserve.models.ensemble import (
 )
 from rmserve.models.inputs import RewardInput
 from rmserve.offline import read_inputs
-from rmserve.training.heads import read_preference_pairs
+from rmserve.training.pairs import read_preference_pairs
 
 
 def _first_record(path: Path) -> dict[str, object]:

@@ -263,7 +263,7 @@ def train_heads(
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
 ) -> None:
     """Train multi-head or BRME reward heads on a frozen backbone; report held-out accuracy per head and aggregate."""
-    from rmserve.training.heads import read_preference_pairs
+    from rmserve.training.pairs import read_preference_pairs
     from rmserve.training.pipeline import split_pairs, train_head_model
 
     if kind not in ("multihead", "brme"):
@@ -281,7 +281,7 @@ def train_heads(
             out=out, data_name=data.name, max_length=max_length, dtype=settings.dtype, device=settings.device,
             echo=lambda text: typer.echo(text, err=True),
         )  # fmt: skip
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
 
 

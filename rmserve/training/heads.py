@@ -1,9 +1,8 @@
 """Train k reward heads on frozen backbone features: a multi-head Bradley-Terry model and BRME.
 
-This module owns three things, all on pooled features ``h`` (one vector per dialogue, shape (H,)):
+This module owns two things, all on pooled features ``h`` (one vector per dialogue, shape (H,)):
 
-1. Reading preference pairs in the TRL convention (``read_preference_pairs``).
-2. Training heads on feature tensors ``chosen`` (N, H) and ``rejected`` (N, H), row i being pair i:
+1. Training heads on feature tensors ``chosen`` (N, H) and ``rejected`` (N, H), row i being pair i:
 
    - ``train_multihead``: k linear Bradley-Terry heads ``r_j(h) = w_j . h + b_j``. The pairs are split
      at random into k disjoint shares of ``floor(N/k)`` or ``ceil(N/k)`` pairs (``partition_pairs``,
@@ -16,7 +15,7 @@ This module owns three things, all on pooled features ``h`` (one vector per dial
      ``sigma_i(h) = softplus(v_i . h + c_i) + eps``; see its docstring for the recipe and the reading
      of eq. 8 used.
 
-3. Scoring features with trained weights (``apply_multihead``, ``apply_brme``) and measuring pairwise
+2. Scoring features with trained weights (``apply_multihead``, ``apply_brme``) and measuring pairwise
    accuracy of every head and every reward aggregate (``evaluate_heads``, ``format_report``).
 
 Returned weights always act on raw features ``h``: any internal standardisation is folded back.
@@ -24,21 +23,15 @@ Returned weights always act on raw features ``h``: any internal standardisation 
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from tqdm import tqdm
 
 from rmserve.aggregation import AGGREGATES, AggregationParams, aggregate, brme_nominal_index
-from rmserve.models.inputs import Messages, PromptResponse, RewardInput, Text
 from rmserve.training.demo_head import Interval, binomial_interval, fit_head
 
 # Defaults, checked on demo_head's validation slice of the HH train split (never the held-out pairs).
@@ -61,99 +54,6 @@ DEFAULT_EPOCHS = 20
 DEFAULT_LR = 1e-3  # Adam on standardised features
 DEFAULT_BATCH_SIZE = 64
 SIGMA_INIT_WEIGHT_NORM = 0.1  # expected norm of the sigma heads' initial (standardised) weights
-
-SHAPES_HELP = (
-    'accepted shapes: {"prompt": str, "chosen": str, "rejected": str}; '
-    '{"prompt": [messages], "chosen": [messages], "rejected": [messages]}; '
-    '{"chosen": [messages], "rejected": [messages]}; {"chosen": str, "rejected": str}; '
-    'a message is {"role": "system"|"user"|"assistant", "content": str}'
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# Preference data
-
-
-@dataclass(frozen=True)
-class PreferenceExample:
-    """One preference pair: the labeller preferred ``chosen`` over ``rejected``."""
-
-    chosen: RewardInput
-    rejected: RewardInput
-
-
-def _example(record: Any) -> PreferenceExample:
-    """The pair of one JSON record; ValueError says what is wrong."""
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    missing = [key for key in ("chosen", "rejected") if key not in record]
-    if missing:
-        raise ValueError(f"missing key {missing[0]!r}")
-    chosen, rejected = record["chosen"], record["rejected"]
-    if "prompt" in record:
-        prompt = record["prompt"]
-        if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
-            return PreferenceExample(
-                PromptResponse(prompt=prompt, response=chosen),
-                PromptResponse(prompt=prompt, response=rejected),
-            )
-        if isinstance(prompt, list) and isinstance(chosen, list) and isinstance(rejected, list):
-            return PreferenceExample(Messages(messages=prompt + chosen), Messages(messages=prompt + rejected))
-        kinds = f"prompt {type(prompt).__name__}, chosen {type(chosen).__name__}, rejected {type(rejected).__name__}"
-        raise ValueError(f"prompt, chosen and rejected must be all strings or all message lists, got {kinds}")
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        return PreferenceExample(Text(text=chosen), Text(text=rejected))
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        return PreferenceExample(Messages(messages=chosen), Messages(messages=rejected))
-    kinds = f"chosen {type(chosen).__name__}, rejected {type(rejected).__name__}"
-    raise ValueError(f"chosen and rejected must be both strings or both message lists, got {kinds}")
-
-
-def read_preference_pairs(path: Path) -> list[PreferenceExample]:
-    """Every preference pair of a JSONL file (gzipped if it ends in ``.gz``), in file order.
-
-    One JSON object a line, in TRL's preference conventions (extra keys are ignored, blank lines
-    skipped):
-
-    - ``{"prompt": str, "chosen": str, "rejected": str}``: two ``PromptResponse`` inputs;
-    - ``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}``: ``Messages`` of the
-      prompt turns followed by the chosen (rejected) turns;
-    - ``{"chosen": [messages], "rejected": [messages]}`` (implicit prompt): two whole ``Messages``;
-    - ``{"chosen": str, "rejected": str}``: two ``Text`` inputs, already formatted.
-
-    Args:
-        path: the JSONL(.gz) file.
-
-    Returns:
-        One ``PreferenceExample`` per non-blank line.
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: a line is malformed (the message names the file, the line and the accepted
-            shapes), or the file holds no pair.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; pass a JSONL(.gz) file of preference pairs.")
-    opener = gzip.open if path.suffix == ".gz" else open
-    examples = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                examples.append(_example(json.loads(line)))
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(part) for part in first["loc"])
-                raise ValueError(
-                    f"{path}:{number}: invalid {where}: {first['msg']}; {SHAPES_HELP}."
-                ) from None
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"{path}:{number}: {exc}; {SHAPES_HELP}.") from None
-    if not examples:
-        raise ValueError(f"{path} holds no preference pair; write one JSON object a line ({SHAPES_HELP}).")
-    return examples
-
 
 # ----------------------------------------------------------------------------------------------
 # Weights

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -25,13 +25,12 @@ from rmserve.aggregation import AggregationParams
 from rmserve.batching.planning import UNLIMITED, BatchLimits, plan_offline
 from rmserve.config import CPU_JOIN_PADDING
 from rmserve.models.base import DTypeName
-from rmserve.models.heads import DecoderBackbone, save_head_model
+from rmserve.models.heads import DecoderBackbone, HeadKind, save_head_model
 from rmserve.models.inputs import RewardInput
 from rmserve.training.heads import (
     BrmeWeights,
     HeadEvaluation,
     MultiheadWeights,
-    PreferenceExample,
     apply_brme,
     apply_multihead,
     evaluate_heads,
@@ -39,8 +38,7 @@ from rmserve.training.heads import (
     train_brme,
     train_multihead,
 )
-
-HeadKind = Literal["multihead", "brme"]
+from rmserve.training.pairs import PreferenceExample
 
 
 @dataclass(frozen=True)

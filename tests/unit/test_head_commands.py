@@ -16,7 +16,8 @@ from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.ensemble import EnsembleRewardModel, read_ensemble_config
 from rmserve.models.heads import DecoderBackbone, MultiHeadRewardModel, read_head_config
-from rmserve.training.heads import BrmeWeights, apply_brme, read_preference_pairs
+from rmserve.training.heads import BrmeWeights, apply_brme
+from rmserve.training.pairs import read_preference_pairs
 from tests.tiny_models import DATA
 
 PAIRS = 40

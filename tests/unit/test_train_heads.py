@@ -22,10 +22,10 @@ from rmserve.training.heads import (
     evaluate_heads,
     format_report,
     partition_pairs,
-    read_preference_pairs,
     train_brme,
     train_multihead,
 )
+from rmserve.training.pairs import read_preference_pairs
 
 pytestmark = pytest.mark.unit
 
