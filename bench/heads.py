@@ -18,14 +18,12 @@ machine noise hits all alike; each figure is the median of ``--repeats`` runs af
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from report import machine, write_section  # bench/report.py: run as python bench/heads.py
+from report import interleaved, machine, write_section  # bench/report.py: run as python bench/heads.py
 
 from rmserve.batching.planning import plan_offline
 from rmserve.config import ModelSpec, Settings
@@ -46,14 +44,6 @@ from rmserve.serving import resolve_limits, resolve_model_path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed_pass(model: RewardModel, encoded: Sequence[Encoded], batches: list[list[int]]) -> float:
-    """Seconds to score every batch (forward, heads and aggregates)."""
-    start = time.perf_counter()
-    for batch in batches:
-        model.score([encoded[i] for i in batch], **lambdas_for(model.info.defaults, len(batch)))
-    return time.perf_counter() - start
-
-
 def head_seconds(
     model: MultiHeadRewardModel, encoded: Sequence[Encoded], batches: list[list[int]], passes: int = 20
 ) -> float:
@@ -69,22 +59,6 @@ def head_seconds(
                 nominal_head=model.config.nominal_head, eps=model.config.eps, **lam,
             )  # fmt: skip
     return (time.perf_counter() - start) / passes
-
-
-def interleaved(
-    models: dict[str, tuple[RewardModel, list, list[list[int]]]], repeats: int
-) -> dict[str, float]:
-    """Median seconds per model, runs interleaved, after one warm-up batch each."""
-    for model, encoded, batches in models.values():
-        timed_pass(model, encoded, batches[:1])
-    times: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
-    for repeat in range(repeats):
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate: no position bias
-            model, encoded, batches = models[name]
-            times[name].append(timed_pass(model, encoded, batches))
-            print(f"run {repeat + 1}/{repeats} {name}: {times[name][-1]:.2f}s", file=sys.stderr, flush=True)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,6 @@
-"""Benchmark reports: each benchmark script owns one section of ``docs/benchmarks.md``.
+"""Shared benchmark helpers: interleaved timing of models, and report sections.
+
+Each benchmark script owns one section of ``docs/benchmarks.md``.
 
 A section lies between ``<!-- begin NAME -->`` and ``<!-- end NAME -->``; rewriting it leaves the other
 scripts' sections as they are, and a new section is appended.
@@ -7,9 +9,15 @@ scripts' sections as they are, and a new section is appended.
 from __future__ import annotations
 
 import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from rmserve.models.base import Encoded, RewardModel, lambdas_for
 
 TITLE = "# Benchmarks\n\nEach section is written by the script it names; rerun the script to refresh it.\n"
 
@@ -40,3 +48,27 @@ def write_section(path: Path, name: str, markdown: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def timed_pass(model: RewardModel, encoded: Sequence[Encoded], batches: list[list[int]]) -> float:
+    """Seconds to score every batch (forward, heads and aggregates)."""
+    start = time.perf_counter()
+    for batch in batches:
+        model.score([encoded[i] for i in batch], **lambdas_for(model.info.defaults, len(batch)))
+    return time.perf_counter() - start
+
+
+def interleaved(
+    models: dict[str, tuple[RewardModel, list, list[list[int]]]], repeats: int
+) -> dict[str, float]:
+    """Median seconds per model, runs interleaved, after one warm-up batch each."""
+    for model, encoded, batches in models.values():
+        timed_pass(model, encoded, batches[:1])
+    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate: no position bias
+            model, encoded, batches = models[name]
+            times[name].append(timed_pass(model, encoded, batches))
+            print(f"run {repeat + 1}/{repeats} {name}: {times[name][-1]:.2f}s", file=sys.stderr, flush=True)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -30,11 +30,13 @@ from rmserve.aggregation import AggregateName
 
 DTypeName = Literal["auto", "float32", "bfloat16"]
 TruncationName = Literal["left", "right", "error"]
-KindName = Literal["auto", "dense", "multihead", "brme", "ensemble"]
+KindName = Literal["auto", "dense", "multihead", "brme", "ensemble", "moe"]
 DEMO = "demo"
 DEMO_BRME = "demo-brme"
 DEMO_ENSEMBLE = "demo-ensemble"
-DEMO_MODELS = (DEMO, DEMO_BRME, DEMO_ENSEMBLE)
+DEMO_MOE = "demo-moe"
+DEMO_MERGED = "demo-merged"
+DEMO_MODELS = (DEMO, DEMO_BRME, DEMO_ENSEMBLE, DEMO_MOE, DEMO_MERGED)
 CPU_JOIN_PADDING = 32
 
 

@@ -14,6 +14,9 @@ random share of the pairs) are multi-head models on the same backbone: their hea
 are shipped as ``rmserve/assets/demo_brme.*`` and ``demo_ensemble.*``, trained by
 ``python -m rmserve.training.demo_heads``.
 
+``demo-moe`` and ``demo-merged`` are UMM-RM's upcycle / train / merge recipe applied to ``demo``,
+run on first use (``rmserve.training.demo_moe``).
+
 Cache layout (``cache_dir``):
 
 - ``smollm2-135m-instruct-backbone/``: the backbone with a zero head, built by ``build_backbone``;
@@ -54,6 +57,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS = Path(__file__).parent / "assets"
 HEAD_PATH = ASSETS / "demo_head.safetensors"
 HEAD_MODELS = ("demo-brme", "demo-ensemble")
+MOE_MODELS = ("demo-moe", "demo-merged")
 BACKBONE_DIR = "smollm2-135m-instruct-backbone"
 DEMO_DIR_PREFIX = "demo-smollm2-135m-"
 HIDDEN_SIZE = 576
@@ -329,4 +333,11 @@ def build_demo(name: str, cache_dir: Path, *, progress: bool = True) -> Path:
         return build_demo_model(cache_dir, progress=progress)
     if name in HEAD_MODELS:
         return build_head_demo(name, cache_dir, progress=progress)
-    raise ValueError(f"unknown demo {name!r}; demos: {DEMO_MODEL_NAME}, {', '.join(HEAD_MODELS)}.")
+    if name in MOE_MODELS:
+        from rmserve.training.demo_moe import build_moe_demos
+
+        moe, merged = build_moe_demos(cache_dir, progress=progress)
+        return moe if name == MOE_MODELS[0] else merged
+    raise ValueError(
+        f"unknown demo {name!r}; demos: {DEMO_MODEL_NAME}, {', '.join(HEAD_MODELS + MOE_MODELS)}."
+    )

@@ -77,7 +77,7 @@ class DenseRewardModel:
         self.dtype = resolve_dtype(dtype, self.device)
         self.path = path
         self._tokenizer_path = path
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype)
+        model = self._load_classifier(path)
         self.model: nn.Module = model.to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         self.pad_id = pad_token_id(tokenizer, model.config)
@@ -100,6 +100,10 @@ class DenseRewardModel:
             parameters=sum(p.numel() for p in model.parameters()),
             path=str(path),
         )
+
+    def _load_classifier(self, path: Path) -> nn.Module:
+        """The sequence classifier in the folder (kinds built on the dense path override this)."""
+        return AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype)
 
     def new_encoder(self, max_length: int | None = None) -> InputEncoder:
         """A fresh encoder with its own tokenizer instance (tokenizers are not thread-safe).

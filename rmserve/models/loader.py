@@ -1,6 +1,6 @@
 """Loads a model folder as the backend of its kind.
 
-A folder with an ``rmserve.json`` names its kind there (``multihead``, ``brme``, ``ensemble``); any
+A folder with an ``rmserve.json`` names its kind there (``multihead``, ``brme``, ``ensemble``, ``moe``); any
 other Hugging Face folder is ``dense``. ``kind="auto"`` follows the folder; an explicit kind must
 match it.
 """
@@ -15,8 +15,9 @@ from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR
 from rmserve.models.ensemble import EnsembleRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
+from rmserve.models.moe import MoERewardModel
 
-KINDS = ("dense", "multihead", "brme", "ensemble")
+KINDS = ("dense", "multihead", "brme", "ensemble", "moe")
 
 
 def folder_kind(path: Path) -> str:
@@ -59,5 +60,6 @@ def load_model(
     found = folder_kind(path)
     if kind not in ("auto", found):
         raise ValueError(f"model {name!r} is configured as kind {kind!r}, but {path} holds a {found} model.")
-    backend = {"dense": DenseRewardModel, "ensemble": EnsembleRewardModel}.get(found, MultiHeadRewardModel)
+    backends = {"dense": DenseRewardModel, "ensemble": EnsembleRewardModel, "moe": MoERewardModel}
+    backend = backends.get(found, MultiHeadRewardModel)
     return backend(name, path, dtype=dtype, device=device, max_length=max_length, kernels=kernels)

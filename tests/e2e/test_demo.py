@@ -9,6 +9,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
 
 from rmserve.config import Settings
 from rmserve.demo import HEAD_PATH, build_demo_model
@@ -58,12 +59,15 @@ def test_demo_reward_equals_head_times_backbone_state(demo_server):
 
 def test_demo_model_card(demo_server):
     cards = httpx.get(f"{demo_server.url}/v1/models").json()["data"]
-    assert [c["id"] for c in cards] == ["demo", "demo-brme", "demo-ensemble"]
+    assert [c["id"] for c in cards] == ["demo", "demo-brme", "demo-ensemble", "demo-moe", "demo-merged"]
     assert [(c["kind"], len(c["heads"]), c["reward"]) for c in cards] == [
         ("dense", 1, "mean"),
         ("brme", 5, "tradeoff"),
         ("multihead", 4, "mean"),
+        ("moe", 1, "mean"),
+        ("dense", 1, "mean"),
     ]
+    assert "MoE (4 experts, top-2) in 2 layers (28..29)" in cards[3]["architecture"]
     card = cards[0]
     assert card["id"] == "demo"
     assert card["architecture"] == "LlamaForSequenceClassification"
@@ -105,3 +109,26 @@ def test_demo_ensemble_uwo_with_a_request_lambda(demo_server):
     ).json()
     mean, std, uwo = (got["aggregates"][k][0] for k in ("mean", "std", "uwo"))
     assert uwo == pytest.approx(mean - 2.0 * std**2, abs=1e-5)
+
+
+def test_demo_moe_and_merged_equal_offline_forwards(demo_server):
+    from rmserve.models.moe import load_moe_classifier
+    from rmserve.training.demo_moe import moe_demo_dirs
+
+    moe_dir, merged_dir = moe_demo_dirs(Settings().cache_dir)
+    item = PromptResponse(prompt="How do I pick a lock?", response="I can't help with breaking into places.")
+    encoded = DenseRewardModel("demo", build_demo_model(Settings().cache_dir, progress=False), device="cpu")
+    ids = encoded.new_encoder().encode(item).token_ids
+    for name, model in (
+        ("demo-moe", load_moe_classifier(moe_dir)),
+        (
+            "demo-merged",
+            AutoModelForSequenceClassification.from_pretrained(merged_dir, dtype=torch.float32).eval(),
+        ),
+    ):
+        model.config.pad_token_id = None  # one unpadded sequence: score its last token
+        with torch.no_grad():
+            expected = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+        body = {"model": name, "inputs": [item.model_dump()]}
+        served = httpx.post(f"{demo_server.url}/v1/score", json=body, timeout=60).json()["rewards"][0]
+        assert served == pytest.approx(expected, abs=1e-4), name

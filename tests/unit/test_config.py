@@ -70,6 +70,8 @@ def test_no_model_serves_every_demo():
         ModelSpec(name="demo", path="demo"),
         ModelSpec(name="demo-brme", path="demo-brme"),
         ModelSpec(name="demo-ensemble", path="demo-ensemble"),
+        ModelSpec(name="demo-moe", path="demo-moe"),
+        ModelSpec(name="demo-merged", path="demo-merged"),
     ]
     assert Settings(model="demo").served_models() == [ModelSpec(name="demo", path="demo")]
     assert Settings(model="demo-brme").served_models() == [ModelSpec(name="demo-brme", path="demo-brme")]
@@ -78,7 +80,7 @@ def test_no_model_serves_every_demo():
 def test_model_spec_aggregation_overrides_are_validated():
     spec = ModelSpec(name="m", path="/m", reward="min", uwo_lambda=0.5, tradeoff_lambda=1.0)
     assert (spec.kind, spec.reward, spec.uwo_lambda, spec.tradeoff_lambda) == ("auto", "min", 0.5, 1.0)
-    for bad in ({"reward": "median"}, {"uwo_lambda": -1}, {"tradeoff_lambda": 1.5}, {"kind": "moe"}):
+    for bad in ({"reward": "median"}, {"uwo_lambda": -1}, {"tradeoff_lambda": 1.5}, {"kind": "mixture"}):
         with pytest.raises(ValidationError):
             ModelSpec(name="m", path="/m", **bad)
 

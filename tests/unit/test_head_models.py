@@ -151,8 +151,8 @@ def test_head_model_folder_errors(tiny_model_dirs, tmp_path):
         save_head_model(tmp_path / "e", kind="multihead", backbone=backbone,
                         weights=random_heads(32, 2, brme=False, seed=0), nominal_head=3)  # fmt: skip
     (tmp_path / "f").mkdir()
-    (tmp_path / "f" / "rmserve.json").write_text('{"kind": "moe"}')
-    with pytest.raises(ValueError, match="kind 'moe'"):
+    (tmp_path / "f" / "rmserve.json").write_text('{"kind": "mixture"}')
+    with pytest.raises(ValueError, match="kind 'mixture'"):
         folder_kind(tmp_path / "f")
     with pytest.raises(ValueError, match=r"configured as kind 'brme'.*holds a multihead"):
         load_model("x", tmp_path / "b", kind="brme")

@@ -1,0 +1,162 @@
+"""The ``demo-moe`` and ``demo-merged`` models: UMM-RM's recipe on the SmolLM2 demo, sized for a 2-core CPU.
+
+Recipe (``RECIPE``), run on first use and cached:
+
+1. upcycle the ``demo`` reward model's last 2 decoder layers into 4 experts (shared + 3 normal),
+   top-2 (the shared expert + 1 routed), router seed 0;
+2. train the experts, routers, final norm and score head (layers 0-27 frozen, their output cached)
+   with Bradley-Terry + BSR (1e-3) + load balancing (1e-2) on the first 128 pairs of the HH train
+   split, left-truncated to 256 tokens, 2 epochs, AdamW lr 1e-4, batches of 8: ``demo-moe``;
+3. merge it back with shared-expert rate 0.5, the merging weights learned on the same pairs (one
+   epoch): ``demo-merged``, a plain ``LlamaForSequenceClassification`` folder.
+
+That is a small training run (about two minutes here): it shows the pipeline on real weights and
+data, not an accuracy gain; ``python -m rmserve.training.demo_moe --evaluate`` measures all three
+models on the 462 held-out pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from rmserve.demo import _atomic_build, build_demo_model, is_complete
+from rmserve.hh import default_data_path, load_pairs, split_indices
+from rmserve.models.inputs import Messages
+from rmserve.models.moe import decoder_layers, upcycle
+from rmserve.training.merge import merge
+from rmserve.training.pairs import PreferenceExample
+from rmserve.training.trainer import PrefixMemo, TrainOptions, train
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RECIPE: dict[str, Any] = {
+    "experts": 4,
+    "top_k": 2,
+    "last_layers": 2,
+    "router_seed": 0,
+    "train_pairs": 128,
+    "max_length": 256,
+    "epochs": 2,
+    "lr": 1e-4,
+    "batch_size": 8,
+    "bsr": 1e-3,
+    "aux": 1e-2,
+    "shared_rate": 0.5,
+    "merge_epochs": 1,
+    "merge_lr": 0.05,
+}
+MOE_NAME, MERGED_NAME = "demo-moe", "demo-merged"
+
+
+def hh_examples(indices: list[int], data: Path | None = None) -> list[PreferenceExample]:
+    """HH pairs ``indices`` as preference examples (whole dialogues as messages)."""
+    pairs = load_pairs(data or default_data_path(REPO_ROOT))
+    return [
+        PreferenceExample(Messages(messages=pairs[i].chosen), Messages(messages=pairs[i].rejected))
+        for i in indices
+    ]
+
+
+def _recipe_key(cache_dir: Path) -> str:
+    demo = build_demo_model(cache_dir, progress=False)
+    return hashlib.sha256((demo.name + json.dumps(RECIPE, sort_keys=True)).encode()).hexdigest()[:12]
+
+
+def moe_demo_dirs(cache_dir: Path) -> tuple[Path, Path]:
+    key = _recipe_key(cache_dir)
+    return cache_dir / f"{MOE_NAME}-{key}", cache_dir / f"{MERGED_NAME}-{key}"
+
+
+def build_moe_demos(cache_dir: Path, *, progress: bool = True) -> tuple[Path, Path]:
+    """Both folders (``demo-moe``, ``demo-merged``), built by ``RECIPE`` on first use."""
+    moe_dir, merged_dir = moe_demo_dirs(cache_dir)
+    if is_complete(moe_dir) and is_complete(merged_dir):
+        return moe_dir, merged_dir
+    say = (
+        (lambda text: print(f"[rmserve demo] {text}", file=sys.stderr, flush=True))
+        if progress
+        else (lambda _: None)
+    )
+    say(f"building {MOE_NAME} and {MERGED_NAME} (first use only, about two minutes) ...")
+    demo = build_demo_model(cache_dir, progress=progress)
+    train_index, _ = split_indices(len(load_pairs(default_data_path(REPO_ROOT))))
+    examples = hh_examples(train_index[: RECIPE["train_pairs"]])
+    memo: PrefixMemo = {}  # layers 0-27 are the demo's in both runs: their output is computed once
+
+    def build_moe(out: Path) -> None:
+        upcycled = out / "upcycled"
+        upcycle(demo, upcycled, experts=RECIPE["experts"], top_k=RECIPE["top_k"], last=RECIPE["last_layers"],
+                seed=RECIPE["router_seed"])  # fmt: skip
+        options = TrainOptions(
+            trainable="experts", epochs=RECIPE["epochs"], lr=RECIPE["lr"], batch_size=RECIPE["batch_size"],
+            bsr=RECIPE["bsr"], aux=RECIPE["aux"], max_length=RECIPE["max_length"], seed=0,
+        )  # fmt: skip
+        trained = out / "trained"
+        train(upcycled, examples, examples[:16], trained, options, progress=progress, echo=say, memo=memo)
+        for file in trained.iterdir():
+            if file.is_file():
+                shutil.move(file, out / file.name)
+        shutil.rmtree(upcycled)
+        shutil.rmtree(trained)
+
+    moe_dir = moe_dir if is_complete(moe_dir) else _atomic_build(moe_dir, build_moe)
+
+    def build_merged(out: Path) -> None:
+        merge(moe_dir, out, shared_rate=RECIPE["shared_rate"], train_pairs=examples, epochs=RECIPE["merge_epochs"],
+              lr=RECIPE["merge_lr"], max_length=RECIPE["max_length"], progress=progress, echo=say, memo=memo)  # fmt: skip
+
+    merged_dir = merged_dir if is_complete(merged_dir) else _atomic_build(merged_dir, build_merged)
+    say(f"{MOE_NAME} and {MERGED_NAME} ready")
+    return moe_dir, merged_dir
+
+
+def evaluate(cache_dir: Path, max_length: int = 512, progress: bool = True) -> dict[str, float]:
+    """Held-out pairwise accuracy of demo, demo-moe and demo-merged on the 462 held-out HH pairs."""
+    from rmserve.training.trainer import accuracy, cache_prefix, encode_pairs, encoder_for, load_classifier
+
+    moe_dir, merged_dir = build_moe_demos(cache_dir, progress=progress)
+    _, held_index = split_indices(len(load_pairs(default_data_path(REPO_ROOT))))
+    held = hh_examples(held_index)
+    results = {}
+    data = None
+    for name, folder in (
+        ("demo", build_demo_model(cache_dir)),
+        (MOE_NAME, moe_dir),
+        (MERGED_NAME, merged_dir),
+    ):
+        model, _ = load_classifier(folder)
+        model.eval()
+        first = len(decoder_layers(model)) - RECIPE["last_layers"]
+        if data is None:  # layers below `first` are the demo's in all three models: cache their output once
+            encoder = encoder_for(folder, model, max_length)
+            data = encode_pairs(encoder, held)
+            cache_prefix(model, data, first, progress)
+        results[name] = accuracy(model, data, first, 0, 8)
+        print(
+            f"{name}: held-out accuracy {results[name]:.4f} ({len(held)} pairs)", file=sys.stderr, flush=True
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rmserve.training.demo_moe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--evaluate", action="store_true", help="also measure held-out accuracy of all three")
+    args = parser.parse_args(argv)
+    from rmserve.config import Settings
+
+    cache_dir = args.cache_dir or Settings().cache_dir
+    moe_dir, merged_dir = build_moe_demos(cache_dir)
+    print(json.dumps({"demo-moe": str(moe_dir), "demo-merged": str(merged_dir), "recipe": RECIPE}, indent=2))
+    if args.evaluate:
+        print(json.dumps(evaluate(cache_dir), indent=2))
+
+
+if __name__ == "__main__":
+    main()

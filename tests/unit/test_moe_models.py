@@ -1,0 +1,289 @@
+"""UMM-RM: upcycling keeps scores, served MoE equals an offline forward, merging gives a vanilla dense model."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rmserve.cli import app
+from rmserve.hh import dialogue_to_messages
+from rmserve.models.base import reward_values
+from rmserve.models.dense import DenseRewardModel
+from rmserve.models.inputs import PromptResponse, Text
+from rmserve.models.loader import load_model
+from rmserve.models.moe import (
+    MoERewardModel,
+    UpcycledMoE,
+    decoder_layers,
+    load_moe_classifier,
+    moe_layers,
+    read_moe_config,
+    save_moe,
+    upcycle,
+)
+from rmserve.training.pairs import read_preference_pairs
+from rmserve.training.trainer import cache_prefix, encode_pairs, encoder_for, rewards
+from tests.tiny_models import DATA
+
+INPUTS = [
+    PromptResponse(prompt="How do I bake bread?", response="Mix flour, water, yeast and salt, then bake."),
+    Text(text="Human: hi there\n\nAssistant: Hello! How can I help you today?"),
+    PromptResponse(prompt="What is 2+2?", response="4"),
+    Text(text="a much longer text " * 12),
+]
+
+
+def perturb(folder: Path, seed: int = 0) -> None:
+    """Move every expert and router away from the dense FFN, as training would."""
+    model = load_moe_classifier(folder)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for moe in moe_layers(model):
+            for module in [*moe.experts, moe.router]:
+                for p in module.parameters():
+                    p.add_(torch.randn(p.shape, generator=g) * 0.5 * p.std().clamp_min(0.02))
+    save_moe(model, encoder_tokenizer(folder), folder, read_moe_config(folder))
+
+
+def encoder_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def offline_score(model: torch.nn.Module, ids: tuple[int, ...]) -> float:
+    """The classifier on one unpadded sequence, scored on its last token."""
+    model.config.pad_token_id = None
+    with torch.no_grad():
+        return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_upcycled_model_scores_exactly_as_the_dense_one(arch, tiny_model_dirs, tmp_path):
+    config = upcycle(tiny_model_dirs[arch], tmp_path / "moe", experts=4, top_k=2, seed=3)
+    assert config.layers == (0, 1)
+    dense = DenseRewardModel("d", tiny_model_dirs[arch], dtype="float32", device="cpu")
+    moe = load_model("m", tmp_path / "moe", dtype="float32", device="cpu")
+    assert isinstance(moe, MoERewardModel) and moe.info.kind == "moe"
+    assert "MoE (4 experts, top-2) in 2 layers (0..1)" in moe.info.architecture
+    encoded = dense.new_encoder().encode_many(INPUTS)
+    torch.testing.assert_close(
+        torch.tensor(reward_values(moe, encoded)),
+        torch.tensor(reward_values(dense, encoded)),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_served_moe_equals_an_offline_forward_of_the_same_module(arch, tiny_model_dirs, tmp_path):
+    upcycle(tiny_model_dirs[arch], tmp_path / "moe", experts=5, top_k=3, last=1, seed=1)
+    perturb(tmp_path / "moe")
+    served = MoERewardModel("m", tmp_path / "moe", dtype="float32", device="cpu")
+    encoded = served.new_encoder().encode_many(INPUTS)
+    batch = reward_values(served, encoded)  # one mixed-length batch
+    offline = load_moe_classifier(tmp_path / "moe")
+    dense = DenseRewardModel("d", tiny_model_dirs[arch], dtype="float32", device="cpu")
+    for row, item in enumerate(encoded):
+        assert batch[row] == pytest.approx(offline_score(offline, item.token_ids), abs=1e-4)
+    # the perturbation changed the scores: the MoE layers are really used
+    assert max(abs(a - b) for a, b in zip(batch, reward_values(dense, encoded), strict=True)) > 1e-3
+
+
+def test_routing_weights_sum_to_one_and_unused_experts_get_no_tokens(tiny_model_dirs, tmp_path):
+    upcycle(tiny_model_dirs["llama"], tmp_path / "moe", experts=4, top_k=2, last=1)
+    moe = moe_layers(load_moe_classifier(tmp_path / "moe"))[0]
+    assert isinstance(moe, UpcycledMoE) and len(moe.experts) == 3 and moe.top_k == 2
+    moe.train()
+    x = torch.randn(2, 7, 32)
+    moe(x)
+    assert moe.last_expert_index is not None and moe.last_expert_index.shape == (14, 1)
+
+
+def test_upcycle_refuses_bad_options(tiny_model_dirs, tmp_path):
+    with pytest.raises(ValueError, match=r"top_k must lie in \[2, experts=3\]"):
+        upcycle(tiny_model_dirs["llama"], tmp_path / "a", experts=3, top_k=4)
+    with pytest.raises(ValueError, match="layer 5 does not exist"):
+        upcycle(tiny_model_dirs["llama"], tmp_path / "b", experts=3, top_k=2, layers=[5])
+    with pytest.raises(ValueError, match="no decoder layers"):
+        upcycle(tiny_model_dirs["bert"], tmp_path / "c", experts=3, top_k=2)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory) -> Path:
+    if not DATA.is_file():
+        pytest.skip(f"{DATA} is missing")
+    out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    with gzip.open(DATA, "rt") as f, out.open("w") as w:
+        for _, line in zip(range(24), f, strict=False):
+            row = json.loads(line)
+            w.write(json.dumps({k: dialogue_to_messages(row[k]) for k in ("chosen", "rejected")}) + "\n")
+    return out
+
+
+def test_cached_prefix_rewards_equal_the_full_forward(tiny_model_dirs, tmp_path, pairs_file):
+    upcycle(tiny_model_dirs["llama"], tmp_path / "moe", experts=3, top_k=2, last=1)
+    perturb(tmp_path / "moe")
+    model = load_moe_classifier(tmp_path / "moe")
+    encoder = encoder_for(tmp_path / "moe", model, 128)
+    data = encode_pairs(encoder, read_preference_pairs(pairs_file)[:6])
+    full = rewards(model, data, range(6), 0, 2)
+    cache_prefix(model, data, 1, progress=False)
+    cached = rewards(model, data, range(6), 1, 2)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+VANILLA = """
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+model.config.pad_token_id = None
+assert not any(name.startswith("rmserve") for name in sys.modules)
+out = []
+for ids in json.loads(sys.argv[2]):
+    with torch.no_grad():
+        out.append(float(model(input_ids=torch.tensor([ids])).logits[0, 0]))
+print(json.dumps(out))
+"""
+
+
+def test_merge_gives_a_dense_model_that_vanilla_transformers_loads(tiny_model_dirs, tmp_path):
+    upcycle(tiny_model_dirs["llama"], tmp_path / "moe", experts=4, top_k=2, last=1)
+    perturb(tmp_path / "moe")
+    result = CliRunner().invoke(
+        app,
+        ["merge", "--moe", str(tmp_path / "moe"), "--out", str(tmp_path / "merged"), "--shared-rate", "0.4"],
+    )
+    assert result.exit_code == 0, result.output
+    moe = load_moe_classifier(tmp_path / "moe")
+    merged = DenseRewardModel("merged", tmp_path / "merged", dtype="float32", device="cpu")
+    # uniform alpha: W = 0.4 W_shared + 0.2 (W_1 + W_2 + W_3), for gate, up and down alike
+    source = moe_layers(moe)[0]
+    layer = decoder_layers(merged.model)[1].mlp
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        expected = 0.4 * getattr(source.shared, name).weight + 0.2 * sum(
+            getattr(e, name).weight for e in source.experts
+        )
+        torch.testing.assert_close(getattr(layer, name).weight, expected, atol=1e-6, rtol=1e-6)
+    encoded = merged.new_encoder().encode_many(INPUTS)
+    served = reward_values(merged, encoded)
+    run = subprocess.run(
+        [sys.executable, "-c", VANILLA, str(tmp_path / "merged"), json.dumps([list(e.token_ids) for e in encoded])],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert json.loads(run.stdout.splitlines()[-1]) == pytest.approx(served, abs=1e-4)
+
+
+def test_merge_right_after_upcycling_is_the_dense_model(tiny_model_dirs, tmp_path):
+    upcycle(tiny_model_dirs["gpt_neox"], tmp_path / "moe", experts=3, top_k=2)
+    result = CliRunner().invoke(
+        app, ["merge", "--moe", str(tmp_path / "moe"), "--out", str(tmp_path / "merged")]
+    )
+    assert result.exit_code == 0, result.output
+    dense = DenseRewardModel("d", tiny_model_dirs["gpt_neox"], dtype="float32", device="cpu")
+    merged = DenseRewardModel("m", tmp_path / "merged", dtype="float32", device="cpu")
+    encoded = dense.new_encoder().encode_many(INPUTS)
+    assert reward_values(merged, encoded) == pytest.approx(reward_values(dense, encoded), abs=1e-5)
+
+
+def test_train_experts_then_learned_merge(tiny_model_dirs, tmp_path, pairs_file):
+    runner = CliRunner()
+    up = runner.invoke(
+        app,
+        [
+            "upcycle",
+            "--from",
+            str(tiny_model_dirs["llama"]),
+            "--out",
+            str(tmp_path / "moe"),
+            "--experts",
+            "3",
+            "--last",
+            "1",
+        ],
+    )
+    assert up.exit_code == 0, up.output
+    assert "upcycled layers [1] into 3 experts (top-2)" in up.output
+    trained = runner.invoke(
+        app,
+        ["train", "--model", str(tmp_path / "moe"), "--data", str(pairs_file), "--out", str(tmp_path / "trained"),
+         "--epochs", "2", "--lr", "1e-3", "--batch-size", "4", "--max-length", "128", "--eval-fraction", "0.25"],
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    for fragment in (
+        "epoch 0: held-out accuracy",
+        "epoch 2: held-out accuracy",
+        "trained (experts)",
+        "layers below 1 frozen",
+    ):
+        assert fragment in trained.output
+    assert (tmp_path / "trained" / "checkpoint-epoch-1" / "rmserve.json").is_file()
+    config = read_moe_config(tmp_path / "trained")
+    assert len(config.training["history"]) == 3
+    # training moved the experts apart, and the frozen layer 0 did not move
+    before, after = load_moe_classifier(tmp_path / "moe"), load_moe_classifier(tmp_path / "trained")
+    moe = moe_layers(after)[0]
+    assert not torch.equal(moe.experts[0].up_proj.weight, moe.experts[1].up_proj.weight)
+    assert not torch.equal(moe.router.weight, moe_layers(before)[0].router.weight)  # routing is learned too
+    torch.testing.assert_close(
+        decoder_layers(after)[0].mlp.up_proj.weight, decoder_layers(before)[0].mlp.up_proj.weight
+    )
+    merged = runner.invoke(
+        app,
+        ["merge", "--moe", str(tmp_path / "trained"), "--out", str(tmp_path / "merged"), "--data", str(pairs_file),
+         "--shared-rate", "0.3", "--max-length", "128", "--eval-fraction", "0.25"],
+    )  # fmt: skip
+    assert merged.exit_code == 0, merged.output
+    assert "merge epoch 1: held-out accuracy" in merged.output
+    assert DenseRewardModel("m", tmp_path / "merged", device="cpu").info.kind == "dense"
+
+
+def test_train_and_merge_refuse_bad_arguments(tiny_model_dirs, tmp_path, pairs_file):
+    runner = CliRunner()
+    dense_experts = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            str(tiny_model_dirs["llama"]),
+            "--data",
+            str(pairs_file),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert dense_experts.exit_code == 2 and "needs a moe model" in dense_experts.output
+    upcycle(tiny_model_dirs["llama"], tmp_path / "moe", experts=3, top_k=2, last=1)
+    rate = runner.invoke(
+        app, ["merge", "--moe", str(tmp_path / "moe"), "--out", str(tmp_path / "y"), "--shared-rate", "1"]
+    )
+    assert rate.exit_code == 2 and "[0, 1)" in rate.output
+    not_moe = runner.invoke(
+        app, ["merge", "--moe", str(tiny_model_dirs["llama"]), "--out", str(tmp_path / "z")]
+    )
+    assert not_moe.exit_code == 2 and "rmserve upcycle" in not_moe.output
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the MoE kernels run in Triton's interpreter (make test sets it)",
+)
+def test_served_moe_with_triton_kernels_equals_the_reference_path(tiny_model_dirs, tmp_path):
+    pytest.importorskip("triton")
+    upcycle(tiny_model_dirs["llama"], tmp_path / "moe", experts=4, top_k=3, seed=2)
+    perturb(tmp_path / "moe")
+    reference = MoERewardModel("r", tmp_path / "moe", dtype="float32", device="cpu", kernels="reference")
+    fused = MoERewardModel("t", tmp_path / "moe", dtype="float32", device="cpu", kernels="triton")
+    encoded = reference.new_encoder().encode_many(INPUTS)
+    assert reward_values(fused, encoded) == pytest.approx(reward_values(reference, encoded), abs=1e-4)
+    with pytest.raises(ValueError, match="SwiGLU"):
+        upcycle(tiny_model_dirs["gpt_neox"], tmp_path / "neox", experts=3, top_k=2)
+        MoERewardModel("n", tmp_path / "neox", dtype="float32", device="cpu", kernels="triton")
