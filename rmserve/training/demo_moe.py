@@ -10,7 +10,7 @@ Recipe (``RECIPE``), run on first use and cached:
 3. merge it back with shared-expert rate 0.5, the merging weights learned on the same pairs (one
    epoch): ``demo-merged``, a plain ``LlamaForSequenceClassification`` folder.
 
-That is a small training run (about two minutes here): it shows the pipeline on real weights and
+That is a small training run (about four minutes on 2 cores): it shows the pipeline on real weights and
 data, not an accuracy gain; ``python -m rmserve.training.demo_moe --evaluate`` measures all three
 models on the 462 held-out pairs.
 """
@@ -51,6 +51,7 @@ RECIPE: dict[str, Any] = {
     "merge_lr": 0.05,
 }
 MOE_NAME, MERGED_NAME = "demo-moe", "demo-merged"
+PROGRESS_PAIRS = 32
 
 
 def hh_examples(indices: list[int], data: Path | None = None) -> list[PreferenceExample]:
@@ -82,10 +83,11 @@ def build_moe_demos(cache_dir: Path, *, progress: bool = True) -> tuple[Path, Pa
         if progress
         else (lambda _: None)
     )
-    say(f"building {MOE_NAME} and {MERGED_NAME} (first use only, about two minutes) ...")
+    say(f"building {MOE_NAME} and {MERGED_NAME} (first use only, about four minutes on 2 cores) ...")
     demo = build_demo_model(cache_dir, progress=progress)
-    train_index, _ = split_indices(len(load_pairs(default_data_path(REPO_ROOT))))
+    train_index, held_index = split_indices(len(load_pairs(default_data_path(REPO_ROOT))))
     examples = hh_examples(train_index[: RECIPE["train_pairs"]])
+    progress_pairs = hh_examples(held_index[:PROGRESS_PAIRS])  # a glance per epoch; --evaluate measures all
     memo: PrefixMemo = {}  # layers 0-27 are the demo's in both runs: their output is computed once
 
     def build_moe(out: Path) -> None:
@@ -97,7 +99,7 @@ def build_moe_demos(cache_dir: Path, *, progress: bool = True) -> tuple[Path, Pa
             bsr=RECIPE["bsr"], aux=RECIPE["aux"], max_length=RECIPE["max_length"], seed=0,
         )  # fmt: skip
         trained = out / "trained"
-        train(upcycled, examples, examples[:16], trained, options, progress=progress, echo=say, memo=memo)
+        train(upcycled, examples, progress_pairs, trained, options, progress=progress, echo=say, memo=memo)
         for file in trained.iterdir():
             if file.is_file():
                 shutil.move(file, out / file.name)

@@ -27,7 +27,7 @@ CURL_BODY = (
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    srv = start_server([], tmp_path_factory.mktemp("demo") / "server.log", ready_timeout=600)
+    srv = start_server([], tmp_path_factory.mktemp("demo") / "server.log", ready_timeout=1800)
     yield srv
     assert srv.stop() == CLEAN_EXIT, srv.log_text()
 
