@@ -187,6 +187,13 @@ def cache_prefix(
     data.prefix = [(states(chosen), states(rejected)) for chosen, rejected in bar]
 
 
+def pair_loss(rewards_2b: torch.Tensor, bsr: float) -> torch.Tensor:
+    """Bradley-Terry loss of B pairs (rewards (2B,), chosen first) plus ``bsr * mean(rewards)^2``."""
+    pairs = rewards_2b.shape[0] // 2
+    margin = rewards_2b[:pairs] - rewards_2b[pairs:]  # (B,)
+    return -F.logsigmoid(margin).mean() + bsr * rewards_2b.mean() ** 2
+
+
 def balance_loss(model: nn.Module) -> torch.Tensor:
     """Switch-style load balancing over the MoE layers of the latest forward (0 without MoE layers)."""
     total = torch.zeros(())
@@ -255,10 +262,7 @@ def train(
         for step in bar:
             indices = order[step * options.batch_size : (step + 1) * options.batch_size]
             r = rewards(model, train_data, indices, first_layer, pad_id)  # (2B,)
-            margin = r[: len(indices)] - r[len(indices) :]
-            loss = (
-                -F.logsigmoid(margin).mean() + options.bsr * r.mean() ** 2 + options.aux * balance_loss(model)
-            )
+            loss = pair_loss(r, options.bsr) + options.aux * balance_loss(model)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

@@ -30,7 +30,7 @@ from rmserve.models.moe import (
     upcycle,
 )
 from rmserve.training.pairs import read_preference_pairs
-from rmserve.training.trainer import cache_prefix, encode_pairs, encoder_for, rewards
+from rmserve.training.trainer import balance_loss, cache_prefix, encode_pairs, encoder_for, pair_loss, rewards
 from tests.tiny_models import DATA
 
 INPUTS = [
@@ -287,3 +287,18 @@ def test_served_moe_with_triton_kernels_equals_the_reference_path(tiny_model_dir
     with pytest.raises(ValueError, match="SwiGLU"):
         upcycle(tiny_model_dirs["gpt_neox"], tmp_path / "neox", experts=3, top_k=2)
         MoERewardModel("n", tmp_path / "neox", dtype="float32", device="cpu", kernels="triton")
+
+
+def test_pair_loss_and_balance_loss_on_hand_examples(tiny_model_dirs, tmp_path):
+    r = torch.tensor([2.0, 1.0, 0.0, 3.0])  # chosen 2, 1; rejected 0, 3
+    expected = (-torch.nn.functional.logsigmoid(torch.tensor([2.0, -2.0]))).mean() + 1e-3 * 1.5**2
+    torch.testing.assert_close(pair_loss(r, 1e-3), expected)
+    upcycle(tiny_model_dirs["llama"], tmp_path / "moe", experts=3, top_k=2, last=1)
+    model = load_moe_classifier(tmp_path / "moe")
+    moe = moe_layers(model)[0]
+    moe.last_router_probs = torch.full((4, 2), 0.5)  # uniform router, tokens split evenly: the minimum, 1
+    moe.last_expert_index = torch.tensor([[0], [1], [0], [1]])
+    torch.testing.assert_close(balance_loss(model), torch.tensor(1.0))
+    moe.last_expert_index = torch.tensor([[0], [0], [0], [0]])  # every token on expert 0
+    moe.last_router_probs = torch.tensor([[1.0, 0.0]] * 4)  # and a router sure of it: 2 * (1 * 1) = 2
+    torch.testing.assert_close(balance_loss(model), torch.tensor(2.0))
