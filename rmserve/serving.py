@@ -158,6 +158,13 @@ class ServedModel:
     def name(self) -> str:
         return self.info.name
 
+    @property
+    def special_texts(self) -> tuple[str | None, str | None]:
+        """The pad and EOS tokens' texts, for protocols that send padded texts (None for ensembles)."""
+        tokenizer = getattr(self.encoder, "tokenizer", None)
+        texts = (getattr(tokenizer, "pad_token", None), getattr(tokenizer, "eos_token", None))
+        return tuple(t if isinstance(t, str) and t else None for t in texts)  # type: ignore[return-value]
+
     def start(self) -> None:
         self.batcher.start()
 
@@ -173,6 +180,7 @@ class ServedModel:
         params: AggregationParams | None = None,
         aggregates: Sequence[AggregateName] = (),
         return_heads: bool = False,
+        max_tokens: int | None = None,
     ) -> ScoreOutcome:
         """Score inputs through the batcher.
 
@@ -182,6 +190,7 @@ class ServedModel:
             params: the lambdas (default: the model's).
             aggregates: the aggregates to return besides ``rewards``.
             return_heads: also return each head's reward (and sigma for brme).
+            max_tokens: a tighter per-input token limit for this request (truncation applies past it).
 
         Raises:
             InputError: an input cannot be encoded (422).
@@ -191,7 +200,11 @@ class ServedModel:
         start = time.monotonic()
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(
-            self._tokenizer_thread, self.encoder.encode_many, list(inputs), truncation or self.truncation
+            self._tokenizer_thread,
+            self.encoder.encode_many,
+            list(inputs),
+            truncation or self.truncation,
+            max_tokens,
         )
         tokenized = time.monotonic()
         results = await self.batcher.submit([(QueuedInput(e, params), len(e)) for e in encoded])

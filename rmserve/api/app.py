@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import FastAPI
 
 from rmserve import __version__
+from rmserve.api.compat import router as compat_router
 from rmserve.api.errors import install_error_handlers
 from rmserve.api.middleware import RequestContextMiddleware
 from rmserve.api.routes import router
@@ -78,6 +79,7 @@ def create_app(
     )
     app.state.rmserve = state
     app.include_router(router)
+    app.include_router(compat_router)
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware, metrics=state.metrics, max_request_bytes=settings.max_request_bytes

@@ -22,13 +22,14 @@ from rmserve.api.schemas import (
     Usage,
 )
 from rmserve.api.state import AppState
+from rmserve.config import Settings
 from rmserve.serving import ModelRegistry
 
 T = TypeVar("T")
 
 router = APIRouter()
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         404: "Unknown model.",
@@ -49,7 +50,12 @@ def _state(request: Request) -> AppState:
     return request.app.state.rmserve
 
 
-def _registry(request: Request) -> ModelRegistry:
+def settings_of(request: Request) -> Settings:
+    """The server's settings."""
+    return _state(request).settings
+
+
+def registry_of(request: Request) -> ModelRegistry:
     state = _state(request)
     if state.shutting_down:
         raise ApiError(
@@ -68,7 +74,7 @@ def _registry(request: Request) -> ModelRegistry:
     return state.registry
 
 
-async def _until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Run ``work``, cancelling it if the client disconnects first (its queued inputs are then dropped)."""
     task = asyncio.ensure_future(work)
 
@@ -92,11 +98,11 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
-@router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
+@router.post("/v1/score", response_model=ScoreResponse, responses=ERROR_RESPONSES)
 async def score(body: ScoreRequest, request: Request, response: Response) -> ScoreResponse | Response:
     """Score inputs with a reward model; rewards come back in input order."""
     started = time.perf_counter()
-    registry = _registry(request)
+    registry = registry_of(request)
     settings = _state(request).settings
     try:
         served = registry.get(body.model)
@@ -122,7 +128,7 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
             aggregates=list(dict.fromkeys(body.aggregates)),
             return_heads=body.return_heads,
         )
-        outcome = await _until_disconnect(request, work)
+        outcome = await until_disconnect(request, work)
     except ClientDisconnected:
         return Response(status_code=499)
     except Exception as exc:
@@ -146,7 +152,7 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
     """The served models: kind, dtype, device, limits, heads, aggregates and their defaults."""
-    registry = _registry(request)
+    registry = registry_of(request)
     return ModelList(
         data=[
             ModelCard(

@@ -38,8 +38,10 @@ class Encoder(Protocol):
     @property
     def max_length(self) -> int: ...
 
-    def encode_many(self, items: Sequence[RewardInput], truncation: Truncation = "left") -> list[Encoded]:
-        """Encode inputs in order; an ``InputError`` names the first bad input's index."""
+    def encode_many(
+        self, items: Sequence[RewardInput], truncation: Truncation = "left", limit: int | None = None
+    ) -> list[Encoded]:
+        """Encode inputs in order (at most ``limit`` tokens each if given); an ``InputError`` names the first bad input."""
         ...
 
 

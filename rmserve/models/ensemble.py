@@ -136,12 +136,14 @@ class EnsembleEncoder:
         self.encoders = list(encoders)
         self.max_length = max(e.max_length for e in self.encoders)  # each member truncates to its own
 
-    def encode_many(self, items: Sequence[RewardInput], truncation: Truncation = "left") -> list[Encoded]:
+    def encode_many(
+        self, items: Sequence[RewardInput], truncation: Truncation = "left", limit: int | None = None
+    ) -> list[Encoded]:
         """Encode inputs for every member; an error names the input and the member's limit."""
         per_member = []
         for encoder in self.encoders:
             try:
-                per_member.append(encoder.encode_many(items, truncation))
+                per_member.append(encoder.encode_many(items, truncation, limit))
             except InputError as exc:
                 raise InputError(f"{exc} (ensemble member limit: {encoder.max_length} tokens)") from None
         return [MemberInputs(tuple(parts)) for parts in zip(*per_member, strict=True)]

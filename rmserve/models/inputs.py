@@ -162,26 +162,34 @@ class InputEncoder:
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self._special_ids = frozenset(tokenizer.all_special_ids)
 
-    def encode(self, item: RewardInput, truncation: Truncation = "left") -> EncodedInput:
+    def encode(
+        self, item: RewardInput, truncation: Truncation = "left", limit: int | None = None
+    ) -> EncodedInput:
         """Tokenise one input and apply the truncation policy.
+
+        Args:
+            item: the input.
+            truncation: what to do past the limit.
+            limit: a tighter token limit than ``max_length`` for this input (e.g. vLLM's
+                ``truncate_prompt_tokens``).
 
         Raises:
             InputError: the input is empty after tokenisation, has out-of-vocabulary ids, or is
-                longer than ``max_length`` with ``truncation="error"``.
+                longer than the limit with ``truncation="error"``.
         """
         ids, types = self._tokenize(item)
         if not ids:
             raise InputError("the input has no tokens after tokenization; send a non-empty text.")
-        return self._truncate(ids, types, truncation)
+        return self._truncate(ids, types, truncation, min(limit or self.max_length, self.max_length))
 
     def encode_many(
-        self, items: Sequence[RewardInput], truncation: Truncation = "left"
+        self, items: Sequence[RewardInput], truncation: Truncation = "left", limit: int | None = None
     ) -> list[EncodedInput]:
         """Encode several inputs; an error names the index of the first bad input."""
         out = []
         for index, item in enumerate(items):
             try:
-                out.append(self.encode(item, truncation))
+                out.append(self.encode(item, truncation, limit))
             except InputError as exc:
                 raise InputError(f"inputs[{index}]: {exc}") from None
         return out
@@ -230,19 +238,21 @@ class InputEncoder:
             ids = ids[1:]  # the text already began with BOS and the tokenizer added another
         return ids
 
-    def _truncate(self, ids: list[int], types: list[int] | None, truncation: Truncation) -> EncodedInput:
+    def _truncate(
+        self, ids: list[int], types: list[int] | None, truncation: Truncation, max_length: int
+    ) -> EncodedInput:
         n = len(ids)
-        if n <= self.max_length:
+        if n <= max_length:
             return EncodedInput(tuple(ids), None if types is None else tuple(types), truncated=False)
         if truncation == "error":
             raise InputError(
-                f"the input has {n} tokens, more than max_length={self.max_length}; shorten it, or send "
+                f"the input has {n} tokens, more than max_length={max_length}; shorten it, or send "
                 '"truncation": "left" (drop the oldest tokens) or "right" (drop the end).'
             )
         if truncation == "right":
-            keep = list(range(self.max_length))
+            keep = list(range(max_length))
         else:
             head = 1 if ids[0] in self._special_ids else 0
-            keep = list(range(head)) + list(range(n - (self.max_length - head), n))
+            keep = list(range(head)) + list(range(n - (max_length - head), n))
         new_types = None if types is None else tuple(types[i] for i in keep)
         return EncodedInput(tuple(ids[i] for i in keep), new_types, truncated=True)
