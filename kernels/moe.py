@@ -30,6 +30,7 @@ from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
+
 from rmserve.kernels.heads import _interpreting
 
 try:

@@ -64,7 +64,9 @@ async def test_openrlhf_single_query_requests_from_many_workers_are_batched(llam
             *(client.post("/get_reward", json={"query": [QUERY]}) for _ in range(12))
         )
         metrics = (await client.get("/metrics")).text
-    assert [r.json()["rewards"][0] for r in replies] == pytest.approx([text_reward(llama, QUERY)] * 12, abs=1e-5)
+    assert [r.json()["rewards"][0] for r in replies] == pytest.approx(
+        [text_reward(llama, QUERY)] * 12, abs=1e-5
+    )
     batches = sum(
         float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("rmserve_batches_total{")
     )

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import rmserve.kernels
 import torch
+
+import rmserve.kernels
+from rmserve.aggregation import AGGREGATES
 from rmserve.kernels.heads import (
     MAX_HEADS,
     HeadOutputs,
@@ -35,8 +37,6 @@ from rmserve.kernels.heads import (
     heads_aggregate_triton,
     select_heads_aggregate,
 )
-
-from rmserve.aggregation import AGGREGATES
 
 COLUMN = {name: i for i, name in enumerate(AGGREGATES)}
 REPO = Path(__file__).resolve().parents[2]

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import rmserve.kernels
 import torch
 import torch.nn.functional as F
+
+import rmserve.kernels
 from rmserve.kernels.moe import (
     MAX_KERNEL_EXPERTS,
     MAX_KERNEL_TOP_K,
