@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rmserve.aggregation import AggregateName
@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         description="Where the demo model is built (default ~/.cache/rmserve).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="API keys, comma-separated: when set, every route but /health and /ready needs "
+        "'Authorization: Bearer <key>'. Set through RMSERVE_API_KEY or the YAML config; there is no flag, "
+        "so keys never show in process lists.",
+    )
     models: tuple[ModelSpec, ...] = Field((), description="Served models (from the YAML config).")
 
     @field_validator("models", mode="before")
@@ -149,6 +155,21 @@ class Settings(BaseSettings):
                 "or the config's list (remove --model / RMSERVE_MODEL)."
             )
         return self
+
+    def api_keys(self) -> list[str]:
+        """The accepted API keys (none: authentication is off).
+
+        Raises:
+            ValueError: the setting is given but holds no key.
+        """
+        if self.api_key is None:
+            return []
+        keys = [k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip()]
+        if not keys:
+            raise ValueError(
+                "api_key is set but holds no key; unset RMSERVE_API_KEY or give comma-separated keys."
+            )
+        return keys
 
     def served_models(self) -> list[ModelSpec]:
         """The models to serve: the config's list, else ``--model``, else every demo model."""

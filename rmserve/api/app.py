@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from rmserve import __version__
 from rmserve.api.compat import router as compat_router
 from rmserve.api.errors import install_error_handlers
-from rmserve.api.middleware import RequestContextMiddleware
+from rmserve.api.middleware import ApiKeyMiddleware, RequestContextMiddleware
 from rmserve.api.routes import router
 from rmserve.api.state import AppState
 from rmserve.config import ModelSpec, Settings
@@ -81,6 +81,9 @@ def create_app(
     app.include_router(router)
     app.include_router(compat_router)
     install_error_handlers(app)
+    keys = settings.api_keys()
+    if keys:  # inside the request context: a 401 still gets a request id and is counted
+        app.add_middleware(ApiKeyMiddleware, keys=tuple(k.encode() for k in keys))
     app.add_middleware(
         RequestContextMiddleware, metrics=state.metrics, max_request_bytes=settings.max_request_bytes
     )

@@ -1,10 +1,11 @@
-"""ASGI middleware: request ids, the request body limit, and request metrics.
+"""ASGI middleware: request ids, the request body limit, request metrics, and API-key authentication.
 
 Plain ASGI (not BaseHTTPMiddleware) so that streaming and cancellation pass through untouched.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
@@ -127,6 +128,58 @@ class RequestContextMiddleware:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+UNAUTHORIZED = {
+    "error": {
+        "type": "unauthorized",
+        "message": "missing or invalid API key; send the header 'Authorization: Bearer <key>' with a key this "
+        "server accepts (RMSERVE_API_KEY).",
+    }
+}
+
+
+class ApiKeyMiddleware:
+    """Every HTTP route but ``/health`` and ``/ready`` needs ``Authorization: Bearer <key>`` with one of ``keys``.
+
+    The presented key is compared with every accepted key in constant time (``hmac.compare_digest``,
+    no early exit), and every failure gets the same 401, so an answer never tells which part was wrong.
+    Keys are never logged.
+    """
+
+    def __init__(self, app: ASGIApp, *, keys: tuple[bytes, ...]) -> None:
+        if not keys:
+            raise ValueError("ApiKeyMiddleware needs at least one key.")
+        self.app = app
+        self.keys = keys
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        matched = False
+        for key in self.keys:  # no early exit: the time does not depend on which key matches
+            matched |= hmac.compare_digest(token, key)
+        return scheme.lower() == b"bearer" and matched
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps(UNAUTHORIZED).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b"Bearer"),
                 ],
             }
         )

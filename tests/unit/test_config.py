@@ -52,6 +52,7 @@ def test_defaults():
         "shutdown_timeout_s": 60.0,
         "cache_dir": Path.home() / ".cache" / "rmserve",
         "log_level": "info",
+        "api_key": None,
         "models": (),
     }
 
