@@ -23,6 +23,16 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 REQUEST_ID = "x-request-id"
 
 
+async def send_json(
+    send: Send, status: int, payload: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer with a JSON body (the API's error shape) straight from middleware."""
+    body = json.dumps(payload).encode()
+    start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": start + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _form_encoded_json(headers: dict[bytes, bytes], body: bytes) -> bool:
     """A JSON object sent without a JSON content type (``curl -d`` sends form encoding) is read as JSON."""
     content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
@@ -112,26 +122,12 @@ class RequestContextMiddleware:
         return body, replay
 
     async def _too_large(self, send: Send, size: int) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "type": "payload_too_large",
-                    "message": f"the request body has {size}+ bytes, over the limit of {self.max_request_bytes}; "
-                    "split the inputs over several requests (or raise --max-request-bytes).",
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        error = {
+            "type": "payload_too_large",
+            "message": f"the request body has {size}+ bytes, over the limit of {self.max_request_bytes}; "
+            "split the inputs over several requests (or raise --max-request-bytes).",
+        }
+        await send_json(send, 413, {"error": error})
 
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -171,16 +167,4 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or scope.get("path") in OPEN_PATHS or self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(UNAUTHORIZED).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 401, UNAUTHORIZED, [(b"www-authenticate", b"Bearer")])

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 
-import httpx
 import pytest
 import torch
 
 from rmserve.aggregation import AGGREGATES
-from rmserve.api.app import create_app
-from rmserve.config import ModelSpec, Settings
+from rmserve.config import ModelSpec
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
 from rmserve.models.inputs import INPUT_ADAPTER
+from tests.api.app_client import serve
 
 INPUTS = [
     {"prompt": "How do I bake bread?", "response": "Mix flour, water, yeast and salt, then bake."},
@@ -41,15 +39,6 @@ def multihead(tiny_head_model_dirs):
 @pytest.fixture(scope="module")
 def dense(tiny_model_dirs):
     return DenseRewardModel("tiny-llama", tiny_model_dirs["llama"], dtype="float32", device="cpu")
-
-
-@contextlib.asynccontextmanager
-async def serve(models, specs=None, **settings):
-    app = create_app(Settings(**settings), models=models, specs=specs)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://rmserve") as client:
-            yield client
 
 
 def offline(model, inputs, uwo: float, trade: float):

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
-import httpx
 import pytest
 
 from rmserve.api.app import create_app
 from rmserve.api.middleware import ApiKeyMiddleware
 from rmserve.config import Settings
 from rmserve.models.dense import DenseRewardModel
+from tests.api.app_client import serve
 
 pytestmark = pytest.mark.anyio
 KEYS = "first-key-0123456789, second-key-abcdefghij"
@@ -21,15 +20,6 @@ BODY = {"inputs": [{"text": "hello"}]}
 @pytest.fixture(scope="module")
 def llama(tiny_model_dirs):
     return DenseRewardModel("tiny-llama", tiny_model_dirs["llama"], dtype="float32", device="cpu")
-
-
-@contextlib.asynccontextmanager
-async def serve(models, **settings):
-    app = create_app(Settings(**settings), models=models)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://rmserve") as client:
-            yield client
 
 
 async def test_valid_keys_are_accepted_on_every_route(llama):

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 
-import httpx
 import pytest
 
-from rmserve.api.app import create_app
 from rmserve.api.compat import strip_padding
-from rmserve.config import Settings
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
 from rmserve.models.inputs import Text, TokenIds
+from tests.api.app_client import serve
 
 QUERY = "<|im_start|>user\nhow do I bake bread?<|im_end|>\n<|im_start|>assistant\nMix flour and water, then bake.<|im_end|>"
 OTHER = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello there<|im_end|>"
@@ -31,15 +28,6 @@ def llama(tiny_model_dirs):
 @pytest.fixture(scope="module")
 def brme(tiny_head_model_dirs):
     return MultiHeadRewardModel("tiny-brme", tiny_head_model_dirs["brme"], dtype="float32", device="cpu")
-
-
-@contextlib.asynccontextmanager
-async def serve(models, **settings):
-    app = create_app(Settings(**settings), models=models)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://rmserve") as client:
-            yield client
 
 
 def text_reward(model, text: str) -> float:

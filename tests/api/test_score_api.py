@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from rmserve.config import Settings
 from rmserve.models.base import HeadOutputs, reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import EncodedInput, PromptResponse
+from tests.api.app_client import serve
 
 BREAD = {
     "prompt": "How do I bake bread?",
@@ -60,15 +60,6 @@ def llama(tiny_model_dirs):
 @pytest.fixture(scope="module")
 def bert(tiny_model_dirs):
     return DenseRewardModel("tiny-bert", tiny_model_dirs["bert"], dtype="float32", device="cpu")
-
-
-@contextlib.asynccontextmanager
-async def serve(models, **settings):
-    app = create_app(Settings(**settings), models=models)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://rmserve") as client:
-            yield client
 
 
 pytestmark = pytest.mark.anyio
