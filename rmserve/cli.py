@@ -67,6 +67,7 @@ def serve(
     max_queue_tokens: Annotated[int | None, typer.Option(help=_help("max_queue_tokens"))] = None,
     max_inputs_per_request: Annotated[int | None, typer.Option(help=_help("max_inputs_per_request"))] = None,
     max_request_bytes: Annotated[int | None, typer.Option(help=_help("max_request_bytes"))] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(help=_help("request_timeout_s"))] = None,
     shutdown_timeout_s: Annotated[float | None, typer.Option(help=_help("shutdown_timeout_s"))] = None,
     cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
     log_level: Annotated[str | None, typer.Option(help=_help("log_level"))] = None,

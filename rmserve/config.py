@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     )
     max_inputs_per_request: int = Field(4096, ge=1, description="Inputs in one request; past it 413.")
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Request body size; past it 413.")
+    request_timeout_s: float | None = Field(
+        600.0,
+        gt=0,
+        description="A request not answered in this many seconds gets 504 and its queued inputs are dropped "
+        "(unset: no limit).",
+    )
     shutdown_timeout_s: float = Field(
         60.0, ge=0, description="On shutdown, how long accepted work may take to finish."
     )

@@ -38,6 +38,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         429: "Queue full; retry after Retry-After seconds.",
         500: "The batch holding the request failed.",
         503: "Models still loading, or the server is shutting down.",
+        504: "Not answered within request_timeout_s; the request was cancelled.",
     }.items()
 }
 
@@ -75,22 +76,37 @@ def registry_of(request: Request) -> ModelRegistry:
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work``, cancelling it if the client disconnects first (its queued inputs are then dropped)."""
+    """Run ``work``, cancelling it if the client disconnects first or the request timeout passes.
+
+    Cancelled work's queued inputs are dropped before they are computed.
+
+    Raises:
+        ClientDisconnected: the client hung up.
+        ApiError: 504 once ``request_timeout_s`` has passed.
+    """
     task = asyncio.ensure_future(work)
 
     async def wait_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
+    timeout = settings_of(request).request_timeout_s
     watcher = asyncio.ensure_future(wait_disconnect())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
     if not task.done():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        raise ClientDisconnected
+        if watcher.done() and not watcher.cancelled():
+            raise ClientDisconnected
+        raise ApiError(
+            504,
+            "timeout",
+            f"the request was not answered within request_timeout_s={timeout:g} s and was cancelled (its queued "
+            "inputs dropped); send fewer inputs per request, add replicas, or raise --request-timeout-s.",
+        )
     return task.result()
 
 

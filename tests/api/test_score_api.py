@@ -289,6 +289,26 @@ async def test_disconnected_client_inputs_are_dropped_before_compute(llama):
     assert 'rmserve_dropped_inputs_total{model="tiny-llama"} 2.0' in metrics
 
 
+async def test_a_request_past_its_timeout_gets_504_and_its_inputs_are_dropped(llama):
+    gated = GatedModel(llama)
+    gated.gate.clear()
+    async with serve([gated], max_batch_size=1, request_timeout_s=0.3) as client:
+        blocker = asyncio.create_task(client.post("/v1/score", json={"inputs": [{"input_ids": [9, 9]}]}))
+        await asyncio.sleep(0.1)
+        late = await client.post("/v1/score", json={"inputs": [{"input_ids": [4, 4]}, {"input_ids": [5, 5]}]})
+        gated.gate.set()
+        first = await blocker
+        after = await client.post("/v1/score", json={"inputs": [{"input_ids": [6]}]})  # runs after the drop
+        metrics = (await client.get("/metrics")).text
+    assert after.status_code == 200
+    assert late.status_code == 504
+    assert late.json()["error"]["type"] == "timeout"
+    assert "request_timeout_s=0.3" in late.json()["error"]["message"]
+    assert first.status_code == 504  # it waited on the closed gate just as long
+    assert gated.computed == [(9, 9), (6,)]
+    assert 'rmserve_dropped_inputs_total{model="tiny-llama"} 2.0' in metrics
+
+
 async def test_metrics_after_requests(llama):
     async with serve([llama]) as client:
         await client.post("/v1/score", json={"inputs": [BREAD, BREAD]})

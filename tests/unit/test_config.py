@@ -49,6 +49,7 @@ def test_defaults():
         "max_queue_tokens": 1_048_576,
         "max_inputs_per_request": 4096,
         "max_request_bytes": 32 * 1024 * 1024,
+        "request_timeout_s": 600.0,
         "shutdown_timeout_s": 60.0,
         "cache_dir": Path.home() / ".cache" / "rmserve",
         "log_level": "info",
