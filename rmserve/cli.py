@@ -7,7 +7,6 @@ env vars over the YAML config); its help text is the setting's own description.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -43,10 +42,10 @@ def _settings(**flags: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    from rmserve.logs import configure_logging
+
+    configure_logging(level, log_format)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -71,10 +70,11 @@ def serve(
     shutdown_timeout_s: Annotated[float | None, typer.Option(help=_help("shutdown_timeout_s"))] = None,
     cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
     log_level: Annotated[str | None, typer.Option(help=_help("log_level"))] = None,
+    log_format: Annotated[str | None, typer.Option(help=_help("log_format"))] = None,
 ) -> None:
     """Serve reward models over HTTP (default: the built-in demo models)."""
     settings = _settings(**{k: v for k, v in locals().items()})
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     for spec in settings.served_models():
         folder = Path(spec.path).expanduser()
         if spec.path not in DEMO_MODELS and not any(
@@ -98,6 +98,8 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep the format configured above for uvicorn's own records
+        access_log=False,  # rmserve.access logs every request, with its id, model and timing
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
 

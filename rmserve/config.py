@@ -135,6 +135,9 @@ class Settings(BaseSettings):
         description="Where the demo model is built (default ~/.cache/rmserve).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Logs on stderr: text, or json (one object per line, access records included)."
+    )
     api_key: SecretStr | None = Field(
         None,
         description="API keys, comma-separated: when set, every route but /health and /ready needs "

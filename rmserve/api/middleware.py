@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from rmserve.logs import ACCESS_LOGGER
 from rmserve.metrics import Metrics
+
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -89,9 +93,15 @@ class RequestContextMiddleware:
         finally:
             path = scope.get("path", "")
             model = scope["state"].get("model", "")
+            elapsed = time.perf_counter() - start
             self.metrics.requests.labels(model, path, str(status)).inc()
             if model:
-                self.metrics.request_duration.labels(model, path).observe(time.perf_counter() - start)
+                self.metrics.request_duration.labels(model, path).observe(elapsed)
+            access = {
+                "request_id": request_id, "method": scope.get("method", ""), "path": path, "status": status,
+                "model": model, "duration_ms": round(elapsed * 1000, 3),
+            }  # fmt: skip
+            access_log.info("request", extra={"access": access})
 
     async def _buffer_body(self, receive: Receive, send: Send) -> tuple[bytes, Receive] | None:
         """Read the whole body (bounded), then replay it; None if it was too large (413 sent) or cut off."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -88,6 +89,18 @@ async def test_score_returns_rewards_in_input_order(llama):
     ):
         assert header in r.headers
     assert float(r.headers["x-inference-time"]) > 0
+
+
+async def test_every_request_is_access_logged_with_its_id(llama, caplog):
+    with caplog.at_level(logging.INFO, logger="rmserve.access"):
+        async with serve([llama]) as client:
+            await client.post("/v1/score", json={"inputs": [BREAD]}, headers={"x-request-id": "trace-7"})
+    access = [r.access for r in caplog.records if r.name == "rmserve.access"]
+    assert access[-1] | {"duration_ms": 0} == {
+        "request_id": "trace-7", "method": "POST", "path": "/v1/score", "status": 200, "model": "tiny-llama",
+        "duration_ms": 0,
+    }  # fmt: skip
+    assert access[-1]["duration_ms"] > 0
 
 
 async def test_request_id_is_echoed(llama):

@@ -160,3 +160,21 @@ def test_a_client_that_hangs_up_has_its_queued_inputs_dropped(tiny_model_dirs, t
         assert srv.stop() == CLEAN_EXIT
     assert _counter(metrics, 'rmserve_dropped_inputs_total{model="llama"}') == 20
     assert _counter(metrics, 'rmserve_real_tokens_total{model="llama"}') > 0
+
+
+def test_json_logs_carry_each_request_with_its_id(tiny_model_dirs, tmp_path):
+    log = tmp_path / "server.log"
+    srv = start_server(["--model", str(tiny_model_dirs["llama"]), "--log-format", "json"], log)
+    try:
+        r = httpx.post(
+            f"{srv.url}/v1/score", json={"inputs": [{"text": "hi"}]}, headers={"x-request-id": "trace-json"}
+        )
+        assert r.headers["x-request-id"] == "trace-json"
+    finally:
+        assert srv.stop() == CLEAN_EXIT, srv.log_text()
+    lines = [json.loads(line) for line in srv.log_text().splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("request_id") == "trace-json"]
+    assert access and access[0]["status"] == 200 and access[0]["path"] == "/v1/score"
+    assert any(
+        line["logger"].startswith("uvicorn") for line in lines
+    )  # the server's own records are JSON too

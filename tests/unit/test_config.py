@@ -53,6 +53,7 @@ def test_defaults():
         "shutdown_timeout_s": 60.0,
         "cache_dir": Path.home() / ".cache" / "rmserve",
         "log_level": "info",
+        "log_format": "text",
         "api_key": None,
         "models": (),
     }
