@@ -13,7 +13,8 @@ Names (all labelled by ``model``; requests also by ``endpoint`` and ``status``):
 - ``rmserve_batches_total``: batches run, by outcome (``ok``/``failed``);
 - ``rmserve_dropped_inputs_total``: queued inputs dropped because their client hung up;
 - ``rmserve_queue_depth`` / ``rmserve_queue_tokens``: inputs and tokens waiting now;
-- ``rmserve_input_tokens_total``: tokens of scored inputs, after truncation.
+- ``rmserve_input_tokens_total``: tokens of scored inputs, after truncation;
+- ``rmserve_model_weights_bytes``: memory of each model's weights and buffers on its device.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class Metrics:
             "Queued inputs dropped after their client hung up.",
             ["model"],
             registry=r,
+        )
+        self.model_weights = Gauge(
+            "rmserve_model_weights_bytes", "Memory of the model's weights and buffers.", ["model"], registry=r
         )
         self.queue_depth = Gauge("rmserve_queue_depth", "Inputs waiting.", ["model"], registry=r)
         self.queue_tokens = Gauge("rmserve_queue_tokens", "Tokens waiting.", ["model"], registry=r)

@@ -44,6 +44,8 @@ def create_app(
             loaded, settings, specs=specs, observer_for=state.metrics.observer
         )
         registry.start()
+        for served in registry.models.values():
+            state.metrics.model_weights.labels(served.name).set(served.info.weights_bytes)
         state.registry = registry
 
     async def load_in_background() -> None:

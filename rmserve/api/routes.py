@@ -179,6 +179,7 @@ async def models(request: Request) -> ModelList:
                 device=m.info.device,
                 max_length=m.info.max_length,
                 parameters=m.info.parameters,
+                weights_bytes=m.info.weights_bytes,
                 default=m.name == registry.default,
                 heads=list(m.info.heads),
                 head_std=m.info.has_std,

@@ -74,6 +74,7 @@ class ModelCard(BaseModel):
     device: str
     max_length: int
     parameters: int
+    weights_bytes: int = Field(description="Memory of the model's weights and buffers on its device.")
     default: bool = Field(description="Whether requests without 'model' go to this model.")
     heads: list[str] = Field(description="Head (or ensemble member) names, in the order 'heads' lists them.")
     head_std: bool = Field(description="Whether the model reports a sigma per head (brme).")

@@ -57,6 +57,7 @@ class ModelInfo:
     max_length: int
     parameters: int
     path: str
+    weights_bytes: int = 0
     heads: tuple[str, ...] = ("reward",)
     has_std: bool = False
     nominal_head: int | None = 0
@@ -146,3 +147,9 @@ def reward_values(model: RewardModel, batch: Sequence[Encoded]) -> list[float]:
     """The model's reward aggregate for a batch, with its default lambdas (offline use and tests)."""
     out = model.score(batch, **lambdas_for(model.info.defaults, len(batch)))
     return out.aggregates[:, AGGREGATES.index(model.info.reward)].tolist()
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Memory of a module's parameters and buffers, in bytes."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from rmserve.aggregation import aggregate_rows
 from rmserve.kernels.heads import HeadOutputs, select_heads_aggregate
-from rmserve.models.base import DTypeName, KernelsName, ModelInfo, resolve_device, resolve_dtype
+from rmserve.models.base import DTypeName, KernelsName, ModelInfo, module_bytes, resolve_device, resolve_dtype
 from rmserve.models.inputs import EncodedInput, InputEncoder
 
 _UNBOUNDED = 1_000_000  # tokenizers report ~1e30 as model_max_length when they know no limit
@@ -99,6 +99,7 @@ class DenseRewardModel:
             max_length=self.max_length,
             parameters=sum(p.numel() for p in model.parameters()),
             path=str(path),
+            weights_bytes=module_bytes(model),
         )
 
     def _load_classifier(self, path: Path) -> nn.Module:

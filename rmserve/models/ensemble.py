@@ -212,6 +212,7 @@ class EnsembleRewardModel:
             max_length=min([max(m.max_length for m in self.members)] + ([max_length] if max_length else [])),
             parameters=sum(m.info.parameters for m in self.members),
             path=str(path),
+            weights_bytes=sum(m.info.weights_bytes for m in self.members),
             heads=tuple(m.name for m in config.members),
             has_std=False,
             nominal_head=config.nominal_member,

@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from rmserve.aggregation import AggregateName, AggregationParams
 from rmserve.kernels.heads import HeadOutputs, select_heads_aggregate
-from rmserve.models.base import DTypeName, KernelsName, ModelInfo, resolve_device, resolve_dtype
+from rmserve.models.base import DTypeName, KernelsName, ModelInfo, module_bytes, resolve_device, resolve_dtype
 from rmserve.models.dense import last_token_states, pad_token_id, resolve_max_length, right_padded
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder
@@ -274,6 +274,7 @@ class MultiHeadRewardModel:
             max_length=self.backbone.max_length,
             parameters=sum(p.numel() for p in self.backbone.base.parameters()) + head_parameters,
             path=str(path),
+            weights_bytes=module_bytes(self.backbone.base) + 4 * head_parameters,
             heads=config.heads,
             has_std=config.kind == "brme",
             nominal_head=config.nominal_head,

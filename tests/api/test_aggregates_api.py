@@ -185,9 +185,9 @@ async def test_models_list_heads_aggregates_and_config_overrides(brme, multihead
                 "/v1/score", json={"model": "tiny-multi", "inputs": INPUTS, "aggregates": ["min"]}
             )
         ).json()
-    assert cards["tiny-brme"] | {"parameters": 0} == {
+    assert cards["tiny-brme"] | {"parameters": 0, "weights_bytes": 0} == {
         "id": "tiny-brme", "object": "model", "kind": "brme", "architecture": "LlamaModel + 5 brme heads",
-        "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "default": True,
+        "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "weights_bytes": 0, "default": True,
         "heads": ["head0", "head1", "head2", "head3", "head4"], "head_std": True,
         "nominal": "per input, the head with the smallest sigma", "reward": "tradeoff",
         "aggregates": list(AGGREGATES), "uwo_lambda": 0.2, "tradeoff_lambda": 0.6,

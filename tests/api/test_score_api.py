@@ -125,14 +125,17 @@ async def test_several_models_and_model_selection(llama, bert):
     assert "tiny-llama, tiny-bert" in unknown.json()["error"]["message"]
     cards = listing.json()["data"]
     assert [c["id"] for c in cards] == ["tiny-llama", "tiny-bert"]
-    assert cards[0] | {"parameters": 0} == {
+    assert cards[0] | {"parameters": 0, "weights_bytes": 0} == {
         "id": "tiny-llama", "object": "model", "kind": "dense", "architecture": "LlamaForSequenceClassification",
-        "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "default": True,
+        "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "weights_bytes": 0, "default": True,
         "heads": ["reward"], "head_std": False, "nominal": "reward", "reward": "mean",
         "aggregates": ["mean", "min", "max", "std", "uwo", "nominal", "tradeoff"],
         "uwo_lambda": 1.0, "tradeoff_lambda": 0.6,
     }  # fmt: skip
     assert cards[0]["parameters"] == llama.info.parameters
+    assert cards[0]["weights_bytes"] == sum(
+        t.numel() * 4 for t in [*llama.model.parameters(), *llama.model.buffers()]
+    )
 
 
 @pytest.mark.parametrize(
@@ -335,6 +338,7 @@ async def test_metrics_after_requests(llama):
     n = len(llama.new_encoder().encode(PromptResponse(**BREAD)))
     assert f'rmserve_real_tokens_total{{model="tiny-llama"}} {float(2 * n)}' in text
     assert f'rmserve_padded_tokens_total{{model="tiny-llama"}} {float(2 * n)}' in text
+    assert f'rmserve_model_weights_bytes{{model="tiny-llama"}} {float(llama.info.weights_bytes)}' in text
 
 
 async def test_health_and_ready_when_loading_fails(tmp_path):
