@@ -50,7 +50,8 @@ def load_dialogues(path: Path) -> list[list[dict[str, str]]]:
             for dialogue in (row["chosen"], row["rejected"]):
                 parts = TURN.split(dialogue)
                 messages = [
-                    {"role": ROLES[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2], strict=True)
+                    {"role": ROLES[r], "content": c.strip()}
+                    for r, c in zip(parts[1::2], parts[2::2], strict=True)
                 ]
                 if messages:
                     out.append(messages)

@@ -27,12 +27,12 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rmserve.aggregation import AGGREGATES
 from rmserve.api.errors import ApiError, from_domain
 from rmserve.api.routes import ERROR_RESPONSES, ClientDisconnected, registry_of, settings_of, until_disconnect
-from rmserve.models.inputs import RewardInput, Text, TokenIds
+from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
 from rmserve.serving import ScoreOutcome, ServedModel
 
 router = APIRouter()
@@ -181,7 +181,7 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
     except Exception as exc:
         raise from_domain(exc) from exc
     pad, eos = served.special_texts
-    inputs: list[RewardInput] = [Text(text=strip_padding(q, pad, eos)) for q in body.query]
+    inputs = _build("query", [{"text": strip_padding(q, pad, eos)} for q in body.query])
     multi = len(served.info.heads) > 1
     try:
         _, outcome = await _score(
@@ -196,14 +196,30 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
     return OpenRLHFResponse(rewards=outcome.rewards, scores=outcome.rewards, extra_logs=logs)
 
 
+def _build(field: str, raw: list[dict[str, Any]]) -> list[RewardInput]:
+    """Reward inputs from their plain forms; a bad one is a 422 naming ``field[index]``."""
+    out = []
+    for index, item in enumerate(raw):
+        try:
+            out.append(INPUT_ADAPTER.validate_python(item))
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{field}[{index}]: {problem['msg']}; send a non-empty text or valid token ids.",
+            ) from None
+    return out
+
+
 def _vllm_inputs(value: VllmInput) -> list[RewardInput]:
     if isinstance(value, str):
-        return [Text(text=value)]
+        return _build("input", [{"text": value}])
     if all(isinstance(v, int) for v in value):
-        return [TokenIds(input_ids=value)]  # type: ignore[arg-type]
+        return _build("input", [{"input_ids": value}])
     if all(isinstance(v, str) for v in value):
-        return [Text(text=v) for v in value]  # type: ignore[arg-type]
-    return [TokenIds(input_ids=v) for v in value]  # type: ignore[arg-type]
+        return _build("input", [{"text": v} for v in value])
+    return _build("input", [{"input_ids": v} for v in value])
 
 
 async def _vllm(body: VllmRequest, request: Request) -> tuple[ServedModel, ScoreOutcome, list[float]]:

@@ -71,7 +71,9 @@ class Text(_Frozen):
 class TokenIds(_Frozen):
     """Token ids, scored exactly as given."""
 
-    input_ids: list[int] = Field(min_length=1, description="Token ids of the model's tokenizer.")
+    input_ids: list[Annotated[int, Field(ge=0)]] = Field(
+        min_length=1, description="Token ids of the model's tokenizer (each below its vocabulary size)."
+    )
 
 
 RewardInput = PromptResponse | Messages | Text | TokenIds

@@ -152,6 +152,9 @@ async def test_classify_activation_lists_token_ids_and_truncation(llama):
         ("/pooling", {"input": []}, 422),
         ("/classify", {"input": "hi", "truncate_prompt_tokens": 0}, 422),
         ("/get_reward", {"query": ["hi"], "model": "nope"}, 404),
+        ("/get_reward", {"query": ["hi", ""]}, 422),  # found by the schemathesis run: was a 500
+        ("/classify", {"input": ""}, 422),
+        ("/pooling", {"input": [3, -1]}, 422),
     ],
 )
 async def test_compat_errors(llama, route, body, status):
