@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from rmserve.aggregation import AGGREGATES, aggregate_rows
+from rmserve.kernels.selection import interpreting, use_triton
 
 try:
     import triton
@@ -76,11 +77,6 @@ class HeadOutputs:
 
 HeadsAggregate = Callable[..., HeadOutputs]
 """``heads_aggregate_reference`` or ``heads_aggregate_triton``: same signature, same results."""
-
-
-def _interpreting() -> bool:
-    """Whether Triton kernels are to run in its CPU interpreter (read at call time, never at import)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _validate(
@@ -380,7 +376,7 @@ def heads_aggregate_triton(
             "heads_aggregate_triton needs Triton, which is not installed. "
             "Hint: pip install 'rmserve[gpu]' (or triton), or use heads_aggregate_reference."
         )
-    interpret = _interpreting()
+    interpret = interpreting()
     if pooled.device.type != "cuda" and not interpret:
         raise ValueError(
             f"the Triton kernel needs CUDA tensors, got {pooled.device}. Hint: move the tensors to a CUDA "
@@ -453,22 +449,6 @@ def select_heads_aggregate(
         ValueError: an unknown ``kernels``; Triton asked for (or ``auto`` on CUDA) but not installed;
             ``triton`` on a device that is neither CUDA nor the CPU under ``TRITON_INTERPRET=1``.
     """
-    device = torch.device(device)
-    if kernels not in ("auto", "triton", "reference"):
-        raise ValueError(f"kernels must be 'auto', 'triton' or 'reference', got {kernels!r}.")
-    if kernels == "reference" or (kernels == "auto" and device.type != "cuda"):
-        return heads_aggregate_reference
-    if triton is None:
-        raise ValueError(
-            f"kernels={kernels!r} on {device} uses the Triton kernel, but Triton is not installed. "
-            "Hint: pip install 'rmserve[gpu]' (or triton), or pass kernels='reference'."
-        )
-    interpret = _interpreting()
-    if device.type != "cuda" and not interpret:
-        raise ValueError(
-            f"kernels='triton' needs a CUDA device, got {device}. Hint: pass kernels='auto' or 'reference', "
-            "or export TRITON_INTERPRET=1 to run the kernel in Triton's CPU interpreter (for tests)."
-        )
-    # A triton in the wrong mode fails here, at load time, rather than on the first batch.
-    _check_kernel_mode(interpret)
-    return heads_aggregate_triton
+    if use_triton(device, kernels, triton_installed=triton is not None, check_mode=_check_kernel_mode):
+        return heads_aggregate_triton
+    return heads_aggregate_reference

@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from rmserve.kernels.heads import _interpreting
+from rmserve.kernels.selection import interpreting, use_triton
 
 try:
     import triton
@@ -527,7 +527,7 @@ def _ready_for_kernels(name: str, device: torch.device) -> None:
             f"{name} needs Triton, which is not installed. Hint: pip install 'rmserve[gpu]' (or triton), or "
             "use the *_reference functions (kernels='reference')."
         )
-    interpret = _interpreting()
+    interpret = interpreting()
     if device.type != "cuda" and not interpret:
         raise ValueError(
             f"the Triton kernel needs CUDA tensors, got {device}. Hint: move the tensors to a CUDA device, "
@@ -799,22 +799,6 @@ def select_moe_kernels(
         ValueError: an unknown ``kernels``; Triton asked for (or ``auto`` on CUDA) but not installed;
             ``triton`` on a device that is neither CUDA nor the CPU under ``TRITON_INTERPRET=1``.
     """
-    device = torch.device(device)
-    if kernels not in ("auto", "triton", "reference"):
-        raise ValueError(f"kernels must be 'auto', 'triton' or 'reference', got {kernels!r}.")
-    if kernels == "reference" or (kernels == "auto" and device.type != "cuda"):
-        return REFERENCE_KERNELS
-    if triton is None:
-        raise ValueError(
-            f"kernels={kernels!r} on {device} uses the Triton kernels, but Triton is not installed. "
-            "Hint: pip install 'rmserve[gpu]' (or triton), or pass kernels='reference'."
-        )
-    interpret = _interpreting()
-    if device.type != "cuda" and not interpret:
-        raise ValueError(
-            f"kernels='triton' needs a CUDA device, got {device}. Hint: pass kernels='auto' or 'reference', "
-            "or export TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter (for tests)."
-        )
-    # A triton in the wrong mode fails here, at load time, rather than on the first batch.
-    _check_kernel_mode(interpret)
-    return TRITON_KERNELS
+    if use_triton(device, kernels, triton_installed=triton is not None, check_mode=_check_kernel_mode):
+        return TRITON_KERNELS
+    return REFERENCE_KERNELS
