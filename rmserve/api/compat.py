@@ -31,7 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rmserve.aggregation import AGGREGATES
 from rmserve.api.errors import ApiError, from_domain
-from rmserve.api.routes import ERROR_RESPONSES, ClientDisconnected, registry_of, settings_of, until_disconnect
+from rmserve.api.routes import (
+    ERROR_RESPONSES,
+    ClientDisconnected,
+    check_input_count,
+    registry_of,
+    until_disconnect,
+)
 from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
 from rmserve.serving import ScoreOutcome, ServedModel
 
@@ -138,13 +144,7 @@ async def _score(
     try:
         served = registry.get(model)
         request.scope["state"]["model"] = served.name
-        limit = settings_of(request).max_inputs_per_request
-        if len(inputs) > limit:
-            raise ApiError(
-                413,
-                "too_many_inputs",
-                f"the request has {len(inputs)} inputs, over the limit of {limit}; split it.",
-            )
+        check_input_count(request, len(inputs))
         outcome = await until_disconnect(request, served.score(inputs, **options))
     except ClientDisconnected:
         raise

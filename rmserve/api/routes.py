@@ -75,6 +75,17 @@ def registry_of(request: Request) -> ModelRegistry:
     return state.registry
 
 
+def check_input_count(request: Request, count: int) -> None:
+    """Refuse (413) a request with more inputs than ``max_inputs_per_request``."""
+    limit = settings_of(request).max_inputs_per_request
+    if count > limit:
+        raise ApiError(
+            413,
+            "too_many_inputs",
+            f"the request has {count} inputs, over the limit of {limit}; split it into several requests.",
+        )
+
+
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Run ``work``, cancelling it if the client disconnects first or the request timeout passes.
 
@@ -119,17 +130,10 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
     """Score inputs with a reward model; rewards come back in input order."""
     started = time.perf_counter()
     registry = registry_of(request)
-    settings = _state(request).settings
     try:
         served = registry.get(body.model)
         request.scope["state"]["model"] = served.name
-        if len(body.inputs) > settings.max_inputs_per_request:
-            raise ApiError(
-                413,
-                "too_many_inputs",
-                f"the request has {len(body.inputs)} inputs, over the limit of {settings.max_inputs_per_request}; "
-                "split it into several requests.",
-            )
+        check_input_count(request, len(body.inputs))
         defaults = served.info.defaults
         params = AggregationParams(
             uwo_lambda=defaults.uwo_lambda if body.uwo_lambda is None else body.uwo_lambda,
