@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from rmserve.cli import app
 from rmserve.hh import dialogue_to_messages
+from rmserve.kernels.moe import route_reference
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import PromptResponse, Text
@@ -98,14 +99,18 @@ def test_served_moe_equals_an_offline_forward_of_the_same_module(arch, tiny_mode
     assert max(abs(a - b) for a, b in zip(batch, reward_values(dense, encoded), strict=True)) > 1e-3
 
 
-def test_routing_weights_sum_to_one_and_unused_experts_get_no_tokens(tiny_model_dirs, tmp_path):
+def test_the_layer_records_its_routing_for_the_balance_loss_and_weights_sum_to_one(tiny_model_dirs, tmp_path):
     upcycle(tiny_model_dirs["llama"], tmp_path / "moe", experts=4, top_k=2, last=1)
     moe = moe_layers(load_moe_classifier(tmp_path / "moe"))[0]
     assert isinstance(moe, UpcycledMoE) and len(moe.experts) == 3 and moe.top_k == 2
     moe.train()
-    x = torch.randn(2, 7, 32)
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
     moe(x)
-    assert moe.last_expert_index is not None and moe.last_expert_index.shape == (14, 1)
+    routing = route_reference(x.reshape(-1, 32), moe.router.weight, 1)
+    assert moe.last_expert_index is not None and torch.equal(moe.last_expert_index, routing.expert_index)
+    assert moe.last_router_probs is not None and moe.last_router_probs.shape == (14, 3)
+    totals = routing.shared_weight + routing.expert_weight.sum(dim=-1)  # (T,)
+    torch.testing.assert_close(totals, torch.ones(14))
 
 
 def test_upcycle_refuses_bad_options(tiny_model_dirs, tmp_path):
