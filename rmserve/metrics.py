@@ -13,7 +13,7 @@ Names (all labelled by ``model``; requests also by ``endpoint`` and ``status``):
 - ``rmserve_batches_total``: batches run, by outcome (``ok``/``failed``);
 - ``rmserve_dropped_inputs_total``: queued inputs dropped because their client hung up;
 - ``rmserve_queue_depth`` / ``rmserve_queue_tokens``: inputs and tokens waiting now;
-- ``rmserve_input_tokens_total``: tokens of scored inputs, after truncation;
+- ``rmserve_input_tokens_total``: tokens of the inputs of answered (200) requests, after truncation;
 - ``rmserve_model_weights_bytes``: memory of each model's weights and buffers on its device.
 """
 
@@ -89,7 +89,7 @@ class Metrics:
         self.queue_depth = Gauge("rmserve_queue_depth", "Inputs waiting.", ["model"], registry=r)
         self.queue_tokens = Gauge("rmserve_queue_tokens", "Tokens waiting.", ["model"], registry=r)
         self.input_tokens = Counter(
-            "rmserve_input_tokens_total", "Tokens of scored inputs.", ["model"], registry=r
+            "rmserve_input_tokens_total", "Tokens of the inputs of answered requests.", ["model"], registry=r
         )
 
     def observer(self, model: str) -> ModelObserver:

@@ -146,6 +146,7 @@ async def _score(
         request.scope["state"]["model"] = served.name
         check_input_count(request, len(inputs))
         outcome = await until_disconnect(request, served.score(inputs, **options))
+        request.scope["state"]["input_tokens"] = outcome.input_tokens
     except ClientDisconnected:
         raise
     except Exception as exc:

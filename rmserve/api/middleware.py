@@ -97,6 +97,8 @@ class RequestContextMiddleware:
             self.metrics.requests.labels(model, path, str(status)).inc()
             if model:
                 self.metrics.request_duration.labels(model, path).observe(elapsed)
+            if model and status == 200:
+                self.metrics.input_tokens.labels(model).inc(scope["state"].get("input_tokens", 0))
             access = {
                 "request_id": request_id, "method": scope.get("method", ""), "path": path, "status": status,
                 "model": model, "duration_ms": round(elapsed * 1000, 3),

@@ -149,6 +149,7 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
             return_heads=body.return_heads,
         )
         outcome = await until_disconnect(request, work)
+        request.scope["state"]["input_tokens"] = outcome.input_tokens
     except ClientDisconnected:
         return Response(status_code=499)
     except Exception as exc:

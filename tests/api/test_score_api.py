@@ -329,6 +329,7 @@ async def test_metrics_after_requests(llama):
     async with serve([llama]) as client:
         await client.post("/v1/score", json={"inputs": [BREAD, BREAD]})
         await client.post("/v1/score", json={"model": "nope", "inputs": [BREAD]})
+        await client.post("/v1/score", json={"inputs": [BREAD], "aggregates": ["nope"]})  # 422: not counted
         text = (await client.get("/metrics")).text
     assert 'rmserve_requests_total{endpoint="/v1/score",model="tiny-llama",status="200"} 1.0' in text
     assert 'rmserve_requests_total{endpoint="/v1/score",model="",status="404"} 1.0' in text
@@ -338,6 +339,7 @@ async def test_metrics_after_requests(llama):
     n = len(llama.new_encoder().encode(PromptResponse(**BREAD)))
     assert f'rmserve_real_tokens_total{{model="tiny-llama"}} {float(2 * n)}' in text
     assert f'rmserve_padded_tokens_total{{model="tiny-llama"}} {float(2 * n)}' in text
+    assert f'rmserve_input_tokens_total{{model="tiny-llama"}} {float(2 * n)}' in text
     assert f'rmserve_model_weights_bytes{{model="tiny-llama"}} {float(llama.info.weights_bytes)}' in text
 
 
