@@ -207,8 +207,11 @@ def plot(runs: list[LoadRun], path: Path) -> None:
         (line,) = right.plot(users, [r.p50_ms / 1000 for r in mine], marker="o", label=f"{model} p50")
         right.plot(users, [r.p95_ms / 1000 for r in mine], marker="x", linestyle="--",
                    color=line.get_color(), label=f"{model} p95")  # fmt: skip
+    counts = sorted({r.users for r in runs})
     for axis in (left, right):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(counts, [str(c) for c in counts])
+        axis.set_ylim(bottom=0)
         axis.set_xlabel("concurrent users")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
