@@ -1,7 +1,8 @@
 """Soak run: sustained load on a running server, with zero errors and bounded memory growth after warm-up.
 
 Clients post HH-RLHF dialogues (one per request) from ``--concurrency`` threads for ``--seconds``;
-the server's resident memory (``VmRSS`` of ``--pid``, read from /proc) is sampled after the warm-up,
+the server's resident memory (``VmRSS`` of ``--pid``, read from /proc) is sampled after the warm-up
+(``--warmup-requests`` at the same concurrency, so every batch size the load makes has been allocated once),
 every ``--sample-every`` seconds, and at the end. Exits 1 if any request failed or memory grew by more
 than ``--max-growth``. ``--out FILE`` writes a markdown report (figures and memory samples).
 
@@ -46,6 +47,7 @@ class SoakReport:
     latency_p50_s: float
     latency_p99_s: float
     rss_samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since warm-up, bytes)
+    warmup_errors: int = 0
 
     @property
     def growth(self) -> float:
@@ -83,25 +85,37 @@ def soak(
             counts["errors"] += not ok
             latencies.append(time.monotonic() - started)
 
-    with httpx.Client(headers=headers) as client:
-        for i in range(warmup_requests):
-            post(client, i)
+    def run(*, until: float | None = None, requests: int | None = None) -> list[threading.Thread]:
+        """Start ``concurrency`` clients posting back to back, until a time or until ``requests`` are sent."""
+        issued = [0]
+
+        def worker(offset: int) -> None:
+            with httpx.Client(headers=headers) as client:
+                i = offset
+                while until is None or time.monotonic() < until:
+                    if requests is not None:
+                        with lock:
+                            if issued[0] >= requests:
+                                return
+                            issued[0] += 1
+                    post(client, i)
+                    i += concurrency
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(concurrency)]
+        for t in threads:
+            t.start()
+        return threads
+
+    # Warm-up at full concurrency, so batches of every size the load makes have been allocated once.
+    for t in run(requests=warmup_requests):
+        t.join()
     warm = rss_bytes(pid)
+    warmup_errors = counts["errors"]
     counts.update(requests=0, errors=0)
     latencies.clear()
     started = time.monotonic()
     deadline = started + seconds
-
-    def worker(offset: int) -> None:
-        with httpx.Client(headers=headers) as client:
-            i = offset
-            while time.monotonic() < deadline:
-                post(client, i)
-                i += concurrency
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(concurrency)]
-    for t in threads:
-        t.start()
+    threads = run(until=deadline)
     samples = [(0.0, warm)]
     next_sample = started + sample_every
     while any(t.is_alive() for t in threads):
@@ -124,6 +138,7 @@ def soak(
         latency_p50_s=quantiles[49],
         latency_p99_s=quantiles[98],
         rss_samples=samples,
+        warmup_errors=warmup_errors,
     )
 
 
@@ -179,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         command = " ".join(["python -m loadtests.soak", *shown])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(markdown(report, command, args.concurrency))
-    if report.errors or report.growth > args.max_growth:
+    if report.errors or report.warmup_errors or report.growth > args.max_growth:
         sys.exit(1)
 
 
