@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ serve: install
 # kernels run in Triton's CPU interpreter when there is no GPU (set before triton is first imported)
 test: install
 	TRITON_INTERPRET=$${TRITON_INTERPRET:-$$(nvidia-smi >/dev/null 2>&1 && echo 0 || echo 1)} $(PY) -m pytest
+
+# the GPU benchmarks (kernels, then the demo models served in bfloat16) into docs/benchmarks-gpu.md; needs CUDA
+bench-gpu: install
+	bash bench/gpu.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -72,3 +72,15 @@ def interleaved(
             times[name].append(timed_pass(model, encoded, batches))
             print(f"run {repeat + 1}/{repeats} {name}: {times[name][-1]:.2f}s", file=sys.stderr, flush=True)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gpu_machine() -> str:
+    """The GPU, CUDA, torch and triton, for the reports (needs CUDA)."""
+    import triton
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return (
+        f"{props.name} (sm{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+        f"{props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, torch {torch.__version__}, "
+        f"triton {triton.__version__}, Python {platform.python_version()}"
+    )

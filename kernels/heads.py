@@ -13,6 +13,26 @@ This module owns the last step of a forward pass: from each input's pooled hidde
 ``rmserve.aggregation.aggregate_rows``); ``heads_aggregate_triton`` computes the same in one kernel launch
 and matches it to 1e-5. ``select_heads_aggregate`` picks one of the two, once, when a model is loaded.
 
+Fused pooling. With ``positions`` (B,), both take the backbone's final hidden states (B, T, H), any
+strides, instead of pooled rows, and read row b at ``hidden[b, positions[b]]``: the kernel loads each
+position and adds one more stride, so the gathered (B, H) copy is never made. ``scored_positions`` gives the
+positions of a right- or left-padded batch. The reference checks every position against T (one host sync
+on CUDA; it is the definition, and torch would wrap a negative index silently). The kernel does not: that
+check would stall the host on the backbone's forward before the launch. Positions in 0..T-1 are the
+caller's contract; the kernel never reads outside ``hidden`` for one that is not, and gives that input NaN
+for every output instead (which the server's finite check turns into an error for the batch).
+
+Launch configurations (see ``rmserve.kernels.tuning`` for the rules every kernel shares). On CUDA the
+kernel is autotuned, keyed on H, k, BRME or not and a power-of-two bucket of B (16..256), over 8 tiles:
+16 rows by 32, 64, 128 or 256 hidden columns, 32 rows by 64 or 128, 64 rows by 64 or 128. The problem is a
+skinny GEMM, (B, H) by (H, k) with k <= 128, bound by reading the hidden rows and the head weights: 16-row
+tiles give a served batch of a few dozen inputs as many programs as possible; 32 and 64 rows read each
+weight tile once for more rows when batches are large. Long H chunks (128, 256) with 3-4 stages keep more
+loads in flight per program; they only fit a narrow head tile: candidates with ``BLOCK_H * BLOCK_K`` above
+4096 elements (a weight tile, twice for BRME, plus the row tile, in registers and shared memory) are pruned
+at launch, as are tiles with more rows than the batch bucket. The 16 x 32 tile fits every launch (128 heads
+included). Under the interpreter: one tile, 16 rows by 64 columns.
+
 Triton is optional: without it this module still imports and the reference works. The kernel runs on
 CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``; float32 only in
 practice, the interpreter gets bfloat16 ``tl.dot`` wrong). Triton decides compiled-or-interpreted for the
@@ -35,6 +55,7 @@ import torch.nn.functional as F
 
 from rmserve.aggregation import AGGREGATES, aggregate_rows
 from rmserve.kernels.selection import interpreting, use_triton
+from rmserve.kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
 
 try:
     import triton
@@ -49,15 +70,15 @@ __all__ = [
     "HeadsAggregate",
     "heads_aggregate_reference",
     "heads_aggregate_triton",
+    "scored_positions",
     "select_heads_aggregate",
 ]
 
 MAX_HEADS = 128
 """The most heads the Triton kernel takes: a program holds (BLOCK_B, next_pow2(k)) tiles in registers."""
 
-_BLOCK_B = 16  # rows per program; tl.dot needs >= 16
 _MIN_BLOCK_K = 16  # tl.dot needs >= 16 columns
-_TILE_ELEMENTS = 4096  # BLOCK_H * BLOCK_K of one weight tile, to bound registers per program
+_TILE_ELEMENTS = 4096  # the most BLOCK_H * BLOCK_K of one weight tile, to bound registers per program
 
 
 @dataclass(frozen=True)
@@ -89,14 +110,22 @@ def _validate(
     uwo_lambda: torch.Tensor,
     tradeoff_lambda: torch.Tensor,
     eps: float,
+    positions: torch.Tensor | None,
 ) -> None:
-    """Raise a ValueError naming the first argument that does not fit the others."""
-    if pooled.ndim != 2 or not pooled.is_floating_point():
+    """Raise a ValueError naming the first argument that does not fit the others (no device values read)."""
+    if positions is None and (pooled.ndim != 2 or not pooled.is_floating_point()):
+        hint = (
+            "; these look like (B, T, H) hidden states: pass positions= (see scored_positions) to pool them"
+            if pooled.ndim == 3
+            else ""
+        )
         raise ValueError(
             f"pooled must be a (B, H) floating tensor (one pooled hidden state per input), "
-            f"got shape {tuple(pooled.shape)} and dtype {pooled.dtype}."
+            f"got shape {tuple(pooled.shape)} and dtype {pooled.dtype}{hint}."
         )
-    rows, hidden = pooled.shape
+    if positions is not None:
+        _validate_positions(pooled, positions)
+    rows, hidden = pooled.shape[0], pooled.shape[-1]
     if weight.ndim != 2 or not weight.is_floating_point():
         raise ValueError(
             f"weight must be a (k, H) floating tensor (one row per head), got shape {tuple(weight.shape)} "
@@ -139,13 +168,84 @@ def _validate(
                 f"broadcast a scalar with torch.full(({rows},), value)."
             )
     tensors = {"weight": weight, "bias": bias, "std_weight": std_weight, "std_bias": std_bias}
-    tensors |= {"uwo_lambda": uwo_lambda, "tradeoff_lambda": tradeoff_lambda}
+    tensors |= {"uwo_lambda": uwo_lambda, "tradeoff_lambda": tradeoff_lambda, "positions": positions}
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != pooled.device:
             raise ValueError(
                 f"{name} is on {tensor.device} but pooled is on {pooled.device}; "
                 "move it with .to(pooled.device)."
             )
+
+
+def _is_integer(tensor: torch.Tensor) -> bool:
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+
+
+def _validate_positions(hidden: torch.Tensor, positions: torch.Tensor) -> None:
+    """Shapes and dtypes of fused pooling: hidden (B, T, H) floating, positions (B,) integer, T >= 1."""
+    if hidden.ndim != 3 or not hidden.is_floating_point():
+        raise ValueError(
+            f"with positions, pooled must be the (B, T, H) floating final hidden states, got shape "
+            f"{tuple(hidden.shape)} and dtype {hidden.dtype}; pass (B, H) pooled states without positions."
+        )
+    rows, seq_len, _ = hidden.shape
+    if positions.shape != (rows,) or not _is_integer(positions):
+        raise ValueError(
+            f"positions must be a ({rows},) integer tensor, the scored token of each sequence, got shape"
+            f" {tuple(positions.shape)} and dtype {positions.dtype}; build it with scored_positions."
+        )
+    if seq_len == 0 and rows > 0:
+        raise ValueError(
+            f"pooled is {tuple(hidden.shape)}: sequences of no token (T=0) have no token to score."
+        )
+
+
+def _check_position_range(positions: torch.Tensor, seq_len: int) -> None:
+    """Raise unless every position is in 0..seq_len-1 (reads the positions: one host sync on CUDA)."""
+    if positions.numel() == 0:
+        return
+    low, high = int(positions.min()), int(positions.max())
+    if low < 0 or high >= seq_len:
+        raise ValueError(
+            f"positions hold values from {low} to {high}, but the hidden states have T={seq_len} positions "
+            f"(0..{seq_len - 1}); build them with scored_positions from lengths in 1..{seq_len}."
+        )
+
+
+def scored_positions(
+    lengths: torch.Tensor, seq_len: int, padding_side: Literal["right", "left"]
+) -> torch.Tensor:
+    """The position of each sequence's scored token (its last real one) in a padded batch, for ``positions``.
+
+    Right padding puts sequence b at 0..lengths[b]-1, so it is scored at ``lengths[b] - 1``; left padding
+    aligns every sequence to the end, so each is scored at ``seq_len - 1`` whatever its length.
+
+    Args:
+        lengths: the real tokens of each sequence, (B,) integer, each in 1..seq_len. Not read on the host
+            (that would sync CUDA): ``heads_aggregate_reference`` rejects the positions of lengths outside
+            that range, the kernel gives those inputs NaN outputs.
+        seq_len: T, the padded length of the batch.
+        padding_side: ``right`` or ``left``, as the batch was padded.
+
+    Returns:
+        (B,) long on ``lengths``'s device.
+
+    Raises:
+        ValueError: ``lengths`` not a (B,) integer tensor, ``seq_len`` not an integer >= 0, or an unknown
+            ``padding_side``.
+    """
+    if lengths.ndim != 1 or not _is_integer(lengths):
+        raise ValueError(
+            f"lengths must be a (B,) integer tensor of sequence lengths, got shape {tuple(lengths.shape)} "
+            f"and dtype {lengths.dtype}."
+        )
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+        raise ValueError(f"seq_len must be the padded length T, an integer >= 0, got {seq_len!r}.")
+    if padding_side == "right":
+        return lengths.long() - 1  # (B,)
+    if padding_side == "left":
+        return torch.full_like(lengths, seq_len - 1, dtype=torch.long)  # (B,)
+    raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
 
 
 @torch.no_grad()
@@ -160,11 +260,13 @@ def heads_aggregate_reference(
     uwo_lambda: torch.Tensor,
     tradeoff_lambda: torch.Tensor,
     eps: float,
+    positions: torch.Tensor | None = None,
 ) -> HeadOutputs:
     """Head rewards, BRME sigmas and every aggregate, in plain torch and float32 (the definition).
 
     Args:
-        pooled: each input's pooled hidden state, (B, H), any float dtype (upcast to float32).
+        pooled: each input's pooled hidden state, (B, H), any float dtype (upcast to float32); with
+            ``positions``, the final hidden states (B, T, H), any strides, pooled here.
         weight: mean-head weights, (k, H).
         bias: mean-head biases, (k,), or None.
         std_weight: BRME std-head weights, (k, H), or None for multi-head and dense models.
@@ -174,15 +276,24 @@ def heads_aggregate_reference(
         uwo_lambda: each input's UWO lambda, (B,).
         tradeoff_lambda: each input's trade-off lambda, (B,).
         eps: the sigma floor, ``sigma = softplus(std_logit) + eps``.
+        positions: the scored token of each input, (B,) integer in 0..T-1 (see ``scored_positions``); row
+            b is ``pooled[b, positions[b]]``. None: ``pooled`` is already (B, H).
 
     Returns:
         ``HeadOutputs`` in float32 on ``pooled``'s device.
 
     Raises:
         ValueError: shapes that do not match, a nominal head out of range (or None without std weights),
-            a negative eps, or tensors on another device than ``pooled``.
+            a negative eps, tensors on another device than ``pooled``, or positions that are not (B,)
+            integers in 0..T-1.
     """
-    _validate(pooled, weight, bias, std_weight, std_bias, nominal_head, uwo_lambda, tradeoff_lambda, eps)
+    _validate(
+        pooled, weight, bias, std_weight, std_bias, nominal_head, uwo_lambda, tradeoff_lambda, eps, positions
+    )
+    if positions is not None:
+        _check_position_range(positions, pooled.shape[1])
+        rows = torch.arange(pooled.shape[0], device=pooled.device)  # (B,)
+        pooled = pooled[rows, positions.long()]  # (B, H)
     x = pooled.float()  # (B, H)
     mu = x @ weight.float().T  # (B, k)
     if bias is not None:
@@ -201,11 +312,40 @@ def heads_aggregate_reference(
     return HeadOutputs(mu, sigma, aggregate_rows(mu, nominal, uwo_lambda, tradeoff_lambda))
 
 
+def _tile_fits(launch: dict[str, int]) -> bool:
+    """Whether a candidate tile suits a launch: rows within the batch bucket, weight tile within budget."""
+    return (
+        launch["BLOCK_B"] <= launch["B_BUCKET"]
+        and launch["BLOCK_H"] * launch["BLOCK_K"] <= _TILE_ELEMENTS
+        and launch["BLOCK_H"] <= max(32, triton.next_power_of_2(launch["H"]))
+    )
+
+
+_TUNING = TuningSpace(
+    candidates=(
+        Tile({"BLOCK_B": 16, "BLOCK_H": 32}, num_warps=4, num_stages=3),  # fits every launch (k <= 128)
+        Tile({"BLOCK_B": 16, "BLOCK_H": 64}, num_warps=4, num_stages=3),
+        Tile({"BLOCK_B": 16, "BLOCK_H": 128}, num_warps=4, num_stages=4),
+        Tile({"BLOCK_B": 16, "BLOCK_H": 256}, num_warps=4, num_stages=3),
+        Tile({"BLOCK_B": 32, "BLOCK_H": 64}, num_warps=4, num_stages=3),
+        Tile({"BLOCK_B": 32, "BLOCK_H": 128}, num_warps=4, num_stages=4),
+        Tile({"BLOCK_B": 64, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+        Tile({"BLOCK_B": 64, "BLOCK_H": 128}, num_warps=8, num_stages=2),
+    ),
+    interpreter=Tile({"BLOCK_B": 16, "BLOCK_H": 64}),
+    dot_sides=("BLOCK_B", "BLOCK_H"),
+    fits=_tile_fits,
+)
+"""The heads kernel's launch configurations (see the module docstring for why these)."""
+
+_B_BUCKETS = (16, 256)  # the autotune key's batch bucket: next power of two of B, clamped to this range
+
 if triton is not None:
 
     @triton.jit
     def _heads_aggregate_kernel(
-        pooled_ptr,  # (B, H) any float dtype
+        pooled_ptr,  # (B, H), or (B, T, H) if HAS_POSITIONS; any float dtype, any strides
+        positions_ptr,  # (B,) int64 contiguous, read only if HAS_POSITIONS
         weight_ptr,  # (K, H)
         bias_ptr,  # (K,) contiguous, read only if HAS_BIAS
         std_weight_ptr,  # (K, H), read only if HAS_STD
@@ -216,23 +356,27 @@ if triton is not None:
         head_std_ptr,  # out (B, K) float32 contiguous, written only if HAS_STD
         aggregates_ptr,  # out (B, 7) float32 contiguous
         B,
+        T,  # positions per sequence; 1 unless HAS_POSITIONS
         H,
         K,
+        B_BUCKET,  # unused by the program: the autotuner's key, B's power-of-two bucket
         nominal_head,  # fixed nominal index, unused if NOMINAL_ARGMIN
         eps,
         stride_pb,
+        stride_pt,  # 0 unless HAS_POSITIONS
         stride_ph,
         stride_wk,
         stride_wh,
         stride_sk,
         stride_sh,
+        HAS_POSITIONS: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_STD: tl.constexpr,
         HAS_STD_BIAS: tl.constexpr,
         NOMINAL_ARGMIN: tl.constexpr,
-        BLOCK_B: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        BLOCK_H: tl.constexpr,
+        BLOCK_B: tl.constexpr,  # tuned
+        BLOCK_H: tl.constexpr,  # tuned
     ):
         """Heads, sigmas and every aggregate of BLOCK_B rows, in one pass over their pooled states.
 
@@ -240,13 +384,24 @@ if triton is not None:
         both projections (mean heads and, for BRME, std heads) in float32 registers; the k rewards of a row
         then never leave the program: softplus, the argmin of sigma, mean, variance, min, max and the
         lambda-weighted aggregates are row reductions over the (BLOCK_B, BLOCK_K) tile. Columns >= K are
-        padding (BLOCK_K is a power of two >= 16 for tl.dot) and are masked out of every reduction.
+        padding (BLOCK_K is a power of two >= 16 for tl.dot) and are masked out of every reduction. With
+        HAS_POSITIONS the rows are read straight from the (B, T, H) hidden states at each row's position; a
+        position outside 0..T-1 is never read, and its row's outputs are NaN.
         """
         pid = tl.program_id(0)
         rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
         cols = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
         row_ok = rows < B  # (BLOCK_B,)
         col_ok = cols < K  # (BLOCK_K,)
+
+        # Where each row starts, in int64: B * T * H passes 2**31 for long batches of a wide model.
+        row_start = pooled_ptr + rows.to(tl.int64) * stride_pb  # (BLOCK_B,)
+        load_ok = row_ok  # (BLOCK_B,)
+        if HAS_POSITIONS:
+            position = tl.load(positions_ptr + rows, mask=row_ok, other=0)  # (BLOCK_B,) int64
+            position_ok = (position >= 0) & (position < T)  # (BLOCK_B,)
+            row_start += tl.where(position_ok, position, 0) * stride_pt  # (BLOCK_B,)
+            load_ok = row_ok & position_ok  # (BLOCK_B,)
 
         # Both projections, accumulated over H in float32; tl.dot at IEEE precision (no TF32).
         mu = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)  # (BLOCK_B, BLOCK_K)
@@ -255,8 +410,8 @@ if triton is not None:
             hs = h0 + tl.arange(0, BLOCK_H)  # (BLOCK_H,)
             h_ok = hs < H  # (BLOCK_H,)
             x = tl.load(
-                pooled_ptr + rows[:, None] * stride_pb + hs[None, :] * stride_ph,
-                mask=row_ok[:, None] & h_ok[None, :],
+                row_start[:, None] + hs[None, :] * stride_ph,
+                mask=load_ok[:, None] & h_ok[None, :],
                 other=0.0,
             ).to(tl.float32)  # (BLOCK_B, BLOCK_H)
             w_mask = h_ok[:, None] & col_ok[None, :]  # (BLOCK_H, BLOCK_K)
@@ -274,6 +429,9 @@ if triton is not None:
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
             mu += b[None, :]  # (BLOCK_B, BLOCK_K)
+        if HAS_POSITIONS:  # a row at an invalid position has no state: NaN, never a made-up reward
+            mu = tl.where(position_ok[:, None], mu, float("nan"))  # (BLOCK_B, BLOCK_K)
+            logit = tl.where(position_ok[:, None], logit, float("nan"))  # (BLOCK_B, BLOCK_K)
 
         out_mask = row_ok[:, None] & col_ok[None, :]  # (BLOCK_B, BLOCK_K)
         out_offsets = rows[:, None] * K + cols[None, :]  # (BLOCK_B, BLOCK_K)
@@ -327,6 +485,10 @@ if triton is not None:
         tl.store(row_out + 5, nominal, mask=row_ok)
         tl.store(row_out + 6, lam_t * nominal + (1.0 - lam_t) * worst, mask=row_ok)
 
+    _heads_aggregate_tuned = autotuned(
+        _heads_aggregate_kernel, _TUNING, key=("H", "K", "HAS_STD", "B_BUCKET")
+    )
+
 
 def _check_kernel_mode(interpret: bool) -> None:
     """Raise a ValueError unless the kernel runs in the mode TRITON_INTERPRET asks for now.
@@ -356,15 +518,24 @@ def heads_aggregate_triton(
     uwo_lambda: torch.Tensor,
     tradeoff_lambda: torch.Tensor,
     eps: float,
+    positions: torch.Tensor | None = None,
 ) -> HeadOutputs:
     """``heads_aggregate_reference`` in one Triton kernel launch; same arguments, results within 1e-5.
 
+    With ``positions``, the kernel reads each row from the (B, T, H) ``pooled`` at its position (no gathered
+    copy). Positions are checked for shape, dtype and device only, never read on the host: values outside
+    0..T-1 are the caller's error, which the kernel reports as NaN outputs for those inputs (see the module
+    docstring).
+
     Raises:
-        ValueError: what ``heads_aggregate_reference`` rejects; Triton not installed; more than
-            ``MAX_HEADS`` heads; tensors that are neither on CUDA nor on the CPU under ``TRITON_INTERPRET=1``.
+        ValueError: what ``heads_aggregate_reference`` rejects but out-of-range positions; Triton not
+            installed; more than ``MAX_HEADS`` heads; tensors that are neither on CUDA nor on the CPU under
+            ``TRITON_INTERPRET=1``.
     """
-    _validate(pooled, weight, bias, std_weight, std_bias, nominal_head, uwo_lambda, tradeoff_lambda, eps)
-    rows, hidden = pooled.shape
+    _validate(
+        pooled, weight, bias, std_weight, std_bias, nominal_head, uwo_lambda, tradeoff_lambda, eps, positions
+    )
+    rows, hidden = pooled.shape[0], pooled.shape[-1]
     k = weight.shape[0]
     if k > MAX_HEADS:
         raise ValueError(
@@ -391,17 +562,21 @@ def heads_aggregate_triton(
     if rows == 0:
         return HeadOutputs(heads, head_std, aggregates)
 
-    block_k = max(_MIN_BLOCK_K, triton.next_power_of_2(k))
-    block_h = max(16, min(128, _TILE_ELEMENTS // block_k, triton.next_power_of_2(hidden)))
+    if positions is not None:
+        seq_len, stride_t = pooled.shape[1], pooled.stride(1)
+        positions = positions.to(torch.int64).contiguous()  # (B,)
+    else:
+        seq_len, stride_t = 1, 0
     std_w = std_weight if std_weight is not None else weight  # placeholder pointer when HAS_STD is False
-    grid = (triton.cdiv(rows, _BLOCK_B),)
     # Triton launches on the current CUDA device: make it pooled's (models may sit on several GPUs).
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device:
-        _heads_aggregate_kernel[grid](
+        _heads_aggregate_tuned.launch(
+            lambda meta: (triton.cdiv(rows, meta["BLOCK_B"]),),
             pooled,
+            positions if positions is not None else heads,  # placeholders are never read
             weight,
-            bias.contiguous() if bias is not None else heads,  # placeholders are never read
+            bias.contiguous() if bias is not None else heads,
             std_w,
             std_bias.contiguous() if std_bias is not None else heads,
             uwo_lambda.contiguous(),
@@ -410,23 +585,25 @@ def heads_aggregate_triton(
             head_std if head_std is not None else heads,
             aggregates,
             rows,
+            seq_len,
             hidden,
             k,
+            size_bucket(rows, low=_B_BUCKETS[0], high=_B_BUCKETS[1]),
             0 if nominal_head is None else nominal_head,
             float(eps),
             pooled.stride(0),
-            pooled.stride(1),
+            stride_t,
+            pooled.stride(-1),
             weight.stride(0),
             weight.stride(1),
             std_w.stride(0),
             std_w.stride(1),
+            HAS_POSITIONS=positions is not None,
             HAS_BIAS=bias is not None,
             HAS_STD=std_weight is not None,
             HAS_STD_BIAS=std_bias is not None,
             NOMINAL_ARGMIN=nominal_head is None,
-            BLOCK_B=_BLOCK_B,
-            BLOCK_K=block_k,
-            BLOCK_H=block_h,
+            BLOCK_K=max(_MIN_BLOCK_K, triton.next_power_of_2(k)),
         )
     return HeadOutputs(heads, head_std, aggregates)
 

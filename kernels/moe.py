@@ -16,6 +16,23 @@ differentiable (the router learns through g_i and 1 - s_max, so training uses th
 compute the same with Triton kernels, forward only, and match them to 1e-5 in float32. ``select_moe_kernels`` picks
 one set, once, when a model is loaded (same rules as ``rmserve.kernels.heads.select_heads_aggregate``).
 
+Launch configurations (the rules every kernel shares are in ``rmserve.kernels.tuning``). On CUDA both
+kernels are autotuned; under the interpreter each runs one tile.
+
+- Routing, keyed on H, N-1, K-1 and a power-of-two bucket of the tokens (16..8192), over 7 tiles of 16 to
+  128 tokens by 64 or 128 hidden columns. The kernel reads every token once and the (H, N-1) router once
+  per program: 16-token tiles spread a short batch over the SMs, 64 and 128 read the router for more tokens
+  at a time when there are thousands. Launches prune tiles with more tokens than the bucket, a router tile
+  ``BLOCK_H * BLOCK_E`` above 8192 elements, or a selection tile ``BLOCK_T * BLOCK_E`` above 4096 (the
+  top-k loop keeps four such tiles in registers); 16 x 64 fits every launch. Interpreter: 16 x 64.
+- Grouped SwiGLU, keyed on H, F and the row tile ``BLOCK_M``, over 7 (BLOCK_F, BLOCK_H) tiles from 32 x 32
+  to 128 x 128. ``BLOCK_M`` (16..64, from the rows per expert) is not tuned: the host plans the row tiles
+  of each expert's group with it before the launch. Phase 1 holds two (BLOCK_M, BLOCK_F) accumulators and
+  two (BLOCK_H, BLOCK_F) weight tiles, phase 2 a (BLOCK_M, BLOCK_H) one: launches prune tiles where any of
+  these passes 8192 elements, or wider than F or H (rounded up to a power of two, at least 32). Wide
+  tiles with 8 warps suit the large FFNs of 7B-class models (F ~ 11008-14336), 64 x 64 with 3-4 stages the
+  mid-sized ones; 32 x 32 fits every launch. Interpreter: 64 x 64.
+
 Triton is optional: without it this module imports and the references work. The kernels run on CUDA
 tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` exported before the process
 starts, float32 only: see ``rmserve.kernels.heads`` for why the mode cannot change later).
@@ -32,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from rmserve.kernels.selection import interpreting, use_triton
+from rmserve.kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
 
 try:
     import triton
@@ -61,8 +79,8 @@ MAX_KERNEL_EXPERTS = 64
 MAX_KERNEL_TOP_K = 8
 """The most routed experts per token (K-1) the routing kernel takes: it selects them one by one."""
 
-_BLOCK_T = 16  # tokens per routing program; tl.dot needs >= 16 rows
 _MIN_BLOCK = 16  # tl.dot needs every tile side >= 16
+_T_BUCKETS = (16, 8192)  # the routing key's token bucket: next power of two of T, clamped to this range
 
 Swiglu = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """One SwiGLU FFN's weights: gate (F, H), up (F, H), down (H, F)."""
@@ -306,6 +324,64 @@ def moe_layer_reference(
 
 # --- kernels --------------------------------------------------------------------------------------------
 
+
+def _np2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _route_tile_fits(launch: dict[str, int]) -> bool:
+    """Whether a routing tile suits a launch (see the module docstring)."""
+    return (
+        launch["BLOCK_T"] <= launch["T_BUCKET"]
+        and launch["BLOCK_H"] * launch["BLOCK_E"] <= 8192
+        and launch["BLOCK_T"] * launch["BLOCK_E"] <= 4096
+        and launch["BLOCK_H"] <= max(64, _np2(launch["H"]))
+    )
+
+
+def _grouped_tile_fits(launch: dict[str, int]) -> bool:
+    """Whether a grouped SwiGLU tile suits a launch (see the module docstring)."""
+    block_m, block_f, block_h = launch["BLOCK_M"], launch["BLOCK_F"], launch["BLOCK_H"]
+    return (
+        max(block_m * block_f, block_m * block_h, block_f * block_h) <= 8192
+        and block_f <= max(32, _np2(launch["F"]))
+        and block_h <= max(32, _np2(launch["H"]))
+    )
+
+
+_ROUTE_TUNING = TuningSpace(
+    candidates=(
+        Tile({"BLOCK_T": 16, "BLOCK_H": 64}, num_warps=4, num_stages=3),  # fits every launch
+        Tile({"BLOCK_T": 16, "BLOCK_H": 128}, num_warps=4, num_stages=3),
+        Tile({"BLOCK_T": 32, "BLOCK_H": 64}, num_warps=4, num_stages=3),
+        Tile({"BLOCK_T": 32, "BLOCK_H": 128}, num_warps=4, num_stages=4),
+        Tile({"BLOCK_T": 64, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+        Tile({"BLOCK_T": 64, "BLOCK_H": 128}, num_warps=8, num_stages=3),
+        Tile({"BLOCK_T": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+    ),
+    interpreter=Tile({"BLOCK_T": 16, "BLOCK_H": 64}),
+    dot_sides=("BLOCK_T", "BLOCK_H"),
+    fits=_route_tile_fits,
+)
+"""The routing kernel's launch configurations."""
+
+_GROUPED_TUNING = TuningSpace(
+    candidates=(
+        Tile({"BLOCK_F": 32, "BLOCK_H": 32}, num_warps=4, num_stages=2),  # fits every launch
+        Tile({"BLOCK_F": 32, "BLOCK_H": 128}, num_warps=4, num_stages=3),
+        Tile({"BLOCK_F": 64, "BLOCK_H": 64}, num_warps=4, num_stages=3),
+        Tile({"BLOCK_F": 64, "BLOCK_H": 64}, num_warps=4, num_stages=4),
+        Tile({"BLOCK_F": 64, "BLOCK_H": 128}, num_warps=8, num_stages=3),
+        Tile({"BLOCK_F": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
+        Tile({"BLOCK_F": 128, "BLOCK_H": 128}, num_warps=8, num_stages=2),
+    ),
+    interpreter=Tile({"BLOCK_F": 64, "BLOCK_H": 64}),
+    dot_sides=("BLOCK_F", "BLOCK_H"),
+    fits=_grouped_tile_fits,
+)
+"""The grouped SwiGLU kernel's launch configurations."""
+
 if triton is not None:
 
     @triton.jit
@@ -318,15 +394,16 @@ if triton is not None:
         T,
         H,
         E,
+        T_BUCKET,  # unused by the program: the autotuner's key, T's power-of-two bucket
         stride_xt,
         stride_xh,
         stride_re,
         stride_rh,
         TOP_K: tl.constexpr,
         FP32_DOT: tl.constexpr,
-        BLOCK_T: tl.constexpr,
         BLOCK_E: tl.constexpr,
-        BLOCK_H: tl.constexpr,
+        BLOCK_T: tl.constexpr,  # tuned
+        BLOCK_H: tl.constexpr,  # tuned
     ):
         """Logits, softmax, top-TOP_K selection and weights of BLOCK_T tokens, all in registers.
 
@@ -417,8 +494,8 @@ if triton is not None:
         stride_df,
         FP32_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr,
-        BLOCK_F: tl.constexpr,
-        BLOCK_H: tl.constexpr,
+        BLOCK_F: tl.constexpr,  # tuned
+        BLOCK_H: tl.constexpr,  # tuned
     ):
         """The whole SwiGLU of one expert on one tile of its tokens, scaled by the routing weights.
 
@@ -502,6 +579,11 @@ if triton is not None:
                 mask=row_ok[:, None] & n_ok[None, :],
             )
 
+    _route_tuned = autotuned(_route_kernel, _ROUTE_TUNING, key=("H", "E", "TOP_K", "T_BUCKET"))
+    _grouped_swiglu_tuned = autotuned(
+        _grouped_swiglu_kernel, _GROUPED_TUNING, key=("H", "F", "BLOCK_M", "FP32_DOT")
+    )
+
 
 def _check_kernel_mode(interpret: bool) -> None:
     """Raise a ValueError unless this module's kernels run in the mode TRITON_INTERPRET asks for now.
@@ -579,10 +661,9 @@ def route_triton(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Ro
     shared = torch.empty((tokens,), dtype=torch.float32, device=device)  # (T,)
     if tokens == 0:
         return Routing(index, weight, shared)
-    block_e = max(_MIN_BLOCK, triton.next_power_of_2(experts))
-    block_h = max(_MIN_BLOCK, min(128, triton.next_power_of_2(hidden)))
     with _on_device(device):
-        _route_kernel[(triton.cdiv(tokens, _BLOCK_T),)](
+        _route_tuned.launch(
+            lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]),),
             x,
             router_weight,
             index,
@@ -591,15 +672,14 @@ def route_triton(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Ro
             tokens,
             hidden,
             experts,
+            size_bucket(tokens, low=_T_BUCKETS[0], high=_T_BUCKETS[1]),
             x.stride(0),
             x.stride(1),
             router_weight.stride(0),
             router_weight.stride(1),
             TOP_K=top_k,
             FP32_DOT=_fp32_dot(x, router_weight),
-            BLOCK_T=_BLOCK_T,
-            BLOCK_E=block_e,
-            BLOCK_H=block_h,
+            BLOCK_E=max(_MIN_BLOCK, triton.next_power_of_2(experts)),
         )
     return Routing(index, weight, shared)
 
@@ -657,7 +737,8 @@ def _grouped_rows_triton(
     fp32_dot = _fp32_dot(x, gate, up, down)
     act = torch.empty((rows, ffn), dtype=torch.float32 if fp32_dot else x.dtype, device=x.device)  # (M, F)
     with _on_device(x.device):
-        _grouped_swiglu_kernel[(tile_expert.shape[0],)](
+        _grouped_swiglu_tuned.launch(
+            lambda meta: (tile_expert.shape[0],),
             x,
             gate,
             up,
@@ -679,8 +760,6 @@ def _grouped_rows_triton(
             *down.stride(),
             FP32_DOT=fp32_dot,
             BLOCK_M=block_m,
-            BLOCK_F=max(_MIN_BLOCK, min(64, triton.next_power_of_2(ffn))),
-            BLOCK_H=max(_MIN_BLOCK, min(64, triton.next_power_of_2(hidden))),
         )
     return out
 

@@ -57,6 +57,8 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help=_help("dtype"))] = None,
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
     kernels: Annotated[str | None, typer.Option(help=_help("kernels"))] = None,
+    quantize: Annotated[str | None, typer.Option(help=_help("quantize"))] = None,
+    memory_budget: Annotated[str | None, typer.Option(help=_help("memory_budget"))] = None,
     max_length: Annotated[int | None, typer.Option(help=_help("max_length"))] = None,
     truncation: Annotated[str | None, typer.Option(help=_help("truncation"))] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help=_help("max_batch_tokens"))] = None,

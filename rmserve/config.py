@@ -31,6 +31,7 @@ from rmserve.aggregation import AggregateName
 DTypeName = Literal["auto", "float32", "bfloat16"]
 TruncationName = Literal["left", "right", "error"]
 KindName = Literal["auto", "dense", "multihead", "brme", "ensemble", "moe"]
+QuantizeName = Literal["none", "int8", "nf4"]
 DEMO = "demo"
 DEMO_BRME = "demo-brme"
 DEMO_ENSEMBLE = "demo-ensemble"
@@ -64,6 +65,7 @@ class ModelSpec(BaseModel):
     )
     dtype: DTypeName | None = None
     device: str | None = None
+    quantize: QuantizeName | None = None
     max_length: int | None = Field(None, ge=2)
     truncation: TruncationName | None = None
     max_batch_tokens: int | None = Field(None, ge=1)
@@ -89,6 +91,16 @@ class Settings(BaseSettings):
         "auto", description="Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16."
     )
     device: str = Field("auto", description="Device: auto, cpu, cuda or cuda:N.")
+    quantize: QuantizeName = Field(
+        "none",
+        description="Weight quantisation through bitsandbytes: none, int8 (LLM.int8) or nf4 (4-bit NormalFloat).",
+    )
+    memory_budget: str | None = Field(
+        None,
+        description="Memory the served models may use on their device, e.g. 70GiB or 75000000000 bytes "
+        "(default: 90% of a GPU's memory, or the machine's available RAM on CPU); a config whose models "
+        "do not fit is refused before loading.",
+    )
     kernels: Literal["auto", "triton", "reference"] = Field(
         "auto",
         description="Head/aggregate kernels: auto (Triton on CUDA, torch elsewhere), triton, reference.",
@@ -154,6 +166,20 @@ class Settings(BaseSettings):
             dupes = sorted({str(n) for n in names if n is not None and names.count(n) > 1})
             if dupes:
                 raise ValueError(f"model names must be unique; repeated: {', '.join(map(str, dupes))}")
+        return value
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _memory_size(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):  # a YAML number of bytes
+            value = str(value)
+        if isinstance(value, str):
+            from rmserve.memory import parse_memory_size
+
+            try:
+                parse_memory_size(value)
+            except ValueError as exc:
+                raise ValueError(f"--memory-budget / RMSERVE_MEMORY_BUDGET: {exc}") from None
         return value
 
     @model_validator(mode="after")

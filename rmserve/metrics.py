@@ -14,7 +14,11 @@ Names (all labelled by ``model``; requests also by ``endpoint`` and ``status``):
 - ``rmserve_dropped_inputs_total``: queued inputs dropped because their client hung up;
 - ``rmserve_queue_depth`` / ``rmserve_queue_tokens``: inputs and tokens waiting now;
 - ``rmserve_input_tokens_total``: tokens of the inputs of answered (200) requests, after truncation;
-- ``rmserve_model_weights_bytes``: memory of each model's weights and buffers on its device.
+- ``rmserve_model_weights_bytes``: memory of each model's weights and buffers on its device;
+- ``rmserve_model_memory_estimate_bytes``: each model's planned memory, weights plus the activation
+  peak of its largest batch (``rmserve.memory``; only for models the server loaded itself);
+- ``rmserve_device_memory_budget_bytes``: the memory budget of each device, labelled by ``device``
+  (``cpu``, ``cuda:0``, ...) instead of ``model``.
 """
 
 from __future__ import annotations
@@ -85,6 +89,15 @@ class Metrics:
         )
         self.model_weights = Gauge(
             "rmserve_model_weights_bytes", "Memory of the model's weights and buffers.", ["model"], registry=r
+        )
+        self.model_memory_estimate = Gauge(
+            "rmserve_model_memory_estimate_bytes",
+            "Planned memory of the model: weights plus the activation peak of its largest batch.",
+            ["model"],
+            registry=r,
+        )
+        self.device_memory_budget = Gauge(
+            "rmserve_device_memory_budget_bytes", "Memory budget of the device.", ["device"], registry=r
         )
         self.queue_depth = Gauge("rmserve_queue_depth", "Inputs waiting.", ["model"], registry=r)
         self.queue_tokens = Gauge("rmserve_queue_tokens", "Tokens waiting.", ["model"], registry=r)

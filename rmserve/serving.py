@@ -24,6 +24,7 @@ from rmserve.aggregation import AGGREGATES, AggregateName, AggregationParams
 from rmserve.batching.batcher import Batcher, BatchObserver
 from rmserve.batching.planning import UNLIMITED, BatchLimits
 from rmserve.config import CPU_JOIN_PADDING, DEMO_MODELS, ModelSpec, Settings
+from rmserve.memory import MemoryPlan, device_key, plan_served_models
 from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel
 from rmserve.models.inputs import RewardInput, Truncation
 from rmserve.models.loader import load_model
@@ -323,7 +324,7 @@ class ModelRegistry:
         served = []
         for i, model in enumerate(models):
             spec = specs[i] if specs is not None else None
-            device = model.info.device
+            device = device_key(model.info.device)  # cuda and cuda:0 share one thread, as memory plans
             if device not in executors:
                 executors[device] = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{device}")
             limits, max_length, truncation = resolve_limits(settings, spec, model.info)
@@ -344,12 +345,44 @@ class ModelRegistry:
         return cls(served, executors)
 
 
-def load_models(settings: Settings) -> tuple[list[RewardModel], list[ModelSpec]]:
-    """Load every model the settings name (blocking: call it from a worker thread)."""
+@dataclass(frozen=True)
+class LoadPlan:
+    """What ``load_models`` loads: each served model's spec and folder, and their memory plan."""
+
+    specs: list[ModelSpec]
+    paths: list[Path]
+    memory: MemoryPlan
+
+
+def plan_loading(settings: Settings) -> LoadPlan:
+    """Find every model's folder (building demos), plan their memory and log it, before loading any.
+
+    Raises:
+        MemoryBudgetError: the models do not fit a device's budget (the message lists every estimate).
+        ValueError: a folder cannot be estimated or a budget determined.
+    """
     specs = settings.served_models()
+    paths = [resolve_model_path(spec, settings.cache_dir) for spec in specs]
+    memory = plan_served_models(settings, specs, paths)
+    memory.log()
+    memory.check()
+    return LoadPlan(specs, paths, memory)
+
+
+def load_models(
+    settings: Settings, plan: LoadPlan | None = None
+) -> tuple[list[RewardModel], list[ModelSpec]]:
+    """Load every model the settings name (blocking: call it from a worker thread).
+
+    Args:
+        settings: the server settings.
+        plan: ``plan_loading(settings)`` if already made; made here otherwise, so a configuration over
+            its memory budget is refused before any model is loaded.
+    """
+    plan = plan or plan_loading(settings)
+    specs = plan.specs
     models = []
-    for spec in specs:
-        path = resolve_model_path(spec, settings.cache_dir)
+    for spec, path in zip(plan.specs, plan.paths, strict=True):
         started = time.monotonic()
         log.info("loading model %r from %s", spec.name, path)
         model = load_model(
@@ -360,16 +393,21 @@ def load_models(settings: Settings) -> tuple[list[RewardModel], list[ModelSpec]]
             device=spec.device or settings.device,
             max_length=spec.max_length or settings.max_length,
             kernels=settings.kernels,
+            quantize=spec.quantize or settings.quantize,
         )
         info = model.info
         log.info(
-            "loaded %r: %s, %s on %s, %.1fM parameters, in %.1fs",
+            "loaded %r: %s, %s on %s, quantize %s, %.1fM parameters, %.1f MiB of weights, in %.1fs",
             spec.name,
             info.architecture,
             info.dtype,
             info.device,
+            info.quantize,
             info.parameters / 1e6,
+            info.weights_bytes / 2**20,
             time.monotonic() - started,
         )
+        estimate = plan.memory.estimate(spec.name).total_bytes
+        model.info = dataclasses.replace(model.info, memory_estimate_bytes=estimate)
         models.append(model)
     return models, specs

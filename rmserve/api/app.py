@@ -18,7 +18,7 @@ from rmserve.api.state import AppState
 from rmserve.config import ModelSpec, Settings
 from rmserve.metrics import Metrics
 from rmserve.models.base import RewardModel
-from rmserve.serving import ModelRegistry, load_models
+from rmserve.serving import ModelRegistry, load_models, plan_loading
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,16 @@ def create_app(
         registry.start()
         for served in registry.models.values():
             state.metrics.model_weights.labels(served.name).set(served.info.weights_bytes)
+            if served.info.memory_estimate_bytes is not None:
+                state.metrics.model_memory_estimate.labels(served.name).set(served.info.memory_estimate_bytes)
         state.registry = registry
 
     async def load_in_background() -> None:
-        try:
-            loaded, specs = await asyncio.to_thread(load_models, settings)
+        try:  # a plan over budget fails here, before any model is loaded: nothing is served half-loaded
+            plan = await asyncio.to_thread(plan_loading, settings)
+            for device in plan.memory.devices:
+                state.metrics.device_memory_budget.labels(device.device).set(device.budget_bytes)
+            loaded, specs = await asyncio.to_thread(load_models, settings, plan)
             serve(loaded, specs)
             log.info("ready: serving %s", ", ".join(state.registry.models) if state.registry else "")
         except Exception as exc:

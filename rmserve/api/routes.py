@@ -185,6 +185,8 @@ async def models(request: Request) -> ModelList:
                 max_length=m.info.max_length,
                 parameters=m.info.parameters,
                 weights_bytes=m.info.weights_bytes,
+                memory_estimate_bytes=m.info.memory_estimate_bytes,
+                quantize=m.info.quantize,
                 default=m.name == registry.default,
                 heads=list(m.info.heads),
                 head_std=m.info.has_std,

@@ -75,6 +75,14 @@ class ModelCard(BaseModel):
     max_length: int
     parameters: int
     weights_bytes: int = Field(description="Memory of the model's weights and buffers on its device.")
+    memory_estimate_bytes: int | None = Field(
+        None,
+        description="Planned before loading: its weights plus the activation peak of its largest batch "
+        "(null when the model was not planned).",
+    )
+    quantize: Literal["none", "int8", "nf4"] = Field(
+        "none", description="Weight quantisation through bitsandbytes: none, int8 (LLM.int8) or nf4."
+    )
     default: bool = Field(description="Whether requests without 'model' go to this model.")
     heads: list[str] = Field(description="Head (or ensemble member) names, in the order 'heads' lists them.")
     head_std: bool = Field(description="Whether the model reports a sigma per head (brme).")

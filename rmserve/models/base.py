@@ -16,6 +16,7 @@ import torch
 from rmserve.aggregation import AGGREGATES, AggregateName, AggregationParams
 from rmserve.kernels.heads import HeadOutputs
 from rmserve.models.inputs import RewardInput, Truncation
+from rmserve.models.quantize import QuantizeName, original_numel, quantization_state_tensors
 
 DTypeName = Literal["auto", "float32", "bfloat16"]
 KernelsName = Literal["auto", "triton", "reference"]
@@ -58,6 +59,8 @@ class ModelInfo:
     parameters: int
     path: str
     weights_bytes: int = 0
+    memory_estimate_bytes: int | None = None  # planned before loading (rmserve.memory); None: not planned
+    quantize: QuantizeName = "none"
     heads: tuple[str, ...] = ("reward",)
     has_std: bool = False
     nominal_head: int | None = 0
@@ -150,6 +153,11 @@ def reward_values(model: RewardModel, batch: Sequence[Encoded]) -> list[float]:
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    """Memory of a module's parameters and buffers, in bytes."""
-    tensors = [*module.parameters(), *module.buffers()]
+    """Memory of a module's parameters and buffers, bitsandbytes' quantisation state included, in bytes."""
+    tensors = [*module.parameters(), *module.buffers(), *quantization_state_tensors(module)]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """How many weights a module has, each quantised weight counted at its original shape."""
+    return sum(original_numel(p) for p in module.parameters())

@@ -27,9 +27,19 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from rmserve.aggregation import aggregate_rows
-from rmserve.kernels.heads import HeadOutputs, select_heads_aggregate
-from rmserve.models.base import DTypeName, KernelsName, ModelInfo, module_bytes, resolve_device, resolve_dtype
+from rmserve.kernels.heads import HeadOutputs, scored_positions, select_heads_aggregate
+from rmserve.kernels.rmsnorm import fuse_rmsnorm
+from rmserve.models.base import (
+    DTypeName,
+    KernelsName,
+    ModelInfo,
+    module_bytes,
+    parameter_count,
+    resolve_device,
+    resolve_dtype,
+)
 from rmserve.models.inputs import EncodedInput, InputEncoder
+from rmserve.models.quantize import QuantizeName, check_quantize, pretrained_kwargs
 
 _UNBOUNDED = 1_000_000  # tokenizers report ~1e30 as model_max_length when they know no limit
 
@@ -44,6 +54,8 @@ class DenseRewardModel:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         max_length: the most tokens per input; defaults to the model's own limit.
         kernels: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``reference``.
+        quantize: ``none``, ``int8`` or ``nf4``: the transformer's linear layers through bitsandbytes
+            (``rmserve.models.quantize``); the reward head stays a float ``nn.Linear``.
 
     Raises:
         ValueError: the folder is not a one-label sequence-classification model, or the options
@@ -61,6 +73,7 @@ class DenseRewardModel:
         device: str = "auto",
         max_length: int | None = None,
         kernels: KernelsName = "auto",
+        quantize: QuantizeName = "none",
     ) -> None:
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -75,20 +88,28 @@ class DenseRewardModel:
             )
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.quantize = check_quantize(quantize)
         self.path = path
         self._tokenizer_path = path
         model = self._load_classifier(path)
-        self.model: nn.Module = model.to(self.device).eval()
+        # a quantised model is already on its device (bitsandbytes quantised it there)
+        self.model: nn.Module = (model if self.quantize != "none" else model.to(self.device)).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         self.pad_id = pad_token_id(tokenizer, model.config)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.pad_id
         head = getattr(model, "score", None)
         self.decoder = isinstance(head, nn.Linear)
+        if self.decoder and type(head) is not nn.Linear:
+            raise ValueError(
+                f"{path}: the score head loaded as {type(head).__name__}; the head kernel reads a float "
+                "nn.Linear, so the head must not be quantised (serve the checkpoint unquantised)."
+            )
         self.base = getattr(model, model.base_model_prefix) if self.decoder else None
         self.head = head if self.decoder else None
         self.max_length = resolve_max_length(config, tokenizer, max_length)
         self._heads_aggregate = select_heads_aggregate(self.device, kernels)
+        fuse_rmsnorm(self.model, kernels)  # logs how many norms run the Triton kernel
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.info = ModelInfo(
             name=name,
@@ -97,14 +118,17 @@ class DenseRewardModel:
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             max_length=self.max_length,
-            parameters=sum(p.numel() for p in model.parameters()),
+            parameters=parameter_count(model),
             path=str(path),
             weights_bytes=module_bytes(model),
+            quantize=self.quantize,
         )
 
     def _load_classifier(self, path: Path) -> nn.Module:
-        """The sequence classifier in the folder (kinds built on the dense path override this)."""
-        return AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype)
+        """The folder's sequence classifier, quantised as asked (kinds built on the dense path override it)."""
+        config = AutoConfig.from_pretrained(path)
+        kwargs = pretrained_kwargs(self.quantize, dtype=self.dtype, device=self.device, config=config)
+        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
 
     def new_encoder(self, max_length: int | None = None) -> InputEncoder:
         """A fresh encoder with its own tokenizer instance (tokenizers are not thread-safe).
@@ -126,9 +150,9 @@ class DenseRewardModel:
         ids, lengths = right_padded(batch, self.pad_id, self.device)
         if self.decoder:
             assert self.head is not None and self.base is not None
-            pooled = last_token_states(self.base, ids, lengths)  # (B, H)
+            hidden, positions = final_hidden_states(self.base, ids, lengths)  # (B, T, H), (B,)
             out = self._heads_aggregate(
-                pooled,
+                hidden,
                 self.head.weight,
                 self.head.bias,
                 None,
@@ -137,6 +161,7 @@ class DenseRewardModel:
                 uwo_lambda=uwo_lambda.to(self.device),
                 tradeoff_lambda=tradeoff_lambda.to(self.device),
                 eps=0.0,
+                positions=positions,
             )
             return HeadOutputs(out.heads.cpu(), None, out.aggregates.cpu())
         else:
@@ -175,14 +200,23 @@ def right_padded(
     return ids.to(device), lengths.to(device)
 
 
-def last_token_states(base: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """A decoder base model's final hidden state at each sequence's last real token, (B, H).
+def final_hidden_states(
+    base: nn.Module, ids: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder base model's final hidden states, (B, T, H), and each sequence's scored position, (B,).
 
     No attention mask: with right padding, causal attention already keeps real tokens off the padding.
+    The scored token is each sequence's last real one (``scored_positions``, right padding).
     """
     hidden = base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    return hidden[rows, lengths - 1]  # (B, H)
+    return hidden, scored_positions(lengths, ids.shape[1], "right")
+
+
+def last_token_states(base: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """A decoder base model's final hidden state at each sequence's last real token, (B, H)."""
+    hidden, positions = final_hidden_states(base, ids, lengths)  # (B, T, H), (B,)
+    rows = torch.arange(ids.shape[0], device=ids.device)  # (B,)
+    return hidden[rows, positions]  # (B, H)
 
 
 def pad_token_id(tokenizer: object, config: object) -> int:

@@ -35,6 +35,7 @@ from rmserve.models.base import DTypeName, Encoded, KernelsName, ModelInfo
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder, InputError, RewardInput, Truncation
+from rmserve.models.quantize import QuantizeName
 
 MEMBER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 
@@ -158,6 +159,8 @@ class EnsembleRewardModel:
         dtype, device, kernels: applied to every member.
         max_length: the most tokens per input for every member (default: each member's own limit).
         require_calibration: refuse members without calibration (off only for ``rmserve calibrate``).
+        quantize: ``none``, ``int8`` or ``nf4`` for every member; the calibration (measured on the
+            members as stored) is applied unchanged.
 
     Raises:
         ValueError: the descriptor or a member is invalid, or a member is not calibrated.
@@ -175,6 +178,7 @@ class EnsembleRewardModel:
         max_length: int | None = None,
         kernels: KernelsName = "auto",
         require_calibration: bool = True,
+        quantize: QuantizeName = "none",
     ) -> None:
         path = Path(path)
         self.path = path
@@ -195,6 +199,7 @@ class EnsembleRewardModel:
                     dtype=dtype,
                     device=device,
                     kernels=kernels,
+                    quantize=quantize,
                 )
             except ValueError as exc:
                 raise ValueError(f"ensemble {path}, member {member.name!r}: {exc}") from None
@@ -213,6 +218,7 @@ class EnsembleRewardModel:
             parameters=sum(m.info.parameters for m in self.members),
             path=str(path),
             weights_bytes=sum(m.info.weights_bytes for m in self.members),
+            quantize=first.quantize,
             heads=tuple(m.name for m in config.members),
             has_std=False,
             nominal_head=config.nominal_member,

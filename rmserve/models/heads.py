@@ -33,10 +33,26 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from rmserve.aggregation import AggregateName, AggregationParams
 from rmserve.kernels.heads import HeadOutputs, select_heads_aggregate
-from rmserve.models.base import DTypeName, KernelsName, ModelInfo, module_bytes, resolve_device, resolve_dtype
-from rmserve.models.dense import last_token_states, pad_token_id, resolve_max_length, right_padded
+from rmserve.kernels.rmsnorm import fuse_rmsnorm
+from rmserve.models.base import (
+    DTypeName,
+    KernelsName,
+    ModelInfo,
+    module_bytes,
+    parameter_count,
+    resolve_device,
+    resolve_dtype,
+)
+from rmserve.models.dense import (
+    final_hidden_states,
+    last_token_states,
+    pad_token_id,
+    resolve_max_length,
+    right_padded,
+)
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder
+from rmserve.models.quantize import QuantizeName, check_quantize, pretrained_kwargs
 
 HEADS_FILE = "heads.safetensors"
 DEFAULT_EPS = 1e-6
@@ -160,13 +176,13 @@ def _check_weights(
             )
 
 
-def _load_base(path: Path, config: Any, dtype: torch.dtype) -> nn.Module:
-    """The base model of a checkpoint; a sequence classifier is loaded whole and its head dropped,
-    so its weights match one to one (no unexpected-key report)."""
+def _load_base(path: Path, config: Any, kwargs: dict[str, Any]) -> nn.Module:
+    """The base model of a checkpoint, loaded with ``from_pretrained`` ``kwargs``; a sequence classifier
+    is loaded whole and its head dropped, so its weights match one to one (no unexpected-key report)."""
     if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or ()):
-        classifier = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        classifier = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
         return getattr(classifier, classifier.base_model_prefix)
-    return AutoModel.from_pretrained(path, dtype=dtype)
+    return AutoModel.from_pretrained(path, **kwargs)
 
 
 class DecoderBackbone:
@@ -177,13 +193,21 @@ class DecoderBackbone:
         dtype: ``auto``, ``float32`` or ``bfloat16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         max_length: the most tokens per input; defaults to the model's own limit.
+        quantize: ``none``, ``int8`` or ``nf4``: the base model's linear layers through bitsandbytes
+            (``rmserve.models.quantize``).
 
     Raises:
         ValueError: the folder is not a decoder checkpoint, or the options do not fit this machine.
     """
 
     def __init__(
-        self, path: Path, *, dtype: DTypeName = "auto", device: str = "auto", max_length: int | None = None
+        self,
+        path: Path,
+        *,
+        dtype: DTypeName = "auto",
+        device: str = "auto",
+        max_length: int | None = None,
+        quantize: QuantizeName = "none",
     ) -> None:
         if not (path / "config.json").is_file():
             raise ValueError(f"backbone {path} is not a Hugging Face model folder (no config.json).")
@@ -196,7 +220,11 @@ class DecoderBackbone:
         self.path = path
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.base: nn.Module = _load_base(path, config, self.dtype).to(self.device).eval()
+        self.quantize = check_quantize(quantize)
+        kwargs = pretrained_kwargs(self.quantize, dtype=self.dtype, device=self.device, config=config)
+        base = _load_base(path, config, kwargs)
+        # a quantised model is already on its device (bitsandbytes quantised it there)
+        self.base: nn.Module = (base if self.quantize != "none" else base.to(self.device)).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         self.pad_id = pad_token_id(tokenizer, config)
         self.max_length = resolve_max_length(config, tokenizer, max_length)
@@ -231,6 +259,7 @@ class MultiHeadRewardModel:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         max_length: the most tokens per input; defaults to the backbone's own limit.
         kernels: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``reference``.
+        quantize: ``none``, ``int8`` or ``nf4`` for the backbone; the heads stay float32.
 
     Raises:
         ValueError: the folder, its backbone or its weights are not a valid model.
@@ -245,6 +274,7 @@ class MultiHeadRewardModel:
         device: str = "auto",
         max_length: int | None = None,
         kernels: KernelsName = "auto",
+        quantize: QuantizeName = "none",
     ) -> None:
         path = Path(path)
         self.config = config = read_head_config(path)
@@ -255,7 +285,9 @@ class MultiHeadRewardModel:
                 f"{path / DESCRIPTOR} names backbone {config.backbone!r}, but {backbone_path} is not a Hugging "
                 "Face model folder (no config.json); fix 'backbone' (absolute, or relative to the model folder)."
             )
-        self.backbone = DecoderBackbone(backbone_path, dtype=dtype, device=device, max_length=max_length)
+        self.backbone = DecoderBackbone(
+            backbone_path, dtype=dtype, device=device, max_length=max_length, quantize=quantize
+        )
         self.device = self.backbone.device
         weights = load_file(path / HEADS_FILE) if (path / HEADS_FILE).is_file() else None
         if weights is None:
@@ -264,6 +296,7 @@ class MultiHeadRewardModel:
         # heads stay float32 whatever the backbone dtype: they are tiny and sigma is computed in float32
         self.weights = {n: t.float().to(self.device) for n, t in weights.items()}
         self._heads_aggregate = select_heads_aggregate(self.device, kernels)
+        fuse_rmsnorm(self.backbone.base, kernels)  # logs how many norms run the Triton kernel
         head_parameters = sum(t.numel() for t in weights.values())
         self.info = ModelInfo(
             name=name,
@@ -272,9 +305,10 @@ class MultiHeadRewardModel:
             dtype=str(self.backbone.dtype).removeprefix("torch."),
             device=str(self.device),
             max_length=self.backbone.max_length,
-            parameters=sum(p.numel() for p in self.backbone.base.parameters()) + head_parameters,
+            parameters=parameter_count(self.backbone.base) + head_parameters,
             path=str(path),
             weights_bytes=module_bytes(self.backbone.base) + 4 * head_parameters,
+            quantize=self.backbone.quantize,
             heads=config.heads,
             has_std=config.kind == "brme",
             nominal_head=config.nominal_head,
@@ -291,9 +325,10 @@ class MultiHeadRewardModel:
         self, batch: Sequence[EncodedInput], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
     ) -> HeadOutputs:
         """Head rewards (and sigmas for brme) with every aggregate, in batch order, on the CPU."""
-        pooled = self.backbone.pooled(batch)  # (B, H)
+        ids, lengths = right_padded(batch, self.backbone.pad_id, self.device)
+        hidden, positions = final_hidden_states(self.backbone.base, ids, lengths)  # (B, T, H), (B,)
         out = self._heads_aggregate(
-            pooled,
+            hidden,
             self.weights["weight"],
             self.weights["bias"],
             self.weights.get("std_weight"),
@@ -302,6 +337,7 @@ class MultiHeadRewardModel:
             uwo_lambda=uwo_lambda.to(self.device),
             tradeoff_lambda=tradeoff_lambda.to(self.device),
             eps=self.config.eps,
+            positions=positions,
         )
         return HeadOutputs(
             out.heads.cpu(), None if out.head_std is None else out.head_std.cpu(), out.aggregates.cpu()

@@ -16,6 +16,7 @@ from rmserve.models.descriptor import DESCRIPTOR
 from rmserve.models.ensemble import EnsembleRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
 from rmserve.models.moe import MoERewardModel
+from rmserve.models.quantize import QuantizeName
 
 KINDS = ("dense", "multihead", "brme", "ensemble", "moe")
 
@@ -49,8 +50,12 @@ def load_model(
     device: str = "auto",
     max_length: int | None = None,
     kernels: KernelsName = "auto",
+    quantize: QuantizeName = "none",
 ) -> RewardModel:
     """Load ``path`` as a model of ``kind`` (``auto``: the folder's own kind).
+
+    ``quantize`` (``none``, ``int8``, ``nf4``) applies to every backend's transformer weights, through
+    bitsandbytes (``rmserve.models.quantize``).
 
     Raises:
         ValueError: the kind is unknown, does not match the folder, or the folder is not such a model.
@@ -62,4 +67,6 @@ def load_model(
         raise ValueError(f"model {name!r} is configured as kind {kind!r}, but {path} holds a {found} model.")
     backends = {"dense": DenseRewardModel, "ensemble": EnsembleRewardModel, "moe": MoERewardModel}
     backend = backends.get(found, MultiHeadRewardModel)
-    return backend(name, path, dtype=dtype, device=device, max_length=max_length, kernels=kernels)
+    return backend(
+        name, path, dtype=dtype, device=device, max_length=max_length, kernels=kernels, quantize=quantize
+    )

@@ -43,6 +43,7 @@ from rmserve.kernels.moe import REFERENCE_KERNELS, MoeKernels, route_reference, 
 from rmserve.models.base import DTypeName, KernelsName
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
+from rmserve.models.quantize import QuantizeName, check_quantize, head_modules, quantize_linears
 
 WEIGHTS = "model.safetensors"
 ROUTING = "renormalised-top-k"
@@ -262,7 +263,12 @@ def load_moe_classifier(path: Path, dtype: torch.dtype = torch.float32) -> nn.Mo
 
 
 class MoERewardModel(DenseRewardModel):
-    """A ``moe`` folder served like a dense decoder: same padding, pooling, head and aggregation."""
+    """A ``moe`` folder served like a dense decoder: same padding, pooling, head and aggregation.
+
+    Quantised (``int8``/``nf4``), every linear layer but the routers and the score head becomes a
+    bitsandbytes layer (``quantize_linears``), experts included; the MoE layers then run the reference
+    path, since the Triton MoE kernels read float expert weights (``kernels="triton"`` is refused).
+    """
 
     kind = "moe"
 
@@ -275,21 +281,36 @@ class MoERewardModel(DenseRewardModel):
         device: str = "auto",
         max_length: int | None = None,
         kernels: KernelsName = "auto",
+        quantize: QuantizeName = "none",
     ) -> None:
+        if check_quantize(quantize) != "none" and kernels == "triton":
+            raise ValueError(
+                f"the Triton MoE kernels read float expert weights, so a {quantize}-quantised moe model runs "
+                "its experts as bitsandbytes layers on the reference path; use --kernels auto or reference, "
+                "or --quantize none."
+            )
         self.moe_config = read_moe_config(Path(path))
-        super().__init__(name, path, dtype=dtype, device=device, max_length=max_length, kernels=kernels)
+        super().__init__(
+            name, path, dtype=dtype, device=device, max_length=max_length, kernels=kernels, quantize=quantize
+        )
         layers = self.moe_config.layers
         span = (
             f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers ({layers[0]}..{layers[-1]})"
         )
-        chosen = select_moe_kernels(self.device, kernels)
+        chosen = REFERENCE_KERNELS if self.quantize != "none" else select_moe_kernels(self.device, kernels)
         for layer in moe_layers(self.model):
             layer.use_kernels(chosen)
         moe = f"MoE ({self.moe_config.experts} experts, top-{self.moe_config.top_k}) in {span}"
         self.info = dataclasses.replace(self.info, architecture=f"{self.info.architecture} + {moe}")
 
     def _load_classifier(self, path: Path) -> nn.Module:
-        return load_moe_classifier(path, self.dtype)
+        model = load_moe_classifier(path, self.dtype)
+        if self.quantize == "none":
+            return model
+        model = model.to(self.device)
+        keep = (*head_modules(model.config), "router")  # routers are read as float weights
+        quantize_linears(model, self.quantize, dtype=self.dtype, device=self.device, keep=keep)
+        return model
 
 
 @contextmanager

@@ -187,7 +187,8 @@ async def test_models_list_heads_aggregates_and_config_overrides(brme, multihead
         ).json()
     assert cards["tiny-brme"] | {"parameters": 0, "weights_bytes": 0} == {
         "id": "tiny-brme", "object": "model", "kind": "brme", "architecture": "LlamaModel + 5 brme heads",
-        "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "weights_bytes": 0, "default": True,
+        "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "weights_bytes": 0, "quantize": "none",
+        "memory_estimate_bytes": None, "default": True,
         "heads": ["head0", "head1", "head2", "head3", "head4"], "head_std": True,
         "nominal": "per input, the head with the smallest sigma", "reward": "tradeoff",
         "aggregates": list(AGGREGATES), "uwo_lambda": 0.2, "tradeoff_lambda": 0.6,

@@ -39,6 +39,8 @@ def test_defaults():
         "port": 8000,
         "dtype": "auto",
         "device": "auto",
+        "quantize": "none",
+        "memory_budget": None,
         "kernels": "auto",
         "max_length": None,
         "truncation": "left",

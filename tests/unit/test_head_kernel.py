@@ -29,14 +29,17 @@ import pytest
 import torch
 
 import rmserve.kernels
+import rmserve.kernels.heads
 from rmserve.aggregation import AGGREGATES
 from rmserve.kernels.heads import (
     MAX_HEADS,
     HeadOutputs,
     heads_aggregate_reference,
     heads_aggregate_triton,
+    scored_positions,
     select_heads_aggregate,
 )
+from rmserve.kernels.tuning import MIN_DOT_SIDE, Tile, TuningSpace, autotuned, size_bucket, tuning_configs
 
 COLUMN = {name: i for i, name in enumerate(AGGREGATES)}
 REPO = Path(__file__).resolve().parents[2]
@@ -418,3 +421,297 @@ def test_strided_pooled_rows(kernel_device):
 def test_too_many_heads_for_the_kernel():
     with pytest.raises(ValueError, match=f"at most {MAX_HEADS} heads.*kernels='reference'"):
         heads_aggregate_triton(**make_inputs(2, 16, MAX_HEADS + 1, seed=33))
+
+
+# --- fused pooling: positions into (B, T, H) hidden states ----------------------------------------------
+
+
+def make_hidden_states(rows: int, seq_len: int, hidden: int, *, seed: int, layout: str) -> torch.Tensor:
+    """(B, T, H) float32 hidden states ~ N(0, 1), laid out in memory as ``layout`` says.
+
+    ``contiguous``; ``transposed``: a (T, B, H) tensor seen as (B, T, H) (batch stride H); ``columns``: H
+    is the slowest dimension of each row (hidden stride T); ``sliced``: every other column of a wider
+    tensor, from position 2 of a longer one (hidden stride 2, an offset into storage).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        return torch.randn(rows, seq_len, hidden, generator=g)
+    if layout == "transposed":
+        return torch.randn(seq_len, rows, hidden, generator=g).transpose(0, 1)
+    if layout == "columns":
+        return torch.randn(rows, hidden, seq_len, generator=g).transpose(1, 2)
+    if layout == "sliced":
+        return torch.randn(rows, seq_len + 2, 2 * hidden, generator=g)[:, 2:, ::2]
+    raise AssertionError(layout)
+
+
+def make_fused_inputs(
+    rows: int,
+    seq_len: int,
+    hidden: int,
+    k: int,
+    *,
+    seed: int,
+    padding: str = "right",
+    std: bool = False,
+    layout: str = "contiguous",
+) -> dict[str, Any]:
+    """``make_inputs`` with (B, T, H) hidden states as ``pooled`` and the positions of a padded batch.
+
+    Lengths are random in 1..T, the first one T (the longest sequence sets T, as when padding a batch).
+    """
+    inputs = make_inputs(rows, hidden, k, seed=seed, std=std, nominal_head=None if std else k // 2)
+    g = torch.Generator().manual_seed(seed + 1)
+    lengths = torch.randint(1, seq_len + 1, (rows,), generator=g)  # (B,)
+    lengths[:1] = seq_len
+    states = make_hidden_states(rows, seq_len, hidden, seed=seed + 2, layout=layout)  # (B, T, H)
+    return inputs | {"pooled": states, "positions": scored_positions(lengths, seq_len, padding)}
+
+
+def gathered(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The same inputs with the hidden states gathered at the positions by hand: (B, H), no positions."""
+    states, positions = inputs["pooled"], inputs["positions"]
+    rows = torch.arange(states.shape[0], device=states.device)  # (B,)
+    return {**inputs, "pooled": states[rows, positions], "positions": None}
+
+
+def test_scored_positions_right_and_left_padding():
+    lengths = torch.tensor([3, 1, 5, 5])  # (B,)
+    right = scored_positions(lengths, 5, "right")
+    assert right.tolist() == [2, 0, 4, 4] and right.dtype == torch.long
+    left = scored_positions(lengths, 5, "left")
+    assert left.tolist() == [4, 4, 4, 4] and left.dtype == torch.long
+    assert scored_positions(lengths.int(), 5, "right").dtype == torch.long  # any integer lengths
+    assert scored_positions(torch.tensor([1]), 1, "left").tolist() == [0]
+    assert scored_positions(torch.zeros(0, dtype=torch.long), 0, "right").shape == (0,)
+
+
+def test_scored_positions_index_the_last_real_token_of_a_padded_batch():
+    # Token ids padded by hand with -1: the scored position holds each sequence's last real id.
+    sequences = [[5, 6, 7], [8], [1, 2, 3, 4]]
+    lengths = torch.tensor([len(s) for s in sequences])  # (B,)
+    right = torch.tensor([s + [-1] * (4 - len(s)) for s in sequences])  # (B, T)
+    left = torch.tensor([[-1] * (4 - len(s)) + s for s in sequences])  # (B, T)
+    rows = torch.arange(3)
+    for padding, ids in (("right", right), ("left", left)):
+        assert ids[rows, scored_positions(lengths, 4, padding)].tolist() == [7, 8, 4], padding
+
+
+@pytest.mark.parametrize(
+    ("lengths", "seq_len", "padding", "message"),
+    [
+        (torch.tensor([1.0, 2.0]), 2, "right", r"lengths must be a \(B,\) integer tensor"),
+        (torch.tensor([True]), 1, "right", r"lengths must be a \(B,\) integer tensor"),
+        (torch.ones(2, 1, dtype=torch.long), 2, "right", r"lengths must be a \(B,\) integer tensor"),
+        (torch.ones(2, dtype=torch.long), -1, "right", "seq_len must be the padded length T"),
+        (torch.ones(2, dtype=torch.long), 2.0, "right", "seq_len must be the padded length T"),
+        (torch.ones(2, dtype=torch.long), 2, "center", "padding_side must be 'right' or 'left'"),
+    ],
+)
+def test_scored_positions_invalid_arguments_say_what_to_fix(lengths, seq_len, padding, message):
+    with pytest.raises(ValueError, match=message):
+        scored_positions(lengths, seq_len, padding)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "columns", "sliced"])
+@pytest.mark.parametrize("std", [False, True])
+def test_fused_pooling_reference_is_gather_then_heads_exactly(padding, layout, std):
+    inputs = make_fused_inputs(11, 9, 24, 5, seed=40, padding=padding, std=std, layout=layout)
+    fused, plain = heads_aggregate_reference(**inputs), heads_aggregate_reference(**gathered(inputs))
+    assert torch.equal(fused.heads, plain.heads) and torch.equal(fused.aggregates, plain.aggregates)
+    assert (fused.head_std is None) == (not std)
+    if std:
+        assert torch.equal(fused.head_std, plain.head_std)
+
+
+def test_fused_pooling_reference_accepts_any_integer_positions_and_bfloat16_states():
+    inputs = make_fused_inputs(6, 5, 16, 3, seed=41, std=True)
+    want = heads_aggregate_reference(**inputs)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        out = heads_aggregate_reference(**{**inputs, "positions": inputs["positions"].to(dtype)})
+        assert torch.equal(out.aggregates, want.aggregates), dtype
+    low = {**inputs, "pooled": inputs["pooled"].bfloat16()}
+    up = {**inputs, "pooled": low["pooled"].float()}
+    assert torch.equal(heads_aggregate_reference(**low).heads, heads_aggregate_reference(**up).heads)
+
+
+def _positions(value):
+    return lambda a: a.update(positions=value() if callable(value) else value)
+
+
+SHAPE_ERRORS = [
+    (_positions(lambda: torch.zeros(4, dtype=torch.long)), r"positions must be a \(3,\) integer tensor"),
+    (_positions(lambda: torch.zeros(3, 1, dtype=torch.long)), r"positions must be a \(3,\) integer tensor"),
+    (_positions(lambda: torch.zeros(3)), r"positions must be a \(3,\) integer .* dtype torch\.float32"),
+    (_positions(lambda: torch.zeros(3, dtype=torch.bool)), r"positions must be a \(3,\) integer tensor"),
+    (
+        _positions(lambda: torch.zeros(3, dtype=torch.long, device="meta")),
+        "positions is on meta but pooled is on cpu; move it",
+    ),
+    (_set("pooled", lambda: torch.zeros(3, 8)), r"with positions, pooled must be the \(B, T, H\) floating"),
+    (
+        _set("pooled", lambda: torch.zeros(3, 4, 8, dtype=torch.long)),
+        r"with positions, pooled must be the \(B, T, H\) floating",
+    ),
+    (_set("pooled", lambda: torch.zeros(3, 0, 8)), r"T=0\) have no token to score"),
+    (_positions(None), r"pooled must be a \(B, H\) .* pass positions= \(see scored_positions\)"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), SHAPE_ERRORS)
+def test_invalid_positions_say_what_to_fix(change, message):
+    inputs = make_fused_inputs(3, 4, 8, 2, seed=42, std=True)
+    change(inputs)
+    with pytest.raises(ValueError, match=message):
+        heads_aggregate_reference(**inputs)
+    # The kernel checks the same before anything else (no GPU or interpreter needed to get there).
+    with pytest.raises(ValueError, match=message):
+        heads_aggregate_triton(**inputs)
+
+
+@pytest.mark.parametrize(("bad", "low", "high"), [(-1, -1, 3), (4, 0, 4), (100, 0, 100)])
+def test_reference_rejects_positions_outside_the_sequence(bad, low, high):
+    inputs = make_fused_inputs(3, 4, 8, 2, seed=43)
+    inputs["positions"] = torch.tensor([0, 3, bad])
+    with pytest.raises(ValueError, match=rf"positions hold values from {low} to {high}, .* T=4 positions"):
+        heads_aggregate_reference(**inputs)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("rows", [0, 1, 37])
+@pytest.mark.parametrize("seq_len", [1, 1500])
+@pytest.mark.parametrize(
+    ("k", "std"), [(1, False), (1, True), (5, False), (5, True), (64, False), (64, True)]
+)
+def test_fused_pooling_matches_reference(kernel_device, padding, rows, seq_len, k, std):
+    # H = 80 is not a multiple of the 64-column interpreter tile; B = 37 not one of the 16-row tile.
+    inputs = make_fused_inputs(rows, seq_len, 80, k, seed=44 + k, padding=padding, std=std)
+    out, ref = run_both(inputs, kernel_device)
+    assert_matches(out, ref)
+    assert out.heads.shape == (rows, k)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "columns", "sliced"])
+def test_fused_pooling_reads_strided_hidden_states(kernel_device, layout):
+    inputs = make_fused_inputs(19, 33, 80, 5, seed=45, std=True, layout=layout)
+    assert not inputs["pooled"].is_contiguous()
+    out, ref = run_both(inputs, kernel_device)
+    assert_matches(out, ref)
+    assert_matches(out, heads_aggregate_reference(**gathered(inputs)))
+
+
+def test_fused_pooling_int32_positions(kernel_device):
+    inputs = make_fused_inputs(21, 7, 48, 5, seed=46, std=True)
+    inputs["positions"] = inputs["positions"].int()
+    assert_matches(*run_both(inputs, kernel_device))
+
+
+def test_kernel_positions_outside_the_sequence_give_nan_rows(kernel_device):
+    # The caller's contract, unchecked on the host: the kernel never reads outside the hidden states and
+    # flags those inputs with NaN everywhere; the other rows are unaffected.
+    inputs = make_fused_inputs(5, 6, 40, 4, seed=47, std=True)
+    inputs["positions"] = torch.tensor([5, -1, 6, 0, 10**12])
+    inputs = {name: v.to(kernel_device) if isinstance(v, torch.Tensor) else v for name, v in inputs.items()}
+    out = heads_aggregate_triton(**inputs)
+    bad = torch.tensor([False, True, True, False, True], device=kernel_device)
+    for table in (out.heads, out.head_std, out.aggregates):
+        assert table[bad].isnan().all() and not table[~bad].isnan().any()
+    good = {**inputs, "pooled": inputs["pooled"][~bad], "positions": inputs["positions"][~bad]}
+    good |= {"uwo_lambda": inputs["uwo_lambda"][~bad], "tradeoff_lambda": inputs["tradeoff_lambda"][~bad]}
+    ref = heads_aggregate_reference(**good)
+    assert_matches(HeadOutputs(out.heads[~bad], out.head_std[~bad], out.aggregates[~bad]), ref)
+
+
+# --- launch configurations (autotune on CUDA, one tile in the interpreter) -----------------------------
+
+
+def test_size_bucket():
+    assert [size_bucket(n, low=16, high=256) for n in (0, 1, 16, 17, 32, 33, 200, 256, 257, 10**6)] == [
+        16,
+        16,
+        16,
+        32,
+        32,
+        64,
+        256,
+        256,
+        256,
+        256,
+    ]
+    with pytest.raises(ValueError, match="powers of two with low <= high"):
+        size_bucket(5, low=24, high=256)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Tile({"BLOCK_B": 24}), r"BLOCK_B=24 is not a power of two"),
+        (lambda: Tile({"BLOCK_B": 16}, num_warps=3), "num_warps=3 must be a power of two"),
+        (lambda: Tile({"BLOCK_B": 16}, num_stages=0), "num_stages=0 must be an integer >= 1"),
+        (
+            lambda: TuningSpace((Tile({"BLOCK_B": 8}),), Tile({"BLOCK_B": 16}), ("BLOCK_B",)),
+            f"BLOCK_B=8 is a side of a tl.dot operand, which needs >= {MIN_DOT_SIDE}",
+        ),
+        (
+            lambda: TuningSpace((Tile({"BLOCK_B": 16}),), Tile({"BLOCK_H": 16}), ()),
+            "every tile must tune the same meta-parameters",
+        ),
+        (lambda: TuningSpace((), Tile({"BLOCK_B": 16}), ()), "at least one candidate"),
+        (
+            lambda: TuningSpace((Tile({"BLOCK_B": 16}), Tile({"BLOCK_B": 16})), Tile({"BLOCK_B": 16}), ()),
+            "repeat one another",
+        ),
+    ],
+)
+def test_tuning_spaces_refuse_invalid_tiles(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@needs_triton
+def test_heads_autotune_configs_are_valid_for_every_launch():
+    space = rmserve.kernels.heads._TUNING
+    configs = tuning_configs(space, interpreted=False)
+    assert len(configs) == len(space.candidates) >= 4
+    for config in configs:
+        assert set(config.kwargs) == {"BLOCK_B", "BLOCK_H"}
+        assert all(size >= MIN_DOT_SIDE and size & (size - 1) == 0 for size in config.kwargs.values())
+        assert config.num_warps in (4, 8) and 2 <= config.num_stages <= 4
+    [interpreter] = tuning_configs(space, interpreted=True)
+    assert min(interpreter.kwargs.values()) >= MIN_DOT_SIDE
+    # Launch-time pruning always leaves the first tile, for any head count, hidden size and batch.
+    for k in (1, 5, 16, 17, 64, 100, MAX_HEADS):
+        block_k = max(16, 1 << (k - 1).bit_length())
+        for hidden in (1, 16, 80, 576, 4096):
+            for bucket in (16, 32, 256):
+                launch = {"H": hidden, "K": k, "BLOCK_K": block_k, "B_BUCKET": bucket}
+                fitting = [t for t in space.candidates if space.fits({**launch, **t.blocks})]
+                assert fitting and fitting[0] == space.candidates[0], launch
+    # Wide tiles are pruned for 128 heads; everything fits a single head on a long hidden state.
+    wide = {"H": 4096, "K": MAX_HEADS, "BLOCK_K": MAX_HEADS, "B_BUCKET": 256}
+    assert [t.blocks["BLOCK_H"] for t in space.candidates if space.fits({**wide, **t.blocks})] == [32]
+    narrow = {"H": 4096, "K": 1, "BLOCK_K": 16, "B_BUCKET": 256}
+    assert all(space.fits({**narrow, **t.blocks}) for t in space.candidates)
+
+
+@needs_triton
+def test_the_kernel_is_autotuned_only_when_compiled():
+    tuned = rmserve.kernels.heads._heads_aggregate_tuned
+    assert tuned.interpreted == INTERPRETING
+    # The interpreter cannot time configs: one tile there, every candidate when compiled.
+    assert len(tuned.configs) == (1 if INTERPRETING else len(rmserve.kernels.heads._TUNING.candidates))
+    # Every output is stored once per launch, so timing trials need no reset between them.
+    assert tuned.autotuner.reset_to_zero == [] and tuned.autotuner.restore_value == []
+
+
+@pytest.mark.parametrize("index", range(len(rmserve.kernels.heads._TUNING.candidates)))
+def test_every_autotune_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
+    # Each CUDA candidate's tile, alone (a single config is launched without timing), in this process's
+    # mode: the interpreter checks the results of tiles it would never pick itself.
+    heads = rmserve.kernels.heads
+    tile = heads._TUNING.candidates[index]
+    single = TuningSpace((tile,), tile, heads._TUNING.dot_sides)
+    monkeypatch.setattr(heads, "_heads_aggregate_tuned", autotuned(heads._heads_aggregate_kernel, single, ()))
+    assert_matches(*run_both(make_fused_inputs(37, 5, 200, 5, seed=48, std=True), kernel_device))
+    assert_matches(*run_both(make_inputs(70, 96, 20, seed=49, std=True, nominal_head=None), kernel_device))

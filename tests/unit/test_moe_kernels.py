@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import rmserve.kernels
+import rmserve.kernels.moe
 from rmserve.kernels.moe import (
     MAX_KERNEL_EXPERTS,
     MAX_KERNEL_TOP_K,
@@ -43,6 +44,7 @@ from rmserve.kernels.moe import (
     route_triton,
     select_moe_kernels,
 )
+from rmserve.kernels.tuning import MIN_DOT_SIDE, TuningSpace, autotuned, tuning_configs
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -573,3 +575,80 @@ def test_moe_layer_large_magnitudes(kernel_device):
     ref = moe_layer_reference(**inputs)
     assert ref.abs().max() > 1e2
     assert_outputs_match(moe_layer_triton(**inputs), ref)
+
+
+# --- launch configurations (autotune on CUDA, one tile in the interpreter) -----------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("space", "names"),
+    [("_ROUTE_TUNING", {"BLOCK_T", "BLOCK_H"}), ("_GROUPED_TUNING", {"BLOCK_F", "BLOCK_H"})],
+)
+def test_autotune_configs_are_valid(space, names):
+    space = getattr(rmserve.kernels.moe, space)
+    configs = tuning_configs(space, interpreted=False)
+    assert len(configs) == len(space.candidates) >= 4
+    for config in configs:
+        assert set(config.kwargs) == names
+        assert all(size >= MIN_DOT_SIDE and size & (size - 1) == 0 for size in config.kwargs.values())
+    [interpreter] = tuning_configs(space, interpreted=True)
+    assert set(interpreter.kwargs) == names and min(interpreter.kwargs.values()) >= MIN_DOT_SIDE
+
+
+@needs_triton
+def test_launch_pruning_keeps_the_first_tile_for_every_launch():
+    route, grouped = rmserve.kernels.moe._ROUTE_TUNING, rmserve.kernels.moe._GROUPED_TUNING
+    for hidden in (1, 16, 40, 576, 4096):
+        for experts in (1, 3, 16, 17, MAX_KERNEL_EXPERTS):
+            for bucket in (16, 128, 8192):
+                launch = {"H": hidden, "E": experts, "T_BUCKET": bucket}
+                launch["BLOCK_E"] = max(16, 1 << (experts - 1).bit_length())
+                fitting = [t for t in route.candidates if route.fits({**launch, **t.blocks})]
+                assert fitting and fitting[0] == route.candidates[0], launch
+        for ffn in (1, 16, 48, 1536, 14336):
+            for block_m in (16, 32, 64):
+                launch = {"H": hidden, "F": ffn, "BLOCK_M": block_m}
+                fitting = [t for t in grouped.candidates if grouped.fits({**launch, **t.blocks})]
+                assert fitting and fitting[0] == grouped.candidates[0], launch
+
+
+@needs_triton
+def test_kernels_are_autotuned_only_when_compiled():
+    moe = rmserve.kernels.moe
+    for tuned, space in (
+        (moe._route_tuned, moe._ROUTE_TUNING),
+        (moe._grouped_swiglu_tuned, moe._GROUPED_TUNING),
+    ):
+        assert tuned.interpreted == INTERPRETING
+        assert len(tuned.configs) == (1 if INTERPRETING else len(space.candidates))
+        # Every output (and the activation scratch) is stored once per launch: no reset between trials.
+        assert tuned.autotuner.reset_to_zero == [] and tuned.autotuner.restore_value == []
+
+
+@pytest.mark.parametrize("index", range(len(rmserve.kernels.moe._ROUTE_TUNING.candidates)))
+def test_every_routing_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
+    moe = rmserve.kernels.moe
+    tile = moe._ROUTE_TUNING.candidates[index]
+    single = TuningSpace((tile,), tile, moe._ROUTE_TUNING.dot_sides)
+    monkeypatch.setattr(moe, "_route_tuned", autotuned(moe._route_kernel, single, ()))
+    # T = 150 is not a multiple of any token tile, H = 200 not one of any hidden tile.
+    inputs = to(kernel_device, make_layer(150, 200, 16, 7, seed=60 + index))
+    x, router_weight = inputs["x"], inputs["router_weight"] * 3
+    assert_routing_matches(route_triton(x, router_weight, 2), route_reference(x, router_weight, 2))
+
+
+@pytest.mark.parametrize("index", range(len(rmserve.kernels.moe._GROUPED_TUNING.candidates)))
+def test_every_grouped_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
+    moe = rmserve.kernels.moe
+    tile = moe._GROUPED_TUNING.candidates[index]
+    single = TuningSpace((tile,), tile, moe._GROUPED_TUNING.dot_sides)
+    monkeypatch.setattr(moe, "_grouped_swiglu_tuned", autotuned(moe._grouped_swiglu_kernel, single, ()))
+    # F = 100 and H = 72 are multiples of no tile; expert 0 takes every token (two 16-row tiles), expert
+    # 2 none.
+    inputs = to(kernel_device, experts_of(make_layer(21, 72, 100, 5, seed=70 + index)))
+    routing = uneven_routing(21, 5, 2, seed=71, unused=2)
+    routing = Routing(*(t.to(kernel_device) for t in routing.__dict__.values()))
+    assert_outputs_match(
+        grouped_swiglu_triton(**inputs, routing=routing), grouped_swiglu_reference(**inputs, routing=routing)
+    )

@@ -1,0 +1,729 @@
+"""Memory planning: what each served model will take on its device, and whether the models fit.
+
+Before any model is loaded, each one is estimated from its folder:
+
+- **weights**: the backend's own module is built on the ``meta`` device from the folder's config (no
+  memory, no weights read), in the serving dtype the backends resolve (``resolve_dtype``: bfloat16 on a
+  GPU, float32 on the CPU), so what each backend keeps is counted as ``module_bytes`` counts it:
+  dense and moe keep the whole sequence classifier, multihead/brme the base model (``AutoModel`` has no
+  ``lm_head``) plus float32 heads, an ensemble every member; tied weights count once, non-persistent
+  buffers (rotary frequencies) count. The checkpoint's safetensors headers are read to check that the
+  config describes the weights (a tensor of another shape is an error, not a guess). With ``quantize``,
+  the ``nn.Linear`` layers ``rmserve.models.quantize`` replaces (all but the reward head, MoE routers
+  and the model's ``_keep_in_fp32_modules``) take 1 byte per element plus a float32 scale per row
+  (int8), or half a byte plus a float32 absmax per 64 elements and a 16-entry code table (nf4);
+  embeddings, norms and heads keep the serving dtype. Exact: equal to the loaded model's
+  ``module_bytes`` in every mode. MoE models served with the Triton kernels on CUDA also keep a stacked
+  copy of their normal experts (``kernel_bytes``).
+- **activations**: the peak of one forward of the largest batch the limits allow (no autograd), with
+  N = min(max_batch_tokens, max_batch_size x T) padded tokens in sequences of T = the model's token
+  limit. Bytes, e the element size of the serving dtype, H the hidden size, I the MLP width,
+  A = heads x head_dim, K = kv_heads x head_dim::
+
+      N x max(                                   the widest phase of a layer, 3-4 (N, H) hidden
+          (3H + max(4A + 2K, 2A + 5K)) e,        states alive besides: q, k, v and the rotary
+          (4H + mI) e,                           temporaries of q or k; the MLP (m = 3 SwiGLU, 2
+          3He + 8H,                              plain); a norm's float32 copy and square;
+          [(3H + A + 2K [+ 2A]) e + T heads (e + 4)])   eager attention only: the scores
+      + N x T x (e eager, 1 masked SDPA, else 0)  the (B, 1, T, T) mask
+      + 8 MiB                                    batch-independent buffers (measured 1.5-4.5 MiB)
+      + the MoE and quantised-matmul workspaces   (``_moe_workspace``, ``_quantized_workspace``)
+
+  SDPA (what transformers gives the backends by default, on CPU and CUDA alike, whenever the
+  architecture supports it; read off the meta model) never materialises the (T, T) scores: decoders run
+  without a mask (``is_causal``, native GQA), so only eager attention pays T^2. No vocabulary logits:
+  decoders run their base model. Measured on the CPU (peak RSS increase of a forward in a fresh
+  process): the formula is 0.4% to 11% above the peak for Llama, GPT-NeoX and BERT at 8192 tokens in
+  float32, bfloat16, SDPA and eager; more for small batches (the fixed 8 MiB) and for MoE layers whose
+  routing is balanced (docs/architecture.md, "Memory planning"; tests/unit/test_memory.py keeps it
+  above the peak and within 20%).
+
+The check, per device: the weights of every model on it plus the largest activation peak among them
+must fit the budget. Largest, not summed: ``ModelRegistry`` runs every forward of a device on that
+device's one forward thread, so two models' activations never coexist. The budget is
+``--memory-budget`` (one value for each device), else 90% of a GPU's memory (the rest is the CUDA
+context and allocator fragmentation) or the RAM available on the machine when planning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+from rmserve.config import ModelSpec, QuantizeName, Settings
+from rmserve.models.base import DTypeName, KernelsName, module_bytes, resolve_device, resolve_dtype
+from rmserve.models.dense import resolve_max_length
+from rmserve.models.loader import folder_kind
+from rmserve.models.quantize import NF4_BLOCKSIZE, head_modules
+
+log = logging.getLogger(__name__)
+
+GPU_BUDGET_FRACTION = 0.9
+NF4_CODES = 16  # entries of the nf4 code table each layer keeps
+FORWARD_FIXED_BYTES = 8 * 2**20  # per-forward buffers independent of the batch: measured 1.5-4.5 MiB on CPU
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+class MemoryBudgetError(ValueError):
+    """The served models do not fit a device's memory budget."""
+
+
+def parse_memory_size(text: str) -> int:
+    """Bytes in a size such as ``70GiB``, ``512 MB``, ``1.5gb`` or ``75000000000``.
+
+    Units (case-insensitive): B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (powers of 1024).
+
+    Raises:
+        ValueError: not a positive size with a known unit.
+    """
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"{text!r} is not a memory size; write bytes (75000000000) or a number with a unit: "
+            "KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 70GiB."
+        )
+    number = match.group(1)
+    if not unit and "." in number:
+        raise ValueError(f"{text!r}: a size in bytes is a whole number; give a unit for fractions (1.5GiB).")
+    size = int(float(number) * _UNITS[unit]) if "." in number else int(number) * _UNITS[unit]
+    if size <= 0:
+        raise ValueError(f"{text!r}: the memory budget must be more than 0 bytes.")
+    return size
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def format_bytes(size: int) -> str:
+    """``size`` in the largest binary unit under it, e.g. ``1.50 GiB``."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(size) >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} B"
+
+
+def device_key(device: str) -> str:
+    """The device a model's memory comes from: ``cuda`` is the current CUDA device (``cuda:0``)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(dev)
+
+
+def available_ram() -> int:
+    """``MemAvailable`` of ``/proc/meminfo``: the RAM new allocations can take without swapping.
+
+    Raises:
+        ValueError: the file or the field is missing (not Linux).
+    """
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the value is in kB
+    raise ValueError(
+        "cannot read the available RAM (no MemAvailable in /proc/meminfo) to budget the CPU; "
+        "set --memory-budget (e.g. 16GiB)."
+    )
+
+
+def device_budget(device: str, budget: str | None = None) -> int:
+    """The memory the models on ``device`` may use: ``budget`` if given, else the device's default.
+
+    Default: 90% of a GPU's total memory, or the RAM available now on the CPU.
+
+    Raises:
+        ValueError: ``budget`` is not a size, or the device has no default (set ``--memory-budget``).
+    """
+    if budget is not None:
+        return parse_memory_size(budget)
+    dev = torch.device(device_key(device))
+    if dev.type == "cuda":
+        return int(GPU_BUDGET_FRACTION * torch.cuda.get_device_properties(dev).total_memory)
+    if dev.type == "cpu":
+        return available_ram()
+    raise ValueError(f"no default memory budget for device {device!r}; set --memory-budget.")
+
+
+# --- the estimate of one model --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForwardShape:
+    """The largest forward the batch limits allow: ``tokens`` padded tokens, sequences of ``length``."""
+
+    tokens: int
+    length: int
+
+    @classmethod
+    def of(cls, *, max_batch_tokens: int, max_batch_size: int, length: int) -> ForwardShape:
+        length = min(length, max_batch_tokens)
+        return cls(tokens=min(max_batch_tokens, max_batch_size * length), length=length)
+
+
+@dataclass(frozen=True)
+class ModelEstimate:
+    """One model's planned memory on its device, in bytes.
+
+    Attributes:
+        name: the served model's name.
+        device: where it lives (``cpu``, ``cuda:0``, ...).
+        weights_bytes: parameters and buffers (``module_bytes``), with quantisation statistics.
+        activation_bytes: the peak of one forward of its largest batch.
+        kernel_bytes: persistent copies kept by kernels (MoE experts stacked for Triton).
+        detail: how it was sized, for the log and the error message.
+    """
+
+    name: str
+    device: str
+    weights_bytes: int
+    activation_bytes: int
+    kernel_bytes: int = 0
+    detail: str = ""
+
+    @property
+    def resident_bytes(self) -> int:
+        """What stays allocated between forwards."""
+        return self.weights_bytes + self.kernel_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """Resident memory plus the forward's peak: the model alone on its device."""
+        return self.resident_bytes + self.activation_bytes
+
+    def describe(self) -> str:
+        kernels = f" + kernels {format_bytes(self.kernel_bytes)}" if self.kernel_bytes else ""
+        return (
+            f"{self.name} on {self.device}: weights {format_bytes(self.weights_bytes)}{kernels} + activations "
+            f"{format_bytes(self.activation_bytes)} = {format_bytes(self.total_bytes)} ({self.detail})"
+        )
+
+
+@dataclass(frozen=True)
+class Transformer:
+    """What the activation formula reads from an architecture (see the module docstring)."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    gated: bool
+    attention: str
+    masked: bool
+    window: int | None = None
+    experts: int = 0
+    top_k: int = 0
+    moe_triton: bool = False
+    largest_linear: tuple[int, int] = (0, 0)  # (out, in) features of the widest quantised Linear
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, *, masked: bool, experts: int = 0, top_k: int = 0, moe_triton: bool = False
+    ) -> Transformer:
+        """The figures of a model built on meta (its config, and its Linear layers for the MLP kind).
+
+        Raises:
+            ValueError: the config lacks a size the formula needs.
+        """
+        config = model.config
+        needed = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+        missing = [n for n in needed if not isinstance(getattr(config, n, None), int)]
+        if missing:
+            raise ValueError(
+                f"{type(model).__name__}'s config has no {', '.join(missing)}, which the memory planner needs "
+                "to size its activations; this architecture cannot be planned."
+            )
+        hidden, intermediate = config.hidden_size, config.intermediate_size
+        heads = config.num_attention_heads
+        mlp = [
+            m
+            for name, m in model.named_modules()
+            if type(m) is nn.Linear and ".experts." not in name
+            and (m.in_features, m.out_features) == (hidden, intermediate)
+        ]  # fmt: skip
+        window = (
+            getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        )
+        linears = [(m.out_features, m.in_features) for m in model.modules() if type(m) is nn.Linear]
+        return cls(
+            hidden=hidden,
+            intermediate=intermediate,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or hidden // heads,
+            gated=len(mlp) >= 2 * config.num_hidden_layers,
+            attention=str(getattr(config, "_attn_implementation", None) or "eager"),
+            masked=masked,
+            window=window if isinstance(window, int) else None,
+            experts=experts,
+            top_k=top_k,
+            moe_triton=moe_triton,
+            largest_linear=max(linears, key=lambda s: s[0] * s[1], default=(0, 0)),
+        )
+
+
+def activation_bytes(
+    arch: Transformer, shape: ForwardShape, dtype: torch.dtype, quantize: QuantizeName = "none"
+) -> int:
+    """The peak activation memory of one forward (the module docstring's formula).
+
+    Args:
+        arch: the architecture's figures.
+        shape: the largest batch (padded tokens, sequence length).
+        dtype: the dtype activations are computed in.
+        quantize: the weights' quantisation (adds its matmul workspace).
+    """
+    e = torch.empty((), dtype=dtype).element_size()
+    n, t = shape.tokens, shape.length
+    h, i = arch.hidden, arch.intermediate
+    a, k = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    eager = arch.attention == "eager"
+    masked = arch.masked or (arch.window is not None and t > arch.window)
+    # bytes per token of each phase of a layer; 3-4 (N, H) hidden states stay alive throughout (the
+    # embeddings, the layer's input, its residual and normed input)
+    phases = [
+        (3 * h + max(4 * a + 2 * k, 2 * a + 5 * k)) * e,  # q, k, v and the rotary temporaries of q or of k
+        (4 * h + (3 if arch.gated else 2) * i) * e,  # the MLP: gate, act(gate), up and their product
+        3 * h * e + 8 * h,  # a norm's float32 copy and square
+    ]
+    if eager:  # the scores, scaled, masked and softmaxed in float32; k and v repeated for GQA
+        phases.append((3 * h + a + 2 * k + (2 * a if k < a else 0)) * e + t * arch.heads * (e + 4))
+    mask = t * e if eager else t if masked else 0  # (B, 1, T, T): float for eager, boolean for SDPA
+    total = n * (max(phases) + mask) + FORWARD_FIXED_BYTES
+    return total + _moe_workspace(arch, n, e) + _quantized_workspace(arch, n, e, quantize)
+
+
+def _moe_workspace(arch: Transformer, tokens: int, e: int) -> int:
+    """An MoE layer's buffers beyond a dense FFN's, with every token routed to one expert (the worst case).
+
+    Reference path: a gathered copy of the expert's tokens, the float32 accumulator and its
+    out-of-place ``index_add`` copy, and the routing (probabilities, picks, their sort). Triton path:
+    one float32 row of the FFN width and of the hidden size per (token, slot) and for the shared expert.
+    """
+    if not arch.experts:
+        return 0
+    routing = (arch.experts - 1) * 8 + (arch.top_k - 1) * 32
+    if arch.moe_triton:
+        return tokens * (arch.top_k * 4 * (arch.intermediate + arch.hidden) + routing)
+    return tokens * (arch.hidden * e + 8 * arch.hidden + routing)
+
+
+def _quantized_workspace(arch: Transformer, tokens: int, e: int, quantize: QuantizeName) -> int:
+    """The widest quantised matmul's temporaries (from bitsandbytes' kernels; not measured here).
+
+    int8 (LLM.int8): the input's float16 copy and its int8 quantisation, and an int32 accumulator per
+    output. nf4: the weight dequantised to the compute dtype for the matmul.
+    """
+    out_features, in_features = arch.largest_linear
+    if quantize == "int8":
+        return tokens * (3 * in_features + 4 * out_features)
+    if quantize == "nf4":
+        return out_features * in_features * e
+    return 0
+
+
+def quantized_bytes(module: nn.Module, quantize: QuantizeName, keep: Sequence[str] = ()) -> int:
+    """``module_bytes`` of ``module`` once its Linear layers are quantised as ``rmserve.models.quantize`` does.
+
+    Every ``nn.Linear`` (exact type) is replaced except the modules in ``keep`` (the reward head, MoE
+    routers) and the model's ``_keep_in_fp32_modules`` (which transformers also skips). A replaced
+    weight of (out, in) takes ``out x in`` bytes plus ``out`` float32 row scales (int8), or
+    ``ceil(out x in / 2)`` bytes plus a float32 absmax per 64 elements and the 16-entry float32 code
+    table (nf4); its bias keeps its dtype.
+
+    Args:
+        module: the model, built on meta in its serving dtype.
+        quantize: ``none``, ``int8`` or ``nf4``.
+        keep: module names (or suffixes at a module boundary) left unquantised.
+    """
+    total = module_bytes(module)
+    if quantize == "none":
+        return total
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = [*keep, *(getattr(module, "_keep_in_fp32_modules", None) or ())]
+    for name, layer in module.named_modules():
+        if type(layer) is not nn.Linear or not should_convert_module(name, skip):
+            continue
+        numel = layer.weight.numel()
+        if quantize == "int8":
+            packed = numel + 4 * layer.out_features
+        else:
+            packed = (numel + 1) // 2 + 4 * -(-numel // NF4_BLOCKSIZE) + 4 * NF4_CODES
+        total += packed - numel * layer.weight.element_size()
+    return total
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """The tensor shapes of a folder's safetensors checkpoint, from the headers only (None: no safetensors).
+
+    Reads ``model.safetensors``, or every shard named by ``model.safetensors.index.json``.
+    """
+    if (folder / _INDEX).is_file():
+        files = sorted(set(json.loads((folder / _INDEX).read_text())["weight_map"].values()))
+    elif (folder / _SINGLE).is_file():
+        files = [_SINGLE]
+    else:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(folder / file, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+def check_checkpoint(folder: Path, model: nn.Module) -> None:
+    """Check that the checkpoint holds the meta model's tensors at its shapes (headers only).
+
+    Names are matched as transformers matches them: as is, or with the base model prefix added or
+    removed. Tensors the checkpoint lacks are initialised by transformers (a new score head): logged.
+
+    Raises:
+        ValueError: a tensor has another shape in the checkpoint (the config does not describe it).
+    """
+    shapes = checkpoint_shapes(folder)
+    if shapes is None:
+        log.warning("%s has no safetensors checkpoint; its estimate is from config.json alone.", folder)
+        return
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    missing = []
+    for name, tensor in model.state_dict().items():
+        candidates = [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")] if prefix else [name]
+        found = next((shapes[c] for c in candidates if c in shapes), None)
+        if found is None:
+            missing.append(name)
+        elif found != tuple(tensor.shape):
+            raise ValueError(
+                f"{folder}: the checkpoint holds {name} as {found}, but config.json describes {tuple(tensor.shape)}; "
+                "the folder's config does not describe its weights (a pre-quantised checkpoint cannot be planned: "
+                "serve a full-precision one with --quantize)."
+            )
+    if missing:
+        log.info(
+            "%s: %d tensors are not in the checkpoint and will be initialised: %s",
+            folder,
+            len(missing),
+            missing[:4],
+        )
+
+
+def _meta_classifier(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The dense backend's ``AutoModelForSequenceClassification``, on meta."""
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+
+
+def _meta_base(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The multi-head backbone, on meta, chosen as ``heads._load_base`` chooses it."""
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or ()):
+        classifier = _meta_classifier(config, dtype)
+        return getattr(classifier, classifier.base_model_prefix)
+    with torch.device("meta"):
+        return AutoModel.from_config(config, dtype=dtype)
+
+
+def _model_limit(folder: Path, config: Any, requested: int | None) -> int:
+    """The token limit the backend resolves for ``folder`` (``resolve_max_length`` with its tokenizer)."""
+    return resolve_max_length(config, AutoTokenizer.from_pretrained(folder), requested)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One transformer of a model: its resident bytes and its activation peak."""
+
+    weights: int
+    kernel: int
+    activations: int
+    parameters: int
+
+
+def _part(
+    folder: Path,
+    module: nn.Module,
+    *,
+    dtype: torch.dtype,
+    quantize: QuantizeName,
+    shape: ForwardShape,
+    masked: bool,
+    keep: Sequence[str],
+    experts: int = 0,
+    top_k: int = 0,
+    kernel: int = 0,
+) -> _Part:
+    check_checkpoint(folder, module)
+    arch = Transformer.of(module, masked=masked, experts=experts, top_k=top_k, moe_triton=kernel > 0)
+    return _Part(
+        weights=quantized_bytes(module, quantize, keep),
+        kernel=kernel,
+        activations=activation_bytes(arch, shape, dtype, quantize),
+        parameters=sum(p.numel() for p in module.parameters()),
+    )
+
+
+def _is_decoder(classifier: nn.Module) -> bool:
+    """As the dense backend decides: a ``score`` Linear head is read at the last token, unmasked."""
+    return isinstance(getattr(classifier, "score", None), nn.Linear)
+
+
+def estimate_model(
+    name: str,
+    path: Path,
+    *,
+    kind: str = "auto",
+    dtype: DTypeName = "auto",
+    device: str = "auto",
+    quantize: QuantizeName = "none",
+    kernels: KernelsName = "auto",
+    max_length: int | None = None,
+    max_batch_tokens: int,
+    max_batch_size: int,
+) -> ModelEstimate:
+    """Estimate a model folder's memory without loading its weights.
+
+    Args:
+        name: the served model's name.
+        path: the model folder (demos must already be built).
+        kind, dtype, device, quantize, kernels: as the model will be loaded.
+        max_length: the configured token limit per input (None: the model's own).
+        max_batch_tokens, max_batch_size: the model's batch limits.
+
+    Raises:
+        ValueError: the folder is not a model of a known kind, a CUDA device is asked for without one,
+            the config does not describe the checkpoint, or the architecture cannot be sized.
+    """
+    found = folder_kind(path)
+    if kind not in ("auto", found):
+        raise ValueError(f"model {name!r} is configured as kind {kind!r}, but {path} holds a {found} model.")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+
+    def shape_for(length: int) -> ForwardShape:
+        return ForwardShape.of(
+            max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, length=length
+        )
+
+    if found == "ensemble":
+        from rmserve.models.ensemble import member_path, read_ensemble_config
+
+        parts = []
+        for member in read_ensemble_config(path).members:
+            folder = member_path(path, member)
+            config = AutoConfig.from_pretrained(folder)
+            limit = min(max_length or max_batch_tokens, _model_limit(folder, config, None))
+            classifier = _meta_classifier(config, torch_dtype)
+            parts.append(
+                _part(folder, classifier, dtype=torch_dtype, quantize=quantize, shape=shape_for(limit),
+                      masked=not _is_decoder(classifier), keep=head_modules(config))
+            )  # fmt: skip
+    elif found in ("multihead", "brme"):
+        from rmserve.models.heads import HEADS_FILE, read_head_config
+
+        backbone = (path / read_head_config(path).backbone).resolve()
+        config = AutoConfig.from_pretrained(backbone)
+        limit = _model_limit(backbone, config, max_length)
+        base = _meta_base(config, torch_dtype)
+        part = _part(
+            backbone, base, dtype=torch_dtype, quantize=quantize, shape=shape_for(limit), masked=False,
+            keep=head_modules(config),
+        )  # fmt: skip
+        with safe_open(path / HEADS_FILE, framework="pt") as f:
+            head_elements = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
+        parts = [
+            _Part(part.weights + 4 * head_elements, 0, part.activations, part.parameters + head_elements)
+        ]
+    else:
+        config = AutoConfig.from_pretrained(path)
+        limit = _model_limit(path, config, max_length)
+        classifier = _meta_classifier(config, torch_dtype)
+        experts = top_k = kernel = 0
+        keep = head_modules(config)
+        if found == "moe":
+            from rmserve.kernels.moe import TRITON_KERNELS, select_moe_kernels
+            from rmserve.models.moe import moe_layers, read_moe_config, replace_ffns
+
+            moe = read_moe_config(path)
+            replace_ffns(classifier, moe.layers, experts=moe.experts, top_k=moe.top_k, seed=0)
+            experts, top_k, keep = moe.experts, moe.top_k, (*keep, "router")
+            # quantised experts run the reference path; the Triton one stacks a copy of the normal experts
+            if quantize == "none" and select_moe_kernels(dev, kernels) is TRITON_KERNELS:
+                kernel = sum(module_bytes(layer.experts) for layer in moe_layers(classifier))
+        parts = [
+            _part(
+                path, classifier, dtype=torch_dtype, quantize=quantize, shape=shape_for(limit),
+                masked=not _is_decoder(classifier), keep=keep, experts=experts, top_k=top_k, kernel=kernel,
+            )
+        ]  # fmt: skip
+    shape = shape_for(limit) if found != "ensemble" else None
+    quant = "" if quantize == "none" else f" {quantize}"
+    batch = f"{shape.tokens} tokens x {shape.length}" if shape else f"{max_batch_tokens} tokens per member"
+    return ModelEstimate(
+        name=name,
+        device=device_key(str(dev)),
+        weights_bytes=sum(p.weights for p in parts),
+        activation_bytes=max(p.activations for p in parts),  # ensemble members run one after another
+        kernel_bytes=sum(p.kernel for p in parts),
+        detail=f"{found}, {_count(sum(p.parameters for p in parts))} parameters, "
+        f"{str(torch_dtype).removeprefix('torch.')}{quant}, batch {batch}",
+    )
+
+
+# --- the plan of every served model ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """The models on one device and its budget.
+
+    Forwards on a device run one at a time (one forward thread per device, see ``ModelRegistry``), so
+    the device needs every model's resident memory plus the largest activation peak, not their sum.
+    """
+
+    device: str
+    budget_bytes: int
+    models: tuple[ModelEstimate, ...]
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(m.resident_bytes for m in self.models)
+
+    @property
+    def peak_model(self) -> ModelEstimate:
+        """The model whose forward needs the most activation memory."""
+        return max(self.models, key=lambda m: m.activation_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.peak_model.activation_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    def describe(self) -> str:
+        peak = self.peak_model
+        return (
+            f"weights {format_bytes(self.resident_bytes)} + the largest activation peak "
+            f"{format_bytes(peak.activation_bytes)} ({peak.name}) = {format_bytes(self.total_bytes)} of a "
+            f"{format_bytes(self.budget_bytes)} budget ({100 * self.total_bytes / self.budget_bytes:.0f}%)"
+        )
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Every served model's estimate, by device."""
+
+    devices: tuple[DevicePlan, ...]
+
+    def estimate(self, name: str) -> ModelEstimate:
+        """The estimate of the model called ``name``.
+
+        Raises:
+            KeyError: no planned model has that name.
+        """
+        for plan in self.devices:
+            for model in plan.models:
+                if model.name == name:
+                    return model
+        raise KeyError(f"model {name!r} is not in the memory plan")
+
+    def log(self) -> None:
+        """One line per model, then one per device: its total against its budget."""
+        for plan in self.devices:
+            for model in plan.models:
+                log.info("memory plan: %s", model.describe())
+            log.info("memory plan: %s total: %s", plan.device, plan.describe())
+
+    def check(self) -> None:
+        """Refuse a plan with a device over its budget.
+
+        Raises:
+            MemoryBudgetError: lists the device's models with their estimates, the total and the budget,
+                and how to make them fit.
+        """
+        over = [plan for plan in self.devices if not plan.fits]
+        if not over:
+            return
+        lines = []
+        for plan in over:
+            lines.append(f"the models on {plan.device} do not fit its memory budget:")
+            lines += [f"  {model.describe()}" for model in plan.models]
+            lines.append(
+                f"  total: {plan.describe()}; {format_bytes(plan.total_bytes - plan.budget_bytes)} over "
+                "(weights add up; activations do not, as forwards on one device run one at a time)."
+            )
+        lines.append(
+            "Hint: lower max_batch_tokens or max_length (activations grow with them), quantize the weights "
+            "(--quantize int8 or nf4), serve fewer models, put some on another device ('device' per model "
+            "in the config), or raise --memory-budget if the device really has the room."
+        )
+        raise MemoryBudgetError("\n".join(lines))
+
+
+def plan_memory(estimates: Sequence[ModelEstimate], budgets: Mapping[str, int]) -> MemoryPlan:
+    """Group estimates by device with each device's budget (devices in order of first use).
+
+    Raises:
+        KeyError: a model's device has no budget.
+    """
+    devices = list(dict.fromkeys(e.device for e in estimates))
+    return MemoryPlan(
+        tuple(
+            DevicePlan(device, budgets[device], tuple(e for e in estimates if e.device == device))
+            for device in devices
+        )
+    )
+
+
+def plan_served_models(settings: Settings, specs: Sequence[ModelSpec], paths: Sequence[Path]) -> MemoryPlan:
+    """Estimate every served model from its folder (per-model settings over server-wide ones), with budgets.
+
+    Args:
+        settings: the server settings (``memory_budget``, defaults for unset per-model values).
+        specs: the served models.
+        paths: each spec's folder, demos already built (``resolve_model_path``).
+
+    Raises:
+        ValueError: a folder cannot be estimated, or a budget cannot be determined.
+    """
+    estimates = [
+        estimate_model(
+            spec.name,
+            path,
+            kind=spec.kind,
+            dtype=spec.dtype or settings.dtype,
+            device=spec.device or settings.device,
+            quantize=spec.quantize or settings.quantize,
+            kernels=settings.kernels,
+            max_length=spec.max_length or settings.max_length,
+            max_batch_tokens=spec.max_batch_tokens or settings.max_batch_tokens,
+            max_batch_size=spec.max_batch_size or settings.max_batch_size,
+        )
+        for spec, path in zip(specs, paths, strict=True)
+    ]
+    budgets = {e.device: device_budget(e.device, settings.memory_budget) for e in estimates}
+    return plan_memory(estimates, budgets)

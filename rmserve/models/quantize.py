@@ -1,0 +1,264 @@
+"""Weight quantisation through bitsandbytes: what ``--quantize none|int8|nf4`` loads, and what it leaves alone.
+
+- ``int8``: LLM.int8() (``bitsandbytes.nn.Linear8bitLt``). Each linear weight is stored as int8 with
+  one float32 scale per output row. At each forward the activations are quantised per row to int8 (their
+  scales computed through a float16 copy) and multiplied in int8; activation columns holding an outlier
+  (``|x| >= 6``) are multiplied in the model dtype instead. The output is in the model dtype.
+- ``nf4``: 4-bit NormalFloat (``bitsandbytes.nn.Linear4bit``). Weights are packed two per byte with one
+  float32 absmax per block of 64 (no nested quantisation of the absmax); each forward dequantises them to
+  the compute dtype, which is the model dtype: float32 on CPU (never float16), bfloat16 on a GPU.
+
+Only the ``nn.Linear`` layers of the transformer are quantised. Embeddings, norms, the reward head (every
+module of a sequence classifier outside its base model: ``score`` for decoders, ``classifier`` for
+BERT-like encoders) and rmserve's own heads (multihead/brme weights, ensemble calibration, MoE routers)
+keep their dtype, so the head kernel reads a plain float ``nn.Linear``. bitsandbytes >= 0.50 runs both
+modes on CPU as well as on CUDA; on a CPU without AVX-512 its int8 and nf4 products go through float32
+matmuls (memory shrinks, speed does not improve).
+
+Hugging Face checkpoints load through transformers' ``BitsAndBytesConfig`` (``pretrained_kwargs``); the
+``moe`` kind, whose model rmserve builds itself, gets the same bitsandbytes layers with the same settings
+from ``quantize_linears``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
+
+QuantizeName = Literal["none", "int8", "nf4"]
+QUANTIZE_MODES: tuple[QuantizeName, ...] = ("none", "int8", "nf4")
+BITSANDBYTES_MIN_VERSION = (0, 50)
+INSTALL_COMMAND = "pip install 'bitsandbytes>=0.50'"
+INT8_THRESHOLD = 6.0  # LLM.int8()'s activation outlier threshold (transformers' default)
+NF4_BLOCKSIZE = 64  # bitsandbytes' default block of the nf4 absmax
+
+
+class _Int8CastNotice(logging.Filter):
+    """Drops bitsandbytes' notice that LLM.int8() casts activations to float16 to quantise them.
+
+    The cast is how int8 computes each activation row's scale, not a compute dtype (the product runs in
+    int8, the output in the model dtype); the notice would otherwise be logged at every linear layer of
+    every forward.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+_INT8_NOTICE = _Int8CastNotice()
+
+
+def check_quantize(quantize: str) -> QuantizeName:
+    """``quantize`` if it names a mode.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}.")
+    return quantize  # type: ignore[return-value]
+
+
+def require_bitsandbytes(quantize: str) -> ModuleType:
+    """The ``bitsandbytes`` module, checked to be recent enough for ``quantize`` on CPU and GPU.
+
+    Raises:
+        ValueError: bitsandbytes is not installed, or older than 0.50 (the message has the pip command).
+    """
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ValueError(
+            f"quantize={quantize!r} needs bitsandbytes, which is not installed; install it with "
+            f"{INSTALL_COMMAND} (or pip install 'rmserve[quantize]'), or serve with --quantize none."
+        ) from None
+    version = tuple(int(part) for part in bitsandbytes.__version__.split(".")[:2] if part.isdigit())
+    if version < BITSANDBYTES_MIN_VERSION:
+        raise ValueError(
+            f"quantize={quantize!r} needs bitsandbytes >= 0.50 (CPU support), found {bitsandbytes.__version__}; "
+            f"upgrade with {INSTALL_COMMAND}."
+        )
+    notices = logging.getLogger("bitsandbytes.autograd._functions")
+    if _INT8_NOTICE not in notices.filters:
+        notices.addFilter(_INT8_NOTICE)
+    return bitsandbytes
+
+
+def _check_compute_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    """Quantised layers compute in the model dtype: float32 or bfloat16, never float16 on CPU."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        where = "on CPU float16 runs about 100x slower than float32" if device.type == "cpu" else ""
+        raise ValueError(
+            f"quantised layers compute in the model dtype, here {dtype}{'; ' + where if where else ''}; "
+            "use --dtype float32 (or bfloat16 on a GPU)."
+        )
+
+
+def bnb_config(
+    quantize: QuantizeName, *, dtype: torch.dtype, device: torch.device, keep: Sequence[str]
+) -> BitsAndBytesConfig | None:
+    """transformers' ``BitsAndBytesConfig`` for ``quantize`` (``None`` for ``none``).
+
+    Args:
+        quantize: ``none``, ``int8`` or ``nf4``.
+        dtype: the model dtype, also nf4's compute dtype.
+        device: where the model runs.
+        keep: modules left unquantised (names, or name suffixes at a module boundary).
+
+    Raises:
+        ValueError: an unknown mode, bitsandbytes missing, or a dtype quantised layers cannot compute in.
+    """
+    if check_quantize(quantize) == "none":
+        return None
+    require_bitsandbytes(quantize)
+    _check_compute_dtype(dtype, device)
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, llm_int8_skip_modules=list(keep)
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=False,
+        llm_int8_skip_modules=list(keep),
+    )
+
+
+def pretrained_kwargs(
+    quantize: QuantizeName, *, dtype: torch.dtype, device: torch.device, config: Any
+) -> dict[str, Any]:
+    """Keyword arguments of ``from_pretrained`` for a model of ``dtype`` on ``device``, quantised as asked.
+
+    A quantised model is placed on ``device`` by ``device_map`` (bitsandbytes quantises each weight as it
+    lands there): do not move it afterwards. The reward head of ``config``'s sequence classifier
+    (``head_modules``) stays unquantised.
+
+    Args:
+        quantize: ``none``, ``int8`` or ``nf4``.
+        dtype: the model dtype, also nf4's compute dtype.
+        device: where the model runs.
+        config: the checkpoint's ``PretrainedConfig``.
+
+    Raises:
+        ValueError: as ``bnb_config``.
+    """
+    if check_quantize(quantize) == "none":
+        return {"dtype": dtype}
+    quantization = bnb_config(quantize, dtype=dtype, device=device, keep=head_modules(config))
+    return {"dtype": dtype, "quantization_config": quantization, "device_map": {"": str(device)}}
+
+
+def head_modules(config: Any) -> tuple[str, ...]:
+    """The modules of ``config``'s sequence classifier outside its base model (its reward head), built on meta."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        probe = AutoModelForSequenceClassification.from_config(config)
+    return tuple(name for name, _ in probe.named_children() if name != probe.base_model_prefix)
+
+
+def _kept(name: str, keep: Sequence[str]) -> bool:
+    return any(name == k or name.startswith(f"{k}.") or name.endswith(f".{k}") for k in keep)
+
+
+def quantize_linears(
+    model: nn.Module,
+    quantize: QuantizeName,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep: Sequence[str],
+) -> int:
+    """Replace every plain ``nn.Linear`` of ``model`` by its bitsandbytes layer, quantised on ``device``.
+
+    The layers and settings are those ``bnb_config`` gives transformers (int8: ``Linear8bitLt`` with
+    threshold 6; nf4: ``Linear4bit``, blocks of 64, compute in ``dtype``); biases keep their dtype.
+
+    Args:
+        model: a float model, already on ``device`` (only the replaced layers are placed here).
+        quantize: ``none`` (nothing changes), ``int8`` or ``nf4``.
+        dtype: the model dtype, nf4's compute dtype.
+        device: where the quantised layers live.
+        keep: modules left unquantised (names, or name suffixes at a module boundary).
+
+    Returns:
+        How many layers were replaced.
+
+    Raises:
+        ValueError: as ``bnb_config``.
+    """
+    if check_quantize(quantize) == "none":
+        return 0
+    bnb = require_bitsandbytes(quantize)
+    _check_compute_dtype(dtype, device)
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or _kept(name, keep):
+            continue
+        weight = module.weight.detach().cpu()  # (out, in); bitsandbytes quantises it on its move to device
+        has_bias = module.bias is not None
+        if quantize == "int8":
+            layer = bnb.nn.Linear8bitLt(
+                module.in_features, module.out_features, has_bias,
+                has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta",
+            )  # fmt: skip
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, has_bias,
+                compute_dtype=dtype, compress_statistics=False, quant_type="nf4", device="meta",
+            )  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(
+                weight,
+                requires_grad=False,
+                blocksize=NF4_BLOCKSIZE,
+                compress_statistics=False,
+                quant_type="nf4",
+                module=layer,
+            )
+        if has_bias:
+            layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+        model.set_submodule(name, layer.to(device))
+        replaced += 1
+    return replaced
+
+
+def original_numel(parameter: torch.Tensor) -> int:
+    """How many weights a parameter holds: an nf4 weight counts as its unpacked shape."""
+    state = getattr(parameter, "quant_state", None)
+    return math.prod(state.shape) if state is not None else parameter.numel()
+
+
+def quantization_state_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """What bitsandbytes layers keep besides their parameters and buffers, each tensor once.
+
+    int8: each layer's row scales (``SCB``; the int8 weight itself is the parameter). nf4: each layer's
+    block absmax and code table, plus the nested statistics when the absmax is itself quantised.
+    """
+    found: dict[int, torch.Tensor] = {}
+    for layer in module.modules():
+        weight = getattr(layer, "weight", None)
+        candidates: list[Any] = []
+        if hasattr(weight, "SCB"):  # Int8Params; after the first forward the scales move to layer.state
+            candidates.append(weight.SCB if weight.SCB is not None else getattr(layer.state, "SCB", None))
+        state = getattr(weight, "quant_state", None)  # Params4bit
+        if state is not None:
+            candidates += [state.absmax, state.code, state.offset]
+            if state.state2 is not None:
+                candidates += [state.state2.absmax, state.state2.code]
+        for tensor in candidates:
+            if isinstance(tensor, torch.Tensor):
+                found.setdefault(id(tensor), tensor)
+    return list(found.values())
