@@ -16,7 +16,7 @@ Names (all labelled by ``model``; requests also by ``endpoint`` and ``status``):
 - ``rmserve_input_tokens_total``: tokens of the inputs of answered (200) requests, after truncation;
 - ``rmserve_model_weights_bytes``: memory of each model's weights and buffers on its device;
 - ``rmserve_model_memory_estimate_bytes``: each model's planned memory, weights plus the activation
-  peak of its largest batch (``rmserve.memory``; only for models the server loaded itself);
+  peak of its largest batch (``rmserve.memory.estimate``; only for models the server loaded itself);
 - ``rmserve_device_memory_budget_bytes``: the memory budget of each device, labelled by ``device``
   (``cpu``, ``cuda:0``, ...) instead of ``model``.
 """
