@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from rmserve.aggregation import AGGREGATES, aggregate_rows
-from rmserve.kernels.selection import interpreting, use_triton
+from rmserve.kernels.selection import require_triton, use_triton
 from rmserve.kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
 
 try:
@@ -490,20 +489,8 @@ if triton is not None:
     )
 
 
-def _check_kernel_mode(interpret: bool) -> None:
-    """Raise a ValueError unless the kernel runs in the mode TRITON_INTERPRET asks for now.
-
-    The kernel and triton's own library (``tl.zeros``) were made by ``triton.jit`` in the mode of their
-    import; they differ if TRITON_INTERPRET changed between the first import of triton and this module's.
-    """
-    interpreted = not isinstance(_heads_aggregate_kernel, triton.runtime.JITFunction)
-    if interpret != interpreted or type(_heads_aggregate_kernel) is not type(tl.zeros):
-        mode = "interpreted" if not isinstance(tl.zeros, triton.runtime.JITFunction) else "compiled"
-        raise ValueError(
-            f"TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r} now, but triton was imported in "
-            f"{mode} mode and fixes interpreting-or-compiling at import. Hint: export TRITON_INTERPRET=1 "
-            "(CPU tests) or leave it unset (CUDA) before the process starts."
-        )
+# The triton.jit functions the Triton path launches; None without Triton.
+_JIT_KERNELS = (_heads_aggregate_kernel,) if triton is not None else None
 
 
 @torch.no_grad()
@@ -542,19 +529,7 @@ def heads_aggregate_triton(
             f"the Triton kernel takes at most {MAX_HEADS} heads, got {k}. Hint: load the model with "
             "kernels='reference'."
         )
-    if triton is None:
-        raise ValueError(
-            "heads_aggregate_triton needs Triton, which is not installed. "
-            "Hint: pip install 'rmserve[gpu]' (or triton), or use heads_aggregate_reference."
-        )
-    interpret = interpreting()
-    if pooled.device.type != "cuda" and not interpret:
-        raise ValueError(
-            f"the Triton kernel needs CUDA tensors, got {pooled.device}. Hint: move the tensors to a CUDA "
-            "device, export TRITON_INTERPRET=1 to run Triton's CPU interpreter (float32, slow; for tests), "
-            "or use heads_aggregate_reference."
-        )
-    _check_kernel_mode(interpret)
+    require_triton("heads_aggregate_triton", pooled.device, _JIT_KERNELS, instead="heads_aggregate_reference")
     device = pooled.device
     heads = torch.empty((rows, k), dtype=torch.float32, device=device)  # (B, k)
     head_std = torch.empty((rows, k), dtype=torch.float32, device=device) if std_weight is not None else None
@@ -626,6 +601,6 @@ def select_heads_aggregate(
         ValueError: an unknown ``kernels``; Triton asked for (or ``auto`` on CUDA) but not installed;
             ``triton`` on a device that is neither CUDA nor the CPU under ``TRITON_INTERPRET=1``.
     """
-    if use_triton(device, kernels, triton_installed=triton is not None, check_mode=_check_kernel_mode):
+    if use_triton(device, kernels, jit_kernels=_JIT_KERNELS):
         return heads_aggregate_triton
     return heads_aggregate_reference

@@ -41,14 +41,13 @@ starts, float32 only: see ``rmserve.kernels.heads`` for why the mode cannot chan
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from rmserve.kernels.selection import interpreting, use_triton
+from rmserve.kernels.selection import require_triton, use_triton
 from rmserve.kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
 
 try:
@@ -585,38 +584,13 @@ if triton is not None:
     )
 
 
-def _check_kernel_mode(interpret: bool) -> None:
-    """Raise a ValueError unless this module's kernels run in the mode TRITON_INTERPRET asks for now.
-
-    As in ``rmserve.kernels.heads``: ``triton.jit`` made the kernels, and triton's own library (``tl.zeros``),
-    in the mode of their import; they differ if TRITON_INTERPRET changed in between or since.
-    """
-    for kernel in (_route_kernel, _grouped_swiglu_kernel):
-        interpreted = not isinstance(kernel, triton.runtime.JITFunction)
-        if interpret != interpreted or type(kernel) is not type(tl.zeros):
-            mode = "interpreted" if not isinstance(tl.zeros, triton.runtime.JITFunction) else "compiled"
-            raise ValueError(
-                f"TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r} now, but triton was imported in "
-                f"{mode} mode and fixes interpreting-or-compiling at import. Hint: export TRITON_INTERPRET=1 "
-                "(CPU tests) or leave it unset (CUDA) before the process starts."
-            )
+# The triton.jit functions the Triton paths launch; None without Triton.
+_JIT_KERNELS = (_route_kernel, _grouped_swiglu_kernel) if triton is not None else None
 
 
 def _ready_for_kernels(name: str, device: torch.device) -> None:
     """Raise a ValueError saying how to fix it unless Triton can run on ``device`` now."""
-    if triton is None:
-        raise ValueError(
-            f"{name} needs Triton, which is not installed. Hint: pip install 'rmserve[gpu]' (or triton), or "
-            "use the *_reference functions (kernels='reference')."
-        )
-    interpret = interpreting()
-    if device.type != "cuda" and not interpret:
-        raise ValueError(
-            f"the Triton kernel needs CUDA tensors, got {device}. Hint: move the tensors to a CUDA device, "
-            "export TRITON_INTERPRET=1 to run Triton's CPU interpreter (float32, slow; for tests), or use "
-            "kernels='reference'."
-        )
-    _check_kernel_mode(interpret)
+    require_triton(name, device, _JIT_KERNELS, instead="the *_reference functions (kernels='reference')")
 
 
 def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
@@ -878,6 +852,6 @@ def select_moe_kernels(
         ValueError: an unknown ``kernels``; Triton asked for (or ``auto`` on CUDA) but not installed;
             ``triton`` on a device that is neither CUDA nor the CPU under ``TRITON_INTERPRET=1``.
     """
-    if use_triton(device, kernels, triton_installed=triton is not None, check_mode=_check_kernel_mode):
+    if use_triton(device, kernels, jit_kernels=_JIT_KERNELS):
         return TRITON_KERNELS
     return REFERENCE_KERNELS

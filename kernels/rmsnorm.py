@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import types
 from collections import Counter
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rmserve.kernels.selection import KernelsChoice, interpreting, use_triton
+from rmserve.kernels.selection import KernelsChoice, require_triton, use_triton
 from rmserve.kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
 
 try:
@@ -238,20 +237,8 @@ if triton is not None:
     _rmsnorm_tuned = autotuned(_rmsnorm_kernel, _TUNING, key=("H", "R_BUCKET"))
 
 
-def _check_kernel_mode(interpret: bool) -> None:
-    """Raise a ValueError unless the kernel runs in the mode TRITON_INTERPRET asks for now.
-
-    As in ``rmserve.kernels.heads``: ``triton.jit`` made the kernel, and triton's own library (``tl.zeros``),
-    in the mode of their import; they differ if TRITON_INTERPRET changed in between or since.
-    """
-    interpreted = not isinstance(_rmsnorm_kernel, triton.runtime.JITFunction)
-    if interpret != interpreted or type(_rmsnorm_kernel) is not type(tl.zeros):
-        mode = "interpreted" if not isinstance(tl.zeros, triton.runtime.JITFunction) else "compiled"
-        raise ValueError(
-            f"TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r} now, but triton was imported in "
-            f"{mode} mode and fixes interpreting-or-compiling at import. Hint: export TRITON_INTERPRET=1 "
-            "(CPU tests) or leave it unset (CUDA) before the process starts."
-        )
+# The triton.jit function the Triton path launches; None without Triton.
+_JIT_KERNELS = (_rmsnorm_kernel,) if triton is not None else None
 
 
 @torch.no_grad()
@@ -279,19 +266,9 @@ def rmsnorm_triton(
         raise ValueError(
             f"the RMSNorm kernel takes float32, bfloat16 or float16, got x {x.dtype} and weight {weight.dtype}."
         )
-    if triton is None:
-        raise ValueError(
-            "rmsnorm_triton needs Triton, which is not installed. Hint: pip install 'rmserve[gpu]' (or "
-            "triton), or use rmsnorm_reference (kernels='reference')."
-        )
-    interpret = interpreting()
-    if x.device.type != "cuda" and not interpret:
-        raise ValueError(
-            f"the Triton kernel needs CUDA tensors, got {x.device}. Hint: move the tensors to a CUDA device, "
-            "export TRITON_INTERPRET=1 to run Triton's CPU interpreter (float32, slow; for tests), or use "
-            "rmsnorm_reference (kernels='reference')."
-        )
-    _check_kernel_mode(interpret)
+    require_triton(
+        "rmsnorm_triton", x.device, _JIT_KERNELS, instead="rmsnorm_reference (kernels='reference')"
+    )
     out_dtype = torch.promote_types(x.dtype, weight.dtype) if style == "llama" else x.dtype
     rows_in = x.reshape(-1, hidden)  # (R, H), a view whenever the layout allows
     if rows_in.stride(1) != 1:
@@ -406,7 +383,7 @@ def fuse_rmsnorm(model: nn.Module, kernels: KernelsChoice) -> int:
             and says to load with ``kernels='reference'``). Nothing is replaced then.
     """
     device = _model_device(model)
-    if not use_triton(device, kernels, triton_installed=triton is not None, check_mode=_check_kernel_mode):
+    if not use_triton(device, kernels, jit_kernels=_JIT_KERNELS):
         return 0
     chosen: list[tuple[nn.Module, str]] = []
     styles: Counter[str] = Counter()

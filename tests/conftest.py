@@ -9,6 +9,8 @@ import pytest
 from tests.tiny_models import BUILDERS, HEAD_MODELS, build_head_model
 
 TIERS = {"unit", "api", "e2e"}
+# The kernel_device fixture of the Triton kernel tests.
+pytest_plugins = ["tests.interpreter"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

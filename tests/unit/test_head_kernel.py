@@ -1,28 +1,13 @@
 """The fused heads-and-aggregates Triton kernel against its torch reference, and the reference by hand.
 
-Kernel tests take the ``kernel_device`` fixture: the GPU when there is one, else the CPU in Triton's
-interpreter, in float32 only (the interpreter computes bfloat16 ``tl.dot`` wrongly).
-
-Why the interpreter runs in a child process. Triton decides interpreted-or-compiled once per process, when
-it is first imported: its own ``tl.zeros``, ``tl.sum``... are ``triton.jit`` functions made then, so
-setting ``TRITON_INTERPRET`` later (monkeypatch in a test, or even at the top of this module) does not work
-in triton 3.7.1. And tests/conftest.py imports transformers, which imports torch._dynamo, which imports
-triton, before any test module is collected. So without a GPU, and unless ``TRITON_INTERPRET=1`` was
-exported before pytest started (then everything runs in this process), the kernel tests skip here and
-``test_kernel_tests_in_the_triton_interpreter`` reruns this module in a child pytest with
-``TRITON_INTERPRET=1`` exported; nothing leaks into other test modules.
+The kernel tests take ``kernel_device``: the GPU, else Triton's interpreter (see tests/interpreter.py).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
-import os
-import re
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,26 +24,16 @@ from rmserve.kernels.heads import (
     scored_positions,
     select_heads_aggregate,
 )
-from rmserve.kernels.tuning import MIN_DOT_SIDE, Tile, TuningSpace, autotuned, size_bucket, tuning_configs
+from rmserve.kernels.tuning import MIN_DOT_SIDE, Tile, TuningSpace, size_bucket, tuning_configs
+from tests.interpreter import (
+    INTERPRETING,
+    assert_autotuned_only_when_compiled,
+    launch_candidate_alone,
+    needs_triton,
+    rerun_in_the_interpreter,
+)
 
 COLUMN = {name: i for i, name in enumerate(AGGREGATES)}
-REPO = Path(__file__).resolve().parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-# Whether this process's triton interprets: TRITON_INTERPRET=1 was exported before pytest started.
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-
-
-@pytest.fixture
-def kernel_device() -> torch.device:
-    """Where the kernel runs: the GPU, else the CPU if this process's triton interprets."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not INTERPRETING:
-        pytest.skip("no GPU: run under TRITON_INTERPRET=1 by test_kernel_tests_in_the_triton_interpreter")
-    return torch.device("cpu")
 
 
 def make_inputs(
@@ -262,24 +237,8 @@ def test_without_triton_the_module_imports_and_never_falls_back_silently(monkeyp
     assert fresh.heads_aggregate_reference(**inputs).aggregates.shape == (2, len(AGGREGATES))
 
 
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="the kernel tests run in this process")
-def test_kernel_tests_in_the_triton_interpreter():
-    """Rerun this module in a child pytest whose triton interprets (see the module docstring)."""
-    # --noconftest: this module needs no shared fixture, and tests/conftest.py imports transformers (slow).
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__]
-    child = subprocess.run(
-        command,
-        cwd=REPO,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    report = child.stdout[-8000:] + child.stderr[-2000:]
-    assert child.returncode == 0, report
-    # Everything ran but this test: a kernel test that skipped in the child would hide a broken setup.
-    assert re.search(r"\b\d+ passed, 1 skipped\b", child.stdout), report
+# Without a GPU, and unless TRITON_INTERPRET=1 was exported, the kernel_device tests run in a child pytest.
+test_kernel_tests_in_the_triton_interpreter = rerun_in_the_interpreter
 
 
 # --- the kernel against the reference (GPU, or Triton's interpreter in float32) ---------------------
@@ -697,21 +656,14 @@ def test_heads_autotune_configs_are_valid_for_every_launch():
 
 @needs_triton
 def test_the_kernel_is_autotuned_only_when_compiled():
-    tuned = rmserve.kernels.heads._heads_aggregate_tuned
-    assert tuned.interpreted == INTERPRETING
-    # The interpreter cannot time configs: one tile there, every candidate when compiled.
-    assert len(tuned.configs) == (1 if INTERPRETING else len(rmserve.kernels.heads._TUNING.candidates))
-    # Every output is stored once per launch, so timing trials need no reset between them.
-    assert tuned.autotuner.reset_to_zero == [] and tuned.autotuner.restore_value == []
+    heads = rmserve.kernels.heads
+    assert_autotuned_only_when_compiled(heads._heads_aggregate_tuned, heads._TUNING)
 
 
 @pytest.mark.parametrize("index", range(len(rmserve.kernels.heads._TUNING.candidates)))
 def test_every_autotune_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
     # Each CUDA candidate's tile, alone (a single config is launched without timing), in this process's
     # mode: the interpreter checks the results of tiles it would never pick itself.
-    heads = rmserve.kernels.heads
-    tile = heads._TUNING.candidates[index]
-    single = TuningSpace((tile,), tile, heads._TUNING.dot_sides)
-    monkeypatch.setattr(heads, "_heads_aggregate_tuned", autotuned(heads._heads_aggregate_kernel, single, ()))
+    launch_candidate_alone(monkeypatch, rmserve.kernels.heads, "_heads_aggregate_tuned", index)
     assert_matches(*run_both(make_fused_inputs(37, 5, 200, 5, seed=48, std=True), kernel_device))
     assert_matches(*run_both(make_inputs(70, 96, 20, seed=49, std=True, nominal_head=None), kernel_device))

@@ -1,27 +1,14 @@
 """The MoE routing and grouped SwiGLU Triton kernels against their torch references, and the references by hand.
 
-Kernel tests take the ``kernel_device`` fixture: the GPU when there is one, else the CPU in Triton's
-interpreter, in float32 only (the interpreter computes bfloat16 ``tl.dot`` wrongly).
-
-Why the interpreter runs in a child process: as in tests/unit/test_head_kernel.py. Triton decides
-interpreted-or-compiled once per process, when it is first imported, and tests/conftest.py imports
-transformers, which imports triton, before this module is collected. So without a GPU, and unless
-``TRITON_INTERPRET=1`` was exported before pytest started (then everything runs in this process), the kernel
-tests skip here and ``test_kernel_tests_in_the_triton_interpreter`` reruns this module in a child pytest
-with ``TRITON_INTERPRET=1`` exported; nothing leaks into other test modules.
+The kernel tests take ``kernel_device``: the GPU, else Triton's interpreter (see tests/interpreter.py).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import math
-import os
-import re
-import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,25 +31,14 @@ from rmserve.kernels.moe import (
     route_triton,
     select_moe_kernels,
 )
-from rmserve.kernels.tuning import MIN_DOT_SIDE, TuningSpace, autotuned, tuning_configs
-
-REPO = Path(__file__).resolve().parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-# Whether this process's triton interprets: TRITON_INTERPRET=1 was exported before pytest started.
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-
-
-@pytest.fixture
-def kernel_device() -> torch.device:
-    """Where the kernels run: the GPU, else the CPU if this process's triton interprets."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not INTERPRETING:
-        pytest.skip("no GPU: run under TRITON_INTERPRET=1 by test_kernel_tests_in_the_triton_interpreter")
-    return torch.device("cpu")
+from rmserve.kernels.tuning import MIN_DOT_SIDE, tuning_configs
+from tests.interpreter import (
+    INTERPRETING,
+    assert_autotuned_only_when_compiled,
+    launch_candidate_alone,
+    needs_triton,
+    rerun_in_the_interpreter,
+)
 
 
 def make_layer(
@@ -431,24 +407,8 @@ def test_without_triton_the_module_imports_and_never_falls_back_silently(monkeyp
     assert fresh.moe_layer_reference(**inputs).shape == (2, 16)
 
 
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="the kernel tests run in this process")
-def test_kernel_tests_in_the_triton_interpreter():
-    """Rerun this module in a child pytest whose triton interprets (see the module docstring)."""
-    # --noconftest: this module needs no shared fixture, and tests/conftest.py imports transformers (slow).
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__]
-    child = subprocess.run(
-        command,
-        cwd=REPO,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    report = child.stdout[-8000:] + child.stderr[-2000:]
-    assert child.returncode == 0, report
-    # Everything ran but this test: a kernel test that skipped in the child would hide a broken setup.
-    assert re.search(r"\b\d+ passed, 1 skipped\b", child.stdout), report
+# Without a GPU, and unless TRITON_INTERPRET=1 was exported, the kernel_device tests run in a child pytest.
+test_kernel_tests_in_the_triton_interpreter = rerun_in_the_interpreter
 
 
 # --- the kernels against the references (GPU, or Triton's interpreter in float32) --------------------
@@ -616,22 +576,14 @@ def test_launch_pruning_keeps_the_first_tile_for_every_launch():
 @needs_triton
 def test_kernels_are_autotuned_only_when_compiled():
     moe = rmserve.kernels.moe
-    for tuned, space in (
-        (moe._route_tuned, moe._ROUTE_TUNING),
-        (moe._grouped_swiglu_tuned, moe._GROUPED_TUNING),
-    ):
-        assert tuned.interpreted == INTERPRETING
-        assert len(tuned.configs) == (1 if INTERPRETING else len(space.candidates))
-        # Every output (and the activation scratch) is stored once per launch: no reset between trials.
-        assert tuned.autotuner.reset_to_zero == [] and tuned.autotuner.restore_value == []
+    # The activation scratch, like every output, is stored once per launch: no reset between trials.
+    assert_autotuned_only_when_compiled(moe._route_tuned, moe._ROUTE_TUNING)
+    assert_autotuned_only_when_compiled(moe._grouped_swiglu_tuned, moe._GROUPED_TUNING)
 
 
 @pytest.mark.parametrize("index", range(len(rmserve.kernels.moe._ROUTE_TUNING.candidates)))
 def test_every_routing_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
-    moe = rmserve.kernels.moe
-    tile = moe._ROUTE_TUNING.candidates[index]
-    single = TuningSpace((tile,), tile, moe._ROUTE_TUNING.dot_sides)
-    monkeypatch.setattr(moe, "_route_tuned", autotuned(moe._route_kernel, single, ()))
+    launch_candidate_alone(monkeypatch, rmserve.kernels.moe, "_route_tuned", index)
     # T = 150 is not a multiple of any token tile, H = 200 not one of any hidden tile.
     inputs = to(kernel_device, make_layer(150, 200, 16, 7, seed=60 + index))
     x, router_weight = inputs["x"], inputs["router_weight"] * 3
@@ -640,10 +592,7 @@ def test_every_routing_candidate_matches_reference(kernel_device, monkeypatch: p
 
 @pytest.mark.parametrize("index", range(len(rmserve.kernels.moe._GROUPED_TUNING.candidates)))
 def test_every_grouped_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
-    moe = rmserve.kernels.moe
-    tile = moe._GROUPED_TUNING.candidates[index]
-    single = TuningSpace((tile,), tile, moe._GROUPED_TUNING.dot_sides)
-    monkeypatch.setattr(moe, "_grouped_swiglu_tuned", autotuned(moe._grouped_swiglu_kernel, single, ()))
+    launch_candidate_alone(monkeypatch, rmserve.kernels.moe, "_grouped_swiglu_tuned", index)
     # F = 100 and H = 72 are multiples of no tile; expert 0 takes every token (two 16-row tiles), expert
     # 2 none.
     inputs = to(kernel_device, experts_of(make_layer(21, 72, 100, 5, seed=70 + index)))

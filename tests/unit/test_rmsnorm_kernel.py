@@ -1,20 +1,14 @@
 """The fused RMSNorm kernel against its torch reference and transformers' modules, and ``fuse_rmsnorm``.
 
-Kernel tests take the ``kernel_device`` fixture: the GPU when there is one, else the CPU in Triton's
-interpreter, in float32 only. As in tests/unit/test_head_kernel.py (whose docstring says why): without a
-GPU, and unless ``TRITON_INTERPRET=1`` was exported before pytest started, the kernel tests skip here and
-``test_kernel_tests_in_the_triton_interpreter`` reruns this module in a child pytest with it exported.
+The kernel tests take ``kernel_device``: the GPU, else Triton's interpreter (see tests/interpreter.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import re
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -24,6 +18,7 @@ from transformers import (
     GemmaForSequenceClassification,
     LlamaConfig,
     LlamaForSequenceClassification,
+    PretrainedConfig,
 )
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -37,23 +32,7 @@ from rmserve.kernels.rmsnorm import (
     rmsnorm_style,
     rmsnorm_triton,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-
-
-@pytest.fixture
-def kernel_device() -> torch.device:
-    """Where the kernel runs: the GPU, else the CPU if this process's triton interprets."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if not INTERPRETING:
-        pytest.skip("no GPU: run under TRITON_INTERPRET=1 by test_kernel_tests_in_the_triton_interpreter")
-    return torch.device("cpu")
+from tests.interpreter import needs_triton, rerun_in_the_interpreter
 
 
 class CastAfterWeightRMSNorm(nn.Module):
@@ -80,48 +59,50 @@ def norm_inputs(rows: int, hidden: int, *, seed: int, dtype: torch.dtype = torch
     return x.to(dtype), weight.to(dtype)
 
 
-def tiny_llama() -> LlamaForSequenceClassification:
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        num_labels=1,
-        pad_token_id=0,
-        rms_norm_eps=1e-5,
-    )
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config).eval()
-    with torch.no_grad():  # weights away from their init of ones, so a wrong weight use shows
+Model = TypeVar("Model", bound=nn.Module)
+
+# The shape of both tiny models: two layers, H 48, 4 query and 2 key-value heads.
+TINY_SHAPE = {
+    "vocab_size": 128,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "num_labels": 1,
+    "pad_token_id": 0,
+}
+
+
+def tiny_model(
+    model_class: Callable[[PretrainedConfig], Model],
+    config: PretrainedConfig,
+    norm_class: type[nn.Module],
+    *,
+    seed: int,
+    weight_mean: float,
+) -> Model:
+    """A random ``model_class`` in eval mode whose ``norm_class`` weights are ~ N(weight_mean, 0.2)."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, LlamaRMSNorm):
-                module.weight.normal_(1.0, 0.2)
+            if isinstance(module, norm_class):
+                module.weight.normal_(weight_mean, 0.2)
     return model
+
+
+def tiny_llama() -> LlamaForSequenceClassification:
+    config = LlamaConfig(**TINY_SHAPE, rms_norm_eps=1e-5)
+    # Weights away from their init of ones, so a wrong weight use shows.
+    return tiny_model(LlamaForSequenceClassification, config, LlamaRMSNorm, seed=0, weight_mean=1.0)
 
 
 def tiny_gemma() -> GemmaForSequenceClassification:
-    config = GemmaConfig(
-        vocab_size=128,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=12,
-        max_position_embeddings=64,
-        num_labels=1,
-        pad_token_id=0,
-    )
-    torch.manual_seed(1)
-    model = GemmaForSequenceClassification(config).eval()
-    with torch.no_grad():  # Gemma stores weight - 1: zeros at init would hide a missing "1 +"
-        for module in model.modules():
-            if isinstance(module, GemmaRMSNorm):
-                module.weight.normal_(0.0, 0.2)
-    return model
+    config = GemmaConfig(**TINY_SHAPE, head_dim=12)
+    # Gemma stores weight - 1: zeros at init would hide a missing "1 +".
+    return tiny_model(GemmaForSequenceClassification, config, GemmaRMSNorm, seed=1, weight_mean=0.0)
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -212,23 +193,8 @@ def test_triton_on_cpu_without_the_interpreter_says_how_to_fix(monkeypatch: pyte
         rmsnorm_triton(*norm_inputs(2, 8, seed=3), 1e-6)
 
 
-@needs_triton
-@pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="the kernel tests run in this process")
-def test_kernel_tests_in_the_triton_interpreter():
-    """Rerun this module in a child pytest whose triton interprets (see the module docstring)."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__]
-    child = subprocess.run(
-        command,
-        cwd=REPO,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    report = child.stdout[-8000:] + child.stderr[-2000:]
-    assert child.returncode == 0, report
-    # Everything ran but this test: a kernel test that skipped in the child would hide a broken setup.
-    assert re.search(r"\b\d+ passed, 1 skipped\b", child.stdout), report
+# Without a GPU, and unless TRITON_INTERPRET=1 was exported, the kernel_device tests run in a child pytest.
+test_kernel_tests_in_the_triton_interpreter = rerun_in_the_interpreter
 
 
 # --- the kernel against the reference (GPU, or Triton's interpreter in float32) --------------------------
