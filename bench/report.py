@@ -32,7 +32,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} torch thread{'s' if threads != 1 else ''}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def write_section(path: Path, name: str, markdown: str) -> None:
