@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from rmserve.aggregation import aggregate_rows
 from rmserve.kernels.heads import HeadOutputs, scored_positions, select_heads_aggregate
@@ -91,7 +91,7 @@ class DenseRewardModel:
         self.quantize = check_quantize(quantize)
         self.path = path
         self._tokenizer_path = path
-        model = self._load_classifier(path)
+        model = self._load_classifier(path, config)
         # a quantised model is already on its device (bitsandbytes quantised it there)
         self.model: nn.Module = (model if self.quantize != "none" else model.to(self.device)).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -124,9 +124,8 @@ class DenseRewardModel:
             quantize=self.quantize,
         )
 
-    def _load_classifier(self, path: Path) -> nn.Module:
+    def _load_classifier(self, path: Path, config: PretrainedConfig) -> nn.Module:
         """The folder's sequence classifier, quantised as asked (kinds built on the dense path override it)."""
-        config = AutoConfig.from_pretrained(path)
         kwargs = pretrained_kwargs(self.quantize, dtype=self.dtype, device=self.device, config=config)
         return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
 

@@ -37,7 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from rmserve.kernels.moe import REFERENCE_KERNELS, MoeKernels, route_reference, select_moe_kernels
 from rmserve.models.base import DTypeName, KernelsName
@@ -303,7 +303,7 @@ class MoERewardModel(DenseRewardModel):
         moe = f"MoE ({self.moe_config.experts} experts, top-{self.moe_config.top_k}) in {span}"
         self.info = dataclasses.replace(self.info, architecture=f"{self.info.architecture} + {moe}")
 
-    def _load_classifier(self, path: Path) -> nn.Module:
+    def _load_classifier(self, path: Path, config: PretrainedConfig) -> nn.Module:
         model = load_moe_classifier(path, self.dtype)
         if self.quantize == "none":
             return model
