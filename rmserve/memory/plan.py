@@ -111,7 +111,7 @@ class DevicePlan:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(m.resident_bytes for m in self.models)
+        return sum(m.weights_bytes for m in self.models)
 
     @property
     def peak_model(self) -> ModelEstimate:

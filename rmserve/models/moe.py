@@ -124,17 +124,32 @@ class UpcycledMoE(nn.Module):
                 f"the MoE kernels compute SwiGLU experts; {type(self.shared).__name__} is not one: use --kernels reference."
             )
         self.kernels = kernels
-        self._stacked = None
+        self._stacked = self._stack_experts() if kernels is not REFERENCE_KERNELS else None
+
+    def _stack_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The normal experts' weights stacked per projection, the experts' own weights then views of them.
+
+        The Triton kernels read one (N-1, ...) tensor per projection. Each expert's ``weight`` becomes a
+        parameter over its slice of that tensor, so the experts take their memory once, and an in-place
+        update of either is seen by both.
+        """
+        stacked = []
+        with torch.no_grad():
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                layers = [getattr(e, name) for e in self.experts]
+                weights = torch.stack([layer.weight for layer in layers])  # (N-1, F, H) or (N-1, H, F)
+                for index, layer in enumerate(layers):
+                    layer.weight = nn.Parameter(weights[index], requires_grad=layer.weight.requires_grad)
+                stacked.append(weights)
+        return stacked[0], stacked[1], stacked[2]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])  # (T, H)
         if self.kernels is not REFERENCE_KERNELS and not self.training:
-            if self._stacked is None:  # serving weights do not change: stack the experts once
-                self._stacked = tuple(
-                    torch.stack([getattr(e, n).weight for e in self.experts])
-                    for n in ("gate_proj", "up_proj", "down_proj")
-                )  # (N-1, F, H), (N-1, F, H), (N-1, H, F)
+            first = self.experts[0].gate_proj.weight
+            if self._stacked is None or self._stacked[0].data_ptr() != first.data_ptr():
+                self._stacked = self._stack_experts()  # the module was moved or cast since: stack again
             shared = tuple(getattr(self.shared, n).weight for n in ("gate_proj", "up_proj", "down_proj"))
             out = self.kernels.moe_layer(x, self.router.weight, shared, *self._stacked, self.top_k - 1)  # type: ignore[arg-type]
             return out.reshape(shape)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from rmserve.cli import app
 from rmserve.hh import dialogue_to_messages
 from rmserve.kernels.moe import route_reference
-from rmserve.models.base import reward_values
+from rmserve.models.base import module_bytes, reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import PromptResponse, Text
 from rmserve.models.loader import load_model
@@ -289,6 +289,18 @@ def test_served_moe_with_triton_kernels_equals_the_reference_path(tiny_model_dir
     fused = MoERewardModel("t", tmp_path / "moe", dtype="float32", device="cpu", kernels="triton")
     encoded = reference.new_encoder().encode_many(INPUTS)
     assert reward_values(fused, encoded) == pytest.approx(reward_values(reference, encoded), abs=1e-4)
+    # the kernels read the experts in place: every expert weight is a view of its projection's stack
+    assert fused.info.weights_bytes == module_bytes(fused.model) == reference.info.weights_bytes
+    for layer in moe_layers(fused.model):
+        for name, stacked in zip(("gate_proj", "up_proj", "down_proj"), layer._stacked, strict=True):
+            for index, expert in enumerate(layer.experts):
+                weight = getattr(expert, name).weight
+                assert weight.data_ptr() == stacked[index].data_ptr() and torch.equal(weight, stacked[index])
+    fused.model.to(torch.float64).to(torch.float32)  # a cast (or move) breaks the views: the next forward
+    layer = moe_layers(fused.model)[0]  # stacks again
+    assert layer._stacked[0][0].data_ptr() != layer.experts[0].gate_proj.weight.data_ptr()
+    assert reward_values(fused, encoded) == pytest.approx(reward_values(reference, encoded), abs=1e-4)
+    assert layer._stacked[0][0].data_ptr() == layer.experts[0].gate_proj.weight.data_ptr()
     with pytest.raises(ValueError, match="SwiGLU"):
         upcycle(tiny_model_dirs["gpt_neox"], tmp_path / "neox", experts=3, top_k=2)
         MoERewardModel("n", tmp_path / "neox", dtype="float32", device="cpu", kernels="triton")
