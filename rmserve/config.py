@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="Device: auto, cpu, cuda or cuda:N.")
     quantize: QuantizeName = Field(
         "none",
-        description="Weight quantisation through bitsandbytes: none, int8 (LLM.int8) or nf4 (4-bit NormalFloat).",
+        description="Weight quantisation through bitsandbytes: none, int8 (8-bit weights) or nf4 (4-bit NormalFloat).",
     )
     memory_budget: str | None = Field(
         None,

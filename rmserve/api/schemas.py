@@ -81,7 +81,8 @@ class ModelCard(BaseModel):
         "(null when the model was not planned).",
     )
     quantize: Literal["none", "int8", "nf4"] = Field(
-        "none", description="Weight quantisation through bitsandbytes: none, int8 (LLM.int8) or nf4."
+        "none",
+        description="Weight quantisation through bitsandbytes: none, int8 (8-bit weights) or nf4 (4-bit NormalFloat).",
     )
     default: bool = Field(description="Whether requests without 'model' go to this model.")
     heads: list[str] = Field(description="Head (or ensemble member) names, in the order 'heads' lists them.")

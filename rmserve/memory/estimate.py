@@ -14,8 +14,7 @@ the models of a device fit it together is ``rmserve.memory.plan``'s.
   and the model's ``_keep_in_fp32_modules``) take 1 byte per element plus a float32 scale per row
   (int8), or half a byte plus a float32 absmax per 64 elements and a 16-entry code table (nf4);
   embeddings, norms and heads keep the serving dtype. Exact: equal to the loaded model's
-  ``module_bytes`` in every mode. MoE models served with the Triton kernels on CUDA also keep a stacked
-  copy of their normal experts (``kernel_bytes``).
+  ``module_bytes`` in every mode (the Triton MoE kernels read the experts in place: no copy).
 - **activations**: the peak of one forward of the largest batch the limits allow (no autograd), with
   N = min(max_batch_tokens, max_batch_size x T) padded tokens in sequences of T = the model's token
   limit. Bytes, e the element size of the serving dtype, H the hidden size, I the MLP width,
@@ -114,7 +113,6 @@ class ModelEstimate:
         device: where it lives (``cpu``, ``cuda:0``, ...).
         weights_bytes: parameters and buffers (``module_bytes``), with quantisation statistics.
         activation_bytes: the peak of one forward of its largest batch.
-        kernel_bytes: persistent copies kept by kernels (MoE experts stacked for Triton).
         detail: how it was sized, for the log and the error message.
     """
 
@@ -122,23 +120,16 @@ class ModelEstimate:
     device: str
     weights_bytes: int
     activation_bytes: int
-    kernel_bytes: int = 0
     detail: str = ""
 
     @property
-    def resident_bytes(self) -> int:
-        """What stays allocated between forwards."""
-        return self.weights_bytes + self.kernel_bytes
-
-    @property
     def total_bytes(self) -> int:
-        """Resident memory plus the forward's peak: the model alone on its device."""
-        return self.resident_bytes + self.activation_bytes
+        """Weights plus the forward's peak: the model alone on its device."""
+        return self.weights_bytes + self.activation_bytes
 
     def describe(self) -> str:
-        kernels = f" + kernels {format_bytes(self.kernel_bytes)}" if self.kernel_bytes else ""
         return (
-            f"{self.name} on {self.device}: weights {format_bytes(self.weights_bytes)}{kernels} + activations "
+            f"{self.name} on {self.device}: weights {format_bytes(self.weights_bytes)} + activations "
             f"{format_bytes(self.activation_bytes)} = {format_bytes(self.total_bytes)} ({self.detail})"
         )
 
@@ -235,7 +226,7 @@ def activation_bytes(
         phases.append((3 * h + a + 2 * k + (2 * a if k < a else 0)) * e + t * arch.heads * (e + 4))
     mask = t * e if eager else t if masked else 0  # (B, 1, T, T): float for eager, boolean for SDPA
     total = n * (max(phases) + mask) + FORWARD_FIXED_BYTES
-    return total + _moe_workspace(arch, n, e) + _quantized_workspace(arch, n, e, quantize)
+    return total + _moe_workspace(arch, n, e) + _quantized_workspace(arch, e, quantize)
 
 
 def _moe_workspace(arch: Transformer, tokens: int, e: int) -> int:
@@ -253,18 +244,11 @@ def _moe_workspace(arch: Transformer, tokens: int, e: int) -> int:
     return tokens * (arch.hidden * e + 8 * arch.hidden + routing)
 
 
-def _quantized_workspace(arch: Transformer, tokens: int, e: int, quantize: QuantizeName) -> int:
-    """The widest quantised matmul's temporaries (from bitsandbytes' kernels; not measured here).
-
-    int8 (LLM.int8): the input's float16 copy and its int8 quantisation, and an int32 accumulator per
-    output. nf4: the weight dequantised to the compute dtype for the matmul.
-    """
+def _quantized_workspace(arch: Transformer, e: int, quantize: QuantizeName) -> int:
+    """The widest quantised matmul's temporary: int8 and nf4 both dequantise the layer's weight to the
+    compute dtype for the product (``rmserve.models.quantize``)."""
     out_features, in_features = arch.largest_linear
-    if quantize == "int8":
-        return tokens * (3 * in_features + 4 * out_features)
-    if quantize == "nf4":
-        return out_features * in_features * e
-    return 0
+    return 0 if quantize == "none" else out_features * in_features * e
 
 
 def quantized_bytes(module: nn.Module, quantize: QuantizeName, keep: Sequence[str] = ()) -> int:
@@ -375,10 +359,9 @@ def _model_limit(folder: Path, config: Any, requested: int | None) -> int:
 
 @dataclass(frozen=True)
 class _Part:
-    """One transformer of a model: its resident bytes and its activation peak."""
+    """One transformer of a model: its weights and its activation peak."""
 
     weights: int
-    kernel: int
     activations: int
     parameters: int
 
@@ -394,13 +377,12 @@ def _part(
     keep: Sequence[str],
     experts: int = 0,
     top_k: int = 0,
-    kernel: int = 0,
+    moe_triton: bool = False,
 ) -> _Part:
     check_checkpoint(folder, module)
-    arch = Transformer.of(module, masked=masked, experts=experts, top_k=top_k, moe_triton=kernel > 0)
+    arch = Transformer.of(module, masked=masked, experts=experts, top_k=top_k, moe_triton=moe_triton)
     return _Part(
         weights=quantized_bytes(module, quantize, keep),
-        kernel=kernel,
         activations=activation_bytes(arch, shape, dtype, quantize),
         parameters=sum(p.numel() for p in module.parameters()),
     )
@@ -475,28 +457,28 @@ def estimate_model(
         with safe_open(path / HEADS_FILE, framework="pt") as f:
             head_elements = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
         parts = [
-            _Part(part.weights + 4 * head_elements, 0, part.activations, part.parameters + head_elements)
+            _Part(part.weights + 4 * head_elements, part.activations, part.parameters + head_elements)
         ]
     else:
         config = AutoConfig.from_pretrained(path)
         limit = _model_limit(path, config, max_length)
         classifier = _meta_classifier(config, torch_dtype)
-        experts = top_k = kernel = 0
+        experts = top_k = 0
+        moe_triton = False
         keep = head_modules(config)
         if found == "moe":
             from rmserve.kernels.moe import TRITON_KERNELS, select_moe_kernels
-            from rmserve.models.moe import moe_layers, read_moe_config, replace_ffns
+            from rmserve.models.moe import read_moe_config, replace_ffns
 
             moe = read_moe_config(path)
             replace_ffns(classifier, moe.layers, experts=moe.experts, top_k=moe.top_k, seed=0)
             experts, top_k, keep = moe.experts, moe.top_k, (*keep, "router")
-            # quantised experts run the reference path; the Triton one stacks a copy of the normal experts
-            if quantize == "none" and select_moe_kernels(dev, kernels) is TRITON_KERNELS:
-                kernel = sum(module_bytes(layer.experts) for layer in moe_layers(classifier))
+            # quantised experts run the reference path
+            moe_triton = quantize == "none" and select_moe_kernels(dev, kernels) is TRITON_KERNELS
         parts = [
             _part(
                 path, classifier, dtype=torch_dtype, quantize=quantize, shape=shape_for(limit),
-                masked=not _is_decoder(classifier), keep=keep, experts=experts, top_k=top_k, kernel=kernel,
+                masked=not _is_decoder(classifier), keep=keep, experts=experts, top_k=top_k, moe_triton=moe_triton,
             )
         ]  # fmt: skip
     shape = shape_for(limit) if found != "ensemble" else None
@@ -507,7 +489,6 @@ def estimate_model(
         device=device_key(str(dev)),
         weights_bytes=sum(p.weights for p in parts),
         activation_bytes=max(p.activations for p in parts),  # ensemble members run one after another
-        kernel_bytes=sum(p.kernel for p in parts),
         detail=f"{found}, {_count(sum(p.parameters for p in parts))} parameters, "
         f"{str(torch_dtype).removeprefix('torch.')}{quant}, batch {batch}",
     )

@@ -39,7 +39,7 @@ from rmserve.models.base import (
     resolve_dtype,
 )
 from rmserve.models.inputs import EncodedInput, InputEncoder
-from rmserve.models.quantize import QuantizeName, check_quantize, pretrained_kwargs
+from rmserve.models.quantize import QuantizeName, check_quantize, finish_quantized, pretrained_kwargs
 
 _UNBOUNDED = 1_000_000  # tokenizers report ~1e30 as model_max_length when they know no limit
 
@@ -127,7 +127,9 @@ class DenseRewardModel:
     def _load_classifier(self, path: Path, config: PretrainedConfig) -> nn.Module:
         """The folder's sequence classifier, quantised as asked (kinds built on the dense path override it)."""
         kwargs = pretrained_kwargs(self.quantize, dtype=self.dtype, device=self.device, config=config)
-        return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        finish_quantized(model, self.quantize)
+        return model
 
     def new_encoder(self, max_length: int | None = None) -> InputEncoder:
         """A fresh encoder with its own tokenizer instance (tokenizers are not thread-safe).

@@ -52,7 +52,7 @@ from rmserve.models.dense import (
 )
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder
-from rmserve.models.quantize import QuantizeName, check_quantize, pretrained_kwargs
+from rmserve.models.quantize import QuantizeName, check_quantize, finish_quantized, pretrained_kwargs
 
 HEADS_FILE = "heads.safetensors"
 DEFAULT_EPS = 1e-6
@@ -223,6 +223,7 @@ class DecoderBackbone:
         self.quantize = check_quantize(quantize)
         kwargs = pretrained_kwargs(self.quantize, dtype=self.dtype, device=self.device, config=config)
         base = _load_base(path, config, kwargs)
+        finish_quantized(base, self.quantize)
         # a quantised model is already on its device (bitsandbytes quantised it there)
         self.base: nn.Module = (base if self.quantize != "none" else base.to(self.device)).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)

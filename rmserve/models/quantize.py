@@ -1,29 +1,32 @@
 """Weight quantisation through bitsandbytes: what ``--quantize none|int8|nf4`` loads, and what it leaves alone.
 
-- ``int8``: LLM.int8() (``bitsandbytes.nn.Linear8bitLt``). Each linear weight is stored as int8 with
-  one float32 scale per output row. At each forward the activations are quantised per row to int8 (their
-  scales computed through a float16 copy) and multiplied in int8; activation columns holding an outlier
-  (``|x| >= 6``) are multiplied in the model dtype instead. The output is in the model dtype.
+- ``int8``: each linear weight is stored as int8 with one float32 scale per output row (bitsandbytes'
+  ``Int8Params`` in a ``Linear8bitLt``, the layout LLM.int8() loads). Each forward dequantises the weight
+  to the model dtype and multiplies in that dtype (``int8_weight_forward``): the activations are never
+  quantised. LLM.int8()'s own forward also quantises every activation row to int8 below an outlier
+  threshold; on the demo model that kept the preferred response of 87.9% of the held-out HH pairs
+  against XXX for weight-only int8, and it ran at half the float32 speed on CPU, where bitsandbytes
+  quantises activations through a float16 copy (``docs/benchmarks.md``).
 - ``nf4``: 4-bit NormalFloat (``bitsandbytes.nn.Linear4bit``). Weights are packed two per byte with one
   float32 absmax per block of 64 (no nested quantisation of the absmax); each forward dequantises them to
   the compute dtype, which is the model dtype: float32 on CPU (never float16), bfloat16 on a GPU.
 
-Only the ``nn.Linear`` layers of the transformer are quantised. Embeddings, norms, the reward head (every
-module of a sequence classifier outside its base model: ``score`` for decoders, ``classifier`` for
-BERT-like encoders) and rmserve's own heads (multihead/brme weights, ensemble calibration, MoE routers)
-keep their dtype, so the head kernel reads a plain float ``nn.Linear``. bitsandbytes >= 0.50 runs both
-modes on CPU as well as on CUDA; on a CPU without AVX-512 its int8 and nf4 products go through float32
-matmuls (memory shrinks, speed does not improve).
+Both modes therefore compute exactly the float model on round-tripped weights (tested to float32
+rounding). Only the ``nn.Linear`` layers of the transformer are quantised. Embeddings, norms, the reward
+head (every module of a sequence classifier outside its base model: ``score`` for decoders,
+``classifier`` for BERT-like encoders) and rmserve's own heads (multihead/brme weights, ensemble
+calibration, MoE routers) keep their dtype, so the head kernel reads a plain float ``nn.Linear``.
+bitsandbytes >= 0.50 runs both modes on CPU as well as on CUDA.
 
-Hugging Face checkpoints load through transformers' ``BitsAndBytesConfig`` (``pretrained_kwargs``); the
-``moe`` kind, whose model rmserve builds itself, gets the same bitsandbytes layers with the same settings
-from ``quantize_linears``.
+Hugging Face checkpoints load through transformers' ``BitsAndBytesConfig`` (``pretrained_kwargs``), then
+``finish_quantized`` gives their int8 layers the weight-only forward; the ``moe`` kind, whose model
+rmserve builds itself, gets the same bitsandbytes layers with the same settings from ``quantize_linears``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
+import types
 from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,23 +41,7 @@ QuantizeName = Literal["none", "int8", "nf4"]
 QUANTIZE_MODES: tuple[QuantizeName, ...] = ("none", "int8", "nf4")
 BITSANDBYTES_MIN_VERSION = (0, 50)
 INSTALL_COMMAND = "pip install 'bitsandbytes>=0.50'"
-INT8_THRESHOLD = 6.0  # LLM.int8()'s activation outlier threshold (transformers' default)
 NF4_BLOCKSIZE = 64  # bitsandbytes' default block of the nf4 absmax
-
-
-class _Int8CastNotice(logging.Filter):
-    """Drops bitsandbytes' notice that LLM.int8() casts activations to float16 to quantise them.
-
-    The cast is how int8 computes each activation row's scale, not a compute dtype (the product runs in
-    int8, the output in the model dtype); the notice would otherwise be logged at every linear layer of
-    every forward.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
-
-
-_INT8_NOTICE = _Int8CastNotice()
 
 
 def check_quantize(quantize: str) -> QuantizeName:
@@ -87,9 +74,6 @@ def require_bitsandbytes(quantize: str) -> ModuleType:
             f"quantize={quantize!r} needs bitsandbytes >= 0.50 (CPU support), found {bitsandbytes.__version__}; "
             f"upgrade with {INSTALL_COMMAND}."
         )
-    notices = logging.getLogger("bitsandbytes.autograd._functions")
-    if _INT8_NOTICE not in notices.filters:
-        notices.addFilter(_INT8_NOTICE)
     return bitsandbytes
 
 
@@ -124,9 +108,7 @@ def bnb_config(
     from transformers import BitsAndBytesConfig
 
     if quantize == "int8":
-        return BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, llm_int8_skip_modules=list(keep)
-        )
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep))
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -183,8 +165,9 @@ def quantize_linears(
 ) -> int:
     """Replace every plain ``nn.Linear`` of ``model`` by its bitsandbytes layer, quantised on ``device``.
 
-    The layers and settings are those ``bnb_config`` gives transformers (int8: ``Linear8bitLt`` with
-    threshold 6; nf4: ``Linear4bit``, blocks of 64, compute in ``dtype``); biases keep their dtype.
+    The layers and settings are those ``bnb_config`` gives transformers (int8: ``Linear8bitLt`` with the
+    weight-only forward of ``finish_quantized``; nf4: ``Linear4bit``, blocks of 64, compute in ``dtype``);
+    biases keep their dtype.
 
     Args:
         model: a float model, already on ``device`` (only the replaced layers are placed here).
@@ -212,7 +195,7 @@ def quantize_linears(
         if quantize == "int8":
             layer = bnb.nn.Linear8bitLt(
                 module.in_features, module.out_features, has_bias,
-                has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta",
+                has_fp16_weights=False, device="meta",
             )  # fmt: skip
             layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         else:
@@ -232,7 +215,38 @@ def quantize_linears(
             layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
         model.set_submodule(name, layer.to(device))
         replaced += 1
+    finish_quantized(model, quantize)
     return replaced
+
+
+def finish_quantized(model: nn.Module, quantize: QuantizeName) -> int:
+    """Give every int8 layer of ``model`` the weight-only forward (``int8_weight_forward``); returns how many.
+
+    Called on every model bitsandbytes quantised (by transformers or ``quantize_linears``); ``none`` and
+    ``nf4`` change nothing (nf4's own forward already computes in the model dtype).
+    """
+    if quantize != "int8":
+        return 0
+    bnb = require_bitsandbytes(quantize)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            module.forward = types.MethodType(int8_weight_forward, module)
+            count += 1
+    return count
+
+
+def int8_weight_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T + b`` with ``W`` the layer's int8 weight dequantised to ``x``'s dtype: ``W_int8 * scale / 127``.
+
+    The same product bitsandbytes computes for a ``Linear8bitLt`` in training on CPU; here at inference
+    and on every device. The dequantised weight is a temporary of the layer's size in the model dtype.
+    """
+    weight = layer.weight  # Int8Params: (out, in) int8
+    scales = weight.SCB if weight.SCB is not None else layer.state.SCB  # (out,) float32: each row's absmax
+    dequantised = weight.data.to(x.dtype).mul_(scales.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)
+    bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
+    return nn.functional.linear(x, dequantised, bias)  # (..., out)
 
 
 def original_numel(parameter: torch.Tensor) -> int:
@@ -251,7 +265,7 @@ def quantization_state_tensors(module: nn.Module) -> list[torch.Tensor]:
     for layer in module.modules():
         weight = getattr(layer, "weight", None)
         candidates: list[Any] = []
-        if hasattr(weight, "SCB"):  # Int8Params; after the first forward the scales move to layer.state
+        if hasattr(weight, "SCB"):  # Int8Params (bitsandbytes' own forward moves the scales to layer.state)
             candidates.append(weight.SCB if weight.SCB is not None else getattr(layer.state, "SCB", None))
         state = getattr(weight, "quant_state", None)  # Params4bit
         if state is not None:
