@@ -89,7 +89,6 @@ def nf4_only(folder: Path, projection: str) -> DenseRewardModel:
     model = load_demo(folder, "none")
     keep = ("score", *(p for p in PROJECTIONS if p != projection))
     quantize_linears(model.model, "nf4", dtype=torch.float32, device=torch.device("cpu"), keep=keep)
-    model.model.eval()
     return model
 
 

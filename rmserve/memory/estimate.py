@@ -456,9 +456,7 @@ def estimate_model(
         )  # fmt: skip
         with safe_open(path / HEADS_FILE, framework="pt") as f:
             head_elements = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
-        parts = [
-            _Part(part.weights + 4 * head_elements, part.activations, part.parameters + head_elements)
-        ]
+        parts = [_Part(part.weights + 4 * head_elements, part.activations, part.parameters + head_elements)]
     else:
         config = AutoConfig.from_pretrained(path)
         limit = _model_limit(path, config, max_length)

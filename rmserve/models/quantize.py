@@ -213,7 +213,7 @@ def quantize_linears(
             )
         if has_bias:
             layer.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
-        model.set_submodule(name, layer.to(device))
+        model.set_submodule(name, layer.to(device).train(module.training))  # the replaced layer's mode
         replaced += 1
     finish_quantized(model, quantize)
     return replaced

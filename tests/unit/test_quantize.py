@@ -301,10 +301,11 @@ def test_quantised_moe_refuses_the_triton_moe_kernels(moe_dir):
 
 
 def test_quantize_linears_leaves_kept_modules_and_none_alone():
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)).eval()
     assert quantize_linears(model, "none", dtype=torch.float32, device=torch.device("cpu"), keep=()) == 0
     count = quantize_linears(model, "nf4", dtype=torch.float32, device=torch.device("cpu"), keep=("2",))
     assert count == 1 and type(model[0]).__name__ == "Linear4bit" and type(model[2]) is nn.Linear
+    assert not model[0].training  # a replaced layer keeps the mode of the layer it replaces
 
 
 @pytest.mark.skipif(
