@@ -5,8 +5,9 @@
   to the model dtype and multiplies in that dtype (``int8_weight_forward``): the activations are never
   quantised. LLM.int8()'s own forward also quantises every activation row to int8 below an outlier
   threshold; on the demo model that kept the preferred response of 87.9% of the held-out HH pairs
-  against XXX for weight-only int8, and it ran at half the float32 speed on CPU, where bitsandbytes
-  quantises activations through a float16 copy (``docs/benchmarks.md``).
+  against 97.8% for weight-only int8, and it ran at half the float32 speed on CPU, where bitsandbytes
+  quantises activations through a float16 copy (weight-only int8 runs at the float32 speed there;
+  ``bench/quantize.py``, ``docs/benchmarks.md``).
 - ``nf4``: 4-bit NormalFloat (``bitsandbytes.nn.Linear4bit``). Weights are packed two per byte with one
   float32 absmax per block of 64 (no nested quantisation of the absmax); each forward dequantises them to
   the compute dtype, which is the model dtype: float32 on CPU (never float16), bfloat16 on a GPU.
