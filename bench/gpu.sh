@@ -2,9 +2,11 @@
 # The GPU benchmarks in one command, on a machine with an NVIDIA GPU:
 #   1. checks the GPU (nvidia-smi, and that torch sees CUDA and Triton imports);
 #   2. times the Triton kernels against their torch references (bench/kernel_bench.py);
-#   3. serves each demo model in bfloat16 on the GPU and loads it with concurrent HH-RLHF dialogues
-#      (bench/gpu_serving.py).
-# Steps 2 and 3 write their sections of docs/benchmarks-gpu.md. Without a CUDA GPU it stops at step 1.
+#   3. serves each demo model in bfloat16 on the GPU and loads it with concurrent HH-RLHF dialogues, the
+#      dense demo also int8 and nf4 (bench/gpu_serving.py);
+#   4. scores the held-out HH pairs with the demo unquantised, int8 and nf4 in bfloat16 on the GPU:
+#      agreement with the unquantised model, accuracy, memory (bench/quantize.py).
+# Steps 2 to 4 write their sections of docs/benchmarks-gpu.md. Without a CUDA GPU it stops at step 1.
 #
 #   bash bench/gpu.sh          (or: make bench-gpu)
 #
@@ -51,4 +53,5 @@ cd "$ROOT"
 nvidia-smi
 "$PYTHON" bench/kernel_bench.py
 "$PYTHON" bench/gpu_serving.py
+"$PYTHON" bench/quantize.py --device cuda --dtype bfloat16
 echo "bench/gpu.sh: wrote docs/benchmarks-gpu.md"

@@ -14,6 +14,10 @@ first batch of each shape bucket), then ``--repeats`` timed runs. Reported per m
   during the runs (``nvidia-smi``, sampled every 0.2 s) above what was in use before the server started,
   i.e. weights, activations, the CUDA context and torch's cache.
 
+``--quantized`` models (default ``demo``) are served once more with ``--quantize int8`` and once with
+``--quantize nf4``, for the quantised modes' throughput and memory on the GPU (their agreement with the
+unquantised model: ``bench/quantize.py --device cuda --dtype bfloat16``).
+
     python bench/gpu_serving.py --out docs/benchmarks-gpu.md      (bench/gpu.sh runs it)
 """
 
@@ -44,6 +48,7 @@ from rmserve.serving import resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("demo", "demo-merged", "demo-moe", "demo-ensemble", "demo-brme")
+QUANTIZED_MODES = ("int8", "nf4")
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,7 @@ class PeakMemory:
 @dataclass(frozen=True)
 class ModelResult:
     name: str
+    quantize: str
     kind: str
     runs: list[Timed]
     padding_efficiency: float
@@ -148,11 +154,15 @@ def fused_norms(log_text: str) -> str:
     return " + ".join(counts) if counts else "-"
 
 
-def measure(name: str, payloads: list[dict], args: argparse.Namespace, log: Path) -> ModelResult:
+def measure(
+    name: str, quantize: str, payloads: list[dict], args: argparse.Namespace, log: Path
+) -> ModelResult:
     index = gpu_index()
     baseline = memory_used_mib(index)
     server = start_server(
-        ["--model", name, "--dtype", "bfloat16", "--device", "cuda"], log, ready_timeout=args.ready_timeout
+        ["--model", name, "--dtype", "bfloat16", "--device", "cuda", "--quantize", quantize],
+        log,
+        ready_timeout=args.ready_timeout,
     )
     try:
         kind = httpx.get(f"{server.url}/v1/models").json()["data"][0].get("kind", "?")
@@ -170,6 +180,7 @@ def measure(name: str, payloads: list[dict], args: argparse.Namespace, log: Path
     padded = counter(after, "rmserve_padded_tokens_total") - counter(before, "rmserve_padded_tokens_total")
     return ModelResult(
         name,
+        quantize,
         kind,
         runs,
         real / padded,
@@ -187,6 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument(
+        "--quantized",
+        nargs="*",
+        default=["demo"],
+        choices=MODELS,
+        help="models also served with --quantize int8 and nf4 (none: pass the flag alone)",
+    )
     parser.add_argument("--ready-timeout", type=float, default=900, help="seconds for a server to load")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-gpu.md")
     args = parser.parse_args(argv)
@@ -206,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     settings = Settings()
-    for name in args.models:  # build the demo folders first, so that no server start waits on a build
+    for name in dict.fromkeys([*args.models, *args.quantized]):  # build the demo folders first, so that no
+        # server start waits on a build
         print(f"{name}: preparing ...", file=sys.stderr, flush=True)
         resolve_model_path(ModelSpec(name=name, path=name), settings.cache_dir)
     dialogues = [pair.chosen for pair in load_pairs(default_data_path(ROOT))]
@@ -214,11 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         {"inputs": [{"messages": d}]} for d in itertools.islice(itertools.cycle(dialogues), args.requests)
     ]
 
+    runs = [(name, "none") for name in args.models] + [
+        (n, q) for n in args.quantized for q in QUANTIZED_MODES
+    ]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            print(f"{name}: serving ...", file=sys.stderr, flush=True)
-            results.append(measure(name, payloads, args, Path(tmp) / f"{name}.log"))
+        for name, quantize in runs:
+            print(f"{name} (quantize {quantize}): serving ...", file=sys.stderr, flush=True)
+            results.append(measure(name, quantize, payloads, args, Path(tmp) / f"{name}-{quantize}.log"))
 
     report = render(args, results)
     write_section(args.out, "bench/gpu_serving.py", report)
@@ -234,23 +256,23 @@ def render(args: argparse.Namespace, results: list[ModelResult]) -> str:
         "",
         "```",
         f"python bench/gpu_serving.py --requests {args.requests} --concurrency {args.concurrency} "
-        f"--repeats {args.repeats}",
+        f"--repeats {args.repeats} --quantized {' '.join(args.quantized)}",
         "```",
         "",
-        f"`rmserve serve --model NAME --dtype bfloat16 --device cuda`, default settings (`--kernels auto`: "
+        f"`rmserve serve --model NAME --dtype bfloat16 --device cuda --quantize Q`, default settings (`--kernels auto`: "
         f"the Triton kernels). {args.requests} HH-RLHF dialogues (chat-templated), one per request, from "
         f"{args.concurrency} concurrent clients each sending its next request when the last is answered; "
         f"a warm-up pass, then {args.repeats} timed runs. Throughput: the median run; latency: every request of "
         "the timed runs, client-side; GPU memory: peak in use on the device during the runs minus what was "
         "in use before the server started (nvidia-smi), beside the model weights.",
         "",
-        "| model | kind | RMSNorms fused | tokens/s | requests/s | p50 ms | p95 ms | padding efficiency "
+        "| model | quantize | kind | RMSNorms fused | tokens/s | requests/s | p50 ms | p95 ms | padding efficiency "
         "| weights GiB | GPU memory GiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
-            f"| {r.name} | {r.kind} | {r.fused_norms} | {r.median_run('tokens'):.0f} | "
+            f"| {r.name} | {r.quantize} | {r.kind} | {r.fused_norms} | {r.median_run('tokens'):.0f} | "
             f"{r.median_run('requests'):.1f} | {r.latency_ms(0.5):.0f} | {r.latency_ms(0.95):.0f} | "
             f"{r.padding_efficiency:.3f} | {r.weights_bytes / 2**30:.2f} | {r.peak_mib / 1024:.2f} |"
         )

@@ -1,7 +1,7 @@
 """What ``--quantize int8|nf4`` does to the demo model: weight memory, agreement, accuracy and speed.
 
-The demo model (``rmserve.demo.build_demo("demo")``) is loaded on the CPU in float32, unquantised, int8
-and nf4, through the same ``load_model`` the server uses, plus one comparison that is not a serving
+The demo model (``rmserve.demo.build_demo("demo")``) is loaded on the CPU in float32 (or ``--device cuda
+--dtype bfloat16``, as ``bench/gpu.sh`` runs it), unquantised, int8 and nf4, through the same ``load_model`` the server uses, plus one comparison that is not a serving
 mode: ``int8 LLM.int8()``, the same int8 weights run by bitsandbytes' own ``Linear8bitLt`` forward, which
 also quantises the activations (outlier threshold 6). Each scores the held-out HH pairs the demo head's
 accuracy is reported on (``rmserve.hh.split_indices``, chat template, left-truncated to
@@ -16,8 +16,8 @@ interval, agreement with the unquantised model (same preferred response per pair
 int8, >= 97% for nf4), max and mean absolute reward difference, and throughput in tokens/s.
 
 ``--sensitivity`` instead quantises one kind of projection at a time to nf4 (every layer's ``q_proj``,
-then every ``k_proj``, ...; everything else float32) and reports each one's agreement and margin error:
-where nf4's disagreement comes from, and whether keeping some layers in float32 could meet its target.
+then every ``k_proj``, ...; everything else unquantised) and reports each one's agreement and margin error:
+where nf4's disagreement comes from, and whether keeping some layers unquantised could meet its target.
 
     python bench/quantize.py                            # every held-out pair (462); writes docs/benchmarks.md
     python bench/quantize.py --sensitivity --pairs 120  # its own section of docs/benchmarks.md
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from report import machine, write_section  # bench/report.py: run as python bench/quantize.py
+from report import gpu_machine, machine, write_section  # bench/report.py: run as python bench/quantize.py
 
 from rmserve.batching.planning import plan_offline
 from rmserve.config import Settings
@@ -66,29 +66,41 @@ def linear_bytes(model: DenseRewardModel) -> int:
     )
 
 
-def load_demo(folder: Path, quantize: QuantizeName) -> DenseRewardModel:
-    """The demo model on the CPU in float32, quantised as the server would load it."""
-    model = load_model("demo", folder, dtype="float32", device="cpu", quantize=quantize)
+@dataclass(frozen=True)
+class Target:
+    """Where the models run: ``cpu`` / ``float32`` by default, ``cuda`` / ``bfloat16`` on a GPU."""
+
+    device: str
+    dtype: str
+
+    def describe(self) -> str:
+        where = f"GPU: {gpu_machine()}" if self.device.startswith("cuda") else f"Machine: {machine()}. No GPU"
+        return f"{where}; {self.dtype} model dtype (int8 and nf4 compute in {self.dtype})"
+
+
+def load_demo(folder: Path, quantize: QuantizeName, target: Target) -> DenseRewardModel:
+    """The demo model on ``target``, quantised as the server would load it."""
+    model = load_model("demo", folder, dtype=target.dtype, device=target.device, quantize=quantize)
     assert isinstance(model, DenseRewardModel), f"the demo is a dense model, got {model.info.kind}"
     return model
 
 
-def llm_int8(folder: Path) -> DenseRewardModel:
+def llm_int8(folder: Path, target: Target) -> DenseRewardModel:
     """The int8 demo with bitsandbytes' own ``Linear8bitLt`` forward (LLM.int8(), threshold 6) restored."""
     # its notice that activations are cast to float16 to be quantised would come at every layer's forward
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    model = load_demo(folder, "int8")
+    model = load_demo(folder, "int8", target)
     for layer in model.model.modules():
         if "forward" in vars(layer) and type(layer).__name__ == "Linear8bitLt":
             del layer.forward  # the instance's weight-only forward; the class's is LLM.int8()
     return model
 
 
-def nf4_only(folder: Path, projection: str) -> DenseRewardModel:
+def nf4_only(folder: Path, projection: str, target: Target) -> DenseRewardModel:
     """The demo with only every layer's ``projection`` quantised to nf4 (the server's nf4 layers)."""
-    model = load_demo(folder, "none")
+    model = load_demo(folder, "none", target)
     keep = ("score", *(p for p in PROJECTIONS if p != projection))
-    quantize_linears(model.model, "nf4", dtype=torch.float32, device=torch.device("cpu"), keep=keep)
+    quantize_linears(model.model, "nf4", dtype=model.dtype, device=model.device, keep=keep)
     return model
 
 
@@ -132,7 +144,9 @@ def agreement(scored: Scored, reference: Scored) -> float:
     return float(((scored.margins() > 0) == (reference.margins() > 0)).double().mean())
 
 
-def report(scored: dict[str, Scored], *, pairs: int, tokens: int, setup: str, command: str) -> str:
+def report(
+    scored: dict[str, Scored], *, pairs: int, tokens: int, setup: str, command: str, target: Target
+) -> str:
     """The markdown section: one row per model, then the unquantised-vs-quantised comparison."""
     none = scored["none"]
     reference, ref_margins = none.rewards, none.margins()
@@ -143,19 +157,19 @@ def report(scored: dict[str, Scored], *, pairs: int, tokens: int, setup: str, co
         held = binomial_interval(int((s.margins() > 0).sum()), pairs)
         diff = (s.rewards - reference).abs()
         correlation = float(torch.corrcoef(torch.stack([s.margins(), ref_margins]))[0, 1])
-        target = f">= {TARGET_AGREEMENT[name]:.0%}" if name in TARGET_AGREEMENT else ""
+        goal = f">= {TARGET_AGREEMENT[name]:.0%}" if name in TARGET_AGREEMENT else ""
         linear = linear_bytes(s.model)
         rows.append(
             f"| {name} | {s.model.info.weights_bytes / 2**20:.1f} | {ref_bytes / s.model.info.weights_bytes:.2f}x "
             f"| {linear / 2**20:.1f} | {ref_linear / linear:.2f}x "
-            f"| {held.value:.4f} [{held.low:.3f}, {held.high:.3f}] | {agreement(s, none):.2%} | {target} "
+            f"| {held.value:.4f} [{held.low:.3f}, {held.high:.3f}] | {agreement(s, none):.2%} | {goal} "
             f"| {correlation:.4f} | {float(diff.max()):.4f} | {float(diff.mean()):.4f} | {tokens / s.seconds:.0f} "
             f"| {none.seconds / s.seconds:.2f}x |"
         )
     lines = [
         "## Weight quantisation (`bench/quantize.py`)",
         "",
-        f"Machine: {machine()}. No GPU; float32 model dtype (int8 and nf4 compute in float32).",
+        f"{target.describe()}.",
         "",
         "```",
         command,
@@ -174,7 +188,7 @@ def report(scored: dict[str, Scored], *, pairs: int, tokens: int, setup: str, co
         "",
         "Weights: parameters, buffers and bitsandbytes' scales (int8: a float32 scale per output row; nf4: a "
         f"float32 absmax per block of 64 weights). The embeddings ({embeddings / 1e6:.1f}M of the "
-        f"{none.model.info.parameters / 1e6:.1f}M parameters), norms and score head stay float32, so the whole "
+        f"{none.model.info.parameters / 1e6:.1f}M parameters), norms and score head stay unquantised, so the whole "
         "model shrinks less than its linear layers do. Margin: a pair's chosen reward minus its rejected reward; "
         f"the unquantised margins' mean absolute value is {float(ref_margins.abs().mean()):.4f}, so a reward "
         "change of that size can flip a preference.",
@@ -182,7 +196,7 @@ def report(scored: dict[str, Scored], *, pairs: int, tokens: int, setup: str, co
     return "\n".join(lines) + "\n"
 
 
-def sensitivity_report(scored: dict[str, Scored], *, pairs: int, setup: str, command: str) -> str:
+def sensitivity_report(scored: dict[str, Scored], *, setup: str, command: str, target: Target) -> str:
     """The markdown section of ``--sensitivity``: one row per projection quantised alone, then all of them."""
     none = scored["none"]
     ref_linear = linear_bytes(none.model)
@@ -199,14 +213,14 @@ def sensitivity_report(scored: dict[str, Scored], *, pairs: int, setup: str, com
     lines = [
         "## nf4 sensitivity per projection (`bench/quantize.py --sensitivity`)",
         "",
-        f"Machine: {machine()}. No GPU; float32.",
+        f"{target.describe()}.",
         "",
         "```",
         command,
         "```",
         "",
         f"The demo model with one kind of projection quantised to nf4 in all 30 layers and every other weight "
-        f"float32, then all seven (`--quantize nf4`). {setup} The unquantised margins' mean absolute value is "
+        f"unquantised, then all seven (`--quantize nf4`). {setup} The unquantised margins' mean absolute value is "
         f"{float(none.margins().abs().mean()):.4f}.",
         "",
         "| nf4 on | MiB saved | same preference as none | flipped pairs | RMS margin error | mean abs reward diff |",
@@ -224,12 +238,15 @@ def main(argv: list[str] | None = None) -> None:
         "--pairs", type=int, default=None, help="score the first N held-out pairs (default all)"
     )
     parser.add_argument("--sensitivity", action="store_true", help="nf4 on one kind of projection at a time")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--data", type=Path, default=default_data_path(ROOT), help="HH-RLHF JSONL(.gz) file")
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="report file (default docs/benchmarks.md on a full run and with --sensitivity)",
+        help="report file (default docs/benchmarks.md, or docs/benchmarks-gpu.md on cuda, on a full run and "
+        "with --sensitivity)",
     )
     args = parser.parse_args(argv)
 
@@ -239,13 +256,14 @@ def main(argv: list[str] | None = None) -> None:
     chosen = held_out if args.pairs is None else held_out[: args.pairs]
     dialogues = [Messages(messages=d) for i in chosen for d in (pairs[i].chosen, pairs[i].rejected)]
     folder = build_demo("demo", settings.cache_dir)
-    models: dict[str, DenseRewardModel] = {"none": load_demo(folder, "none")}
+    target = Target(args.device, args.dtype)
+    models: dict[str, DenseRewardModel] = {"none": load_demo(folder, "none", target)}
     if args.sensitivity:
-        models |= {projection: nf4_only(folder, projection) for projection in PROJECTIONS}
-        models["all seven"] = load_demo(folder, "nf4")
+        models |= {projection: nf4_only(folder, projection, target) for projection in PROJECTIONS}
+        models["all seven"] = load_demo(folder, "nf4", target)
     else:
-        models |= {q: load_demo(folder, q) for q in QUANTIZE_MODES if q != "none"}
-        models[LLM_INT8] = llm_int8(folder)
+        models |= {q: load_demo(folder, q, target) for q in QUANTIZE_MODES if q != "none"}
+        models[LLM_INT8] = llm_int8(folder, target)
     encoded = models["none"].new_encoder(MAX_LENGTH).encode_many(dialogues, "left")
     limits, _, _ = resolve_limits(settings, None, models["none"].info)
     batches = plan_offline([len(e) for e in encoded], limits)
@@ -258,17 +276,25 @@ def main(argv: list[str] | None = None) -> None:
         f"(max_batch_tokens={limits.max_batch_tokens}, max_join_padding={limits.max_join_padding}), run "
         "round-robin."
     )
-    flags = ("" if args.pairs is None else f" --pairs {args.pairs}") + (
-        " --sensitivity" if args.sensitivity else ""
+    flags = "".join(
+        flag
+        for flag, given in (
+            (f" --device {args.device}", args.device != "cpu"),
+            (f" --dtype {args.dtype}", args.dtype != "float32"),
+            (f" --pairs {args.pairs}", args.pairs is not None),
+            (" --sensitivity", args.sensitivity),
+        )
+        if given
     )
     command = f"python bench/quantize.py{flags}"
     if args.sensitivity:
-        text = sensitivity_report(scored, pairs=len(chosen), setup=setup, command=command)
+        text = sensitivity_report(scored, setup=setup, command=command, target=target)
         section, writes = "bench/quantize.py --sensitivity", True
     else:
-        text = report(scored, pairs=len(chosen), tokens=tokens, setup=setup, command=command)
+        text = report(scored, pairs=len(chosen), tokens=tokens, setup=setup, command=command, target=target)
         section, writes = "bench/quantize.py", len(chosen) == len(held_out)
-    out = args.out if args.out is not None else (ROOT / "docs" / "benchmarks.md" if writes else None)
+    report_file = "benchmarks-gpu.md" if args.device.startswith("cuda") else "benchmarks.md"
+    out = args.out if args.out is not None else (ROOT / "docs" / report_file if writes else None)
     if out is not None:
         write_section(out, section, text)
     print(text)
