@@ -25,8 +25,8 @@ from rmserve.batching.batcher import Batcher, BatchObserver
 from rmserve.batching.planning import UNLIMITED, BatchLimits
 from rmserve.config import CPU_JOIN_PADDING, DEMO_MODELS, ModelSpec, Settings
 from rmserve.memory import MemoryPlan, device_key, plan_served_models
-from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel
-from rmserve.models.inputs import RewardInput, Truncation
+from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel, lambdas_for
+from rmserve.models.inputs import RewardInput, Text, Truncation
 from rmserve.models.loader import load_model
 
 log = logging.getLogger(__name__)
@@ -395,6 +395,7 @@ def load_models(
             kernels=settings.kernels,
             quantize=spec.quantize or settings.quantize,
         )
+        warm_up(model)
         info = model.info
         log.info(
             "loaded %r: %s, %s on %s, quantize %s, %.1fM parameters, %.1f MiB of weights, in %.1fs",
@@ -411,3 +412,29 @@ def load_models(
         model.info = dataclasses.replace(model.info, memory_estimate_bytes=estimate)
         models.append(model)
     return models, specs
+
+
+WARM_UP_TEXT = "rmserve warm-up"
+
+
+def warm_up(model: RewardModel) -> None:
+    """Score one short text on the model's device before the model takes requests.
+
+    The first forward pays the device's one-off costs: the CUDA context and cuBLAS handles and, on the
+    Triton path, every kernel's compilation and the autotuning of the smallest batch bucket (larger
+    buckets still tune at their first batch, then come from Triton's disk cache). No request waits on
+    them. On a CPU it takes milliseconds. It also checks that the checkpoint gives finite rewards.
+
+    Raises:
+        ForwardError: a non-finite reward for the warm-up text.
+    """
+    started = time.monotonic()
+    encoded = model.new_encoder().encode_many([Text(text=WARM_UP_TEXT)])
+    out = model.score(encoded, **lambdas_for(model.info.defaults, 1))
+    rewards = [out.heads, out.aggregates] + ([] if out.head_std is None else [out.head_std])
+    if not all(bool(t.isfinite().all()) for t in rewards):
+        raise ForwardError(
+            f"model {model.info.name!r} gives a non-finite reward for a short text at load; check the "
+            "checkpoint's weights, or use --dtype float32 if it runs in bfloat16."
+        )
+    log.info("warmed %r up in %.2fs", model.info.name, time.monotonic() - started)
