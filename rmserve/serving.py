@@ -423,7 +423,8 @@ def warm_up(model: RewardModel) -> None:
     The first forward pays the device's one-off costs: the CUDA context and cuBLAS handles and, on the
     Triton path, every kernel's compilation and the autotuning of the smallest batch bucket (larger
     buckets still tune at their first batch, then come from Triton's disk cache). No request waits on
-    them. On a CPU it takes milliseconds. It also checks that the checkpoint gives finite rewards.
+    them. On a CPU it takes about half a second for the demo model. It also checks that the checkpoint
+    gives finite rewards.
 
     Raises:
         ForwardError: a non-finite reward for the warm-up text.
