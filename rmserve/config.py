@@ -216,6 +216,19 @@ class Settings(BaseSettings):
         name = path if path in DEMO_MODELS else Path(path).expanduser().resolve().name
         return [ModelSpec(name=name, path=path)]
 
+    def load_options(self, spec: ModelSpec) -> dict[str, Any]:
+        """How ``spec`` loads: its own kind, dtype, device, max_length and quantize, else the server-wide
+        ones, and the kernels; the keyword arguments of both ``load_model`` and ``estimate_model``, so the
+        memory plan sizes exactly what is then loaded."""
+        return {
+            "kind": spec.kind,
+            "dtype": spec.dtype or self.dtype,
+            "device": spec.device or self.device,
+            "max_length": spec.max_length or self.max_length,
+            "kernels": self.kernels,
+            "quantize": spec.quantize or self.quantize,
+        }
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -385,16 +385,7 @@ def load_models(
     for spec, path in zip(plan.specs, plan.paths, strict=True):
         started = time.monotonic()
         log.info("loading model %r from %s", spec.name, path)
-        model = load_model(
-            spec.name,
-            path,
-            kind=spec.kind,
-            dtype=spec.dtype or settings.dtype,
-            device=spec.device or settings.device,
-            max_length=spec.max_length or settings.max_length,
-            kernels=settings.kernels,
-            quantize=spec.quantize or settings.quantize,
-        )
+        model = load_model(spec.name, path, **settings.load_options(spec))
         warm_up(model)
         info = model.info
         log.info(

@@ -216,12 +216,7 @@ def plan_served_models(settings: Settings, specs: Sequence[ModelSpec], paths: Se
         estimate_model(
             spec.name,
             path,
-            kind=spec.kind,
-            dtype=spec.dtype or settings.dtype,
-            device=spec.device or settings.device,
-            quantize=spec.quantize or settings.quantize,
-            kernels=settings.kernels,
-            max_length=spec.max_length or settings.max_length,
+            **settings.load_options(spec),
             max_batch_tokens=spec.max_batch_tokens or settings.max_batch_tokens,
             max_batch_size=spec.max_batch_size or settings.max_batch_size,
         )

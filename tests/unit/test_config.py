@@ -90,6 +90,21 @@ def test_model_spec_aggregation_overrides_are_validated():
             ModelSpec(name="m", path="/m", **bad)
 
 
+def test_load_options_take_the_spec_value_else_the_server_wide_one():
+    settings = Settings(dtype="bfloat16", device="cpu", quantize="int8", max_length=512, kernels="reference")
+    own = ModelSpec(
+        name="a", path="a", kind="brme", dtype="float32", device="cuda:1", quantize="nf4", max_length=64
+    )
+    assert settings.load_options(own) == {
+        "kind": "brme", "dtype": "float32", "device": "cuda:1", "max_length": 64, "kernels": "reference",
+        "quantize": "nf4",
+    }  # fmt: skip
+    assert settings.load_options(ModelSpec(name="b", path="b")) == {
+        "kind": "auto", "dtype": "bfloat16", "device": "cpu", "max_length": 512, "kernels": "reference",
+        "quantize": "int8",
+    }  # fmt: skip
+
+
 def test_a_model_path_is_named_after_its_folder():
     assert Settings(model="/models/my-rm").served_models() == [ModelSpec(name="my-rm", path="/models/my-rm")]
     assert Settings(model="/models/my-rm/").served_models() == [
