@@ -144,6 +144,11 @@ def agreement(scored: Scored, reference: Scored) -> float:
     return float(((scored.margins() > 0) == (reference.margins() > 0)).double().mean())
 
 
+def section_head(title: str, target: Target, command: str) -> list[str]:
+    """A report section's first lines: its title, where it ran and the command that produced it."""
+    return [title, "", f"{target.describe()}.", "", "```", command, "```", ""]
+
+
 def report(
     scored: dict[str, Scored], *, pairs: int, tokens: int, setup: str, command: str, target: Target
 ) -> str:
@@ -167,14 +172,7 @@ def report(
             f"| {none.seconds / s.seconds:.2f}x |"
         )
     lines = [
-        "## Weight quantisation (`bench/quantize.py`)",
-        "",
-        f"{target.describe()}.",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *section_head("## Weight quantisation (`bench/quantize.py`)", target, command),
         f"The demo model (SmolLM2-135M reward model) loaded unquantised, int8 and nf4 through bitsandbytes, "
         f"plus `{LLM_INT8}`: the same int8 weights under bitsandbytes' own `Linear8bitLt` forward, which also "
         f"quantises the activations (not a serving mode; the comparison behind int8's weight-only forward). "
@@ -211,14 +209,9 @@ def sensitivity_report(scored: dict[str, Scored], *, setup: str, command: str, t
             f"| {error:.4f} | {float((s.rewards - none.rewards).abs().mean()):.4f} |"
         )
     lines = [
-        "## nf4 sensitivity per projection (`bench/quantize.py --sensitivity`)",
-        "",
-        f"{target.describe()}.",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *section_head(
+            "## nf4 sensitivity per projection (`bench/quantize.py --sensitivity`)", target, command
+        ),
         f"The demo model with one kind of projection quantised to nf4 in all 30 layers and every other weight "
         f"unquantised, then all seven (`--quantize nf4`). {setup} The unquantised margins' mean absolute value is "
         f"{float(none.margins().abs().mean()):.4f}.",
