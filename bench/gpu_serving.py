@@ -145,7 +145,7 @@ class ModelResult:
 
 
 def fused_norms(log_text: str) -> str:
-    """How many RMSNorm modules the server fused, from its load log (``rmserve.kernels.rmsnorm``)."""
+    """How many RMSNorm modules the server fused, from its load log (``rmserve_kernels.rmsnorm``)."""
     counts = [
         line.split("fused ", 1)[1].split(" RMSNorm", 1)[0]
         for line in log_text.splitlines()

@@ -2,14 +2,14 @@
 
 Cases (the functions the models call, with their own signatures):
 
-- heads + aggregates (``rmserve.kernels.heads``) from pooled states (B, H) and, with ``positions=``,
+- heads + aggregates (``rmserve_kernels.heads``) from pooled states (B, H) and, with ``positions=``,
   straight from (B, T, H) final hidden states (T = 256, right-padded lengths): B in {1, 64, 512},
   H in {896, 2048, 4096}, k in {1, 5, 64} heads, plain (multi-head) and BRME; states in bfloat16, heads
   in float32 as the models keep them;
-- MoE routing and grouped SwiGLU experts (``rmserve.kernels.moe``): 4096 and 16384 tokens, H 2048,
+- MoE routing and grouped SwiGLU experts (``rmserve_kernels.moe``): 4096 and 16384 tokens, H 2048,
   intermediate 5632, N = 4 and 8 experts at K = 2 as rmserve's ``moe`` models count them (a shared expert
   plus N - 1 routed ones; the shared one and the top-1 routed expert active per token), bfloat16;
-- RMSNorm (``rmserve.kernels.rmsnorm``, the Llama form): 4096 and 16384 tokens, H 2048 and 4096,
+- RMSNorm (``rmserve_kernels.rmsnorm``, the Llama form): 4096 and 16384 tokens, H 2048 and 4096,
   bfloat16 and float32;
 - the dense forward of a SmolLM2-135M-shaped model (random weights, bfloat16) with transformers' eager
   RMSNorm and with the fused one (``fuse_rmsnorm``), what the norm kernel buys a whole forward.
@@ -159,8 +159,8 @@ SKIPPED: list[str] = []  # why a family of cases did not run, printed and report
 
 
 def heads_cases(grid: Grid, device: torch.device) -> list[Case]:
-    from rmserve.kernels import heads
-    from rmserve.kernels.heads import heads_aggregate_reference, heads_aggregate_triton
+    from rmserve_kernels import heads
+    from rmserve_kernels.heads import heads_aggregate_reference, heads_aggregate_triton
 
     with_positions = hasattr(heads, "scored_positions") and all(
         "positions" in inspect.signature(f).parameters
@@ -168,7 +168,7 @@ def heads_cases(grid: Grid, device: torch.device) -> list[Case]:
     )
     if not with_positions:
         SKIPPED.append(
-            "heads, positions: skipped, rmserve.kernels.heads has no positions= keyword (nor scored_positions)"
+            "heads, positions: skipped, rmserve_kernels.heads has no positions= keyword (nor scored_positions)"
         )
 
     def prepare(batch: int, hidden: int, k: int, brme: bool, positions: bool) -> Prepared:
@@ -239,7 +239,7 @@ def heads_cases(grid: Grid, device: torch.device) -> list[Case]:
 
 
 def moe_cases(grid: Grid, device: torch.device) -> list[Case]:
-    from rmserve.kernels.moe import (
+    from rmserve_kernels.moe import (
         grouped_swiglu_reference,
         grouped_swiglu_triton,
         route_reference,
@@ -308,7 +308,7 @@ def moe_cases(grid: Grid, device: torch.device) -> list[Case]:
 
 
 def rmsnorm_cases(grid: Grid, device: torch.device) -> list[Case]:
-    from rmserve.kernels.rmsnorm import rmsnorm_reference, rmsnorm_triton
+    from rmserve_kernels.rmsnorm import rmsnorm_reference, rmsnorm_triton
 
     def prepare(tokens: int, hidden: int, dtype: torch.dtype) -> Prepared:
         g = torch.Generator(device=device).manual_seed(tokens + hidden)
@@ -420,7 +420,7 @@ def forward_case(batch: int, seq_len: int) -> list[str]:
     """The demo-shaped dense forward on CUDA in bfloat16: eager RMSNorm vs fused, median ms each."""
     from triton.testing import do_bench
 
-    from rmserve.kernels.rmsnorm import fuse_rmsnorm
+    from rmserve_kernels.rmsnorm import fuse_rmsnorm
 
     device = torch.device("cuda")
     model, source = demo_shaped_model(torch.bfloat16, device)
@@ -452,7 +452,7 @@ def rmsnorm_share(batch: int, seq_len: int, repeats: int) -> str:
     """Profile the demo-shaped dense forward on the CPU (float32) and report RMSNorm's share of its time."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from rmserve.kernels.rmsnorm import rmsnorm_style
+    from rmserve_kernels.rmsnorm import rmsnorm_style
 
     model, source = demo_shaped_model(torch.float32, torch.device("cpu"))
     norms = [m for m in model.modules() if rmsnorm_style(m) is not None]

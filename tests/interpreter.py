@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rmserve.kernels.tuning import TunedKernel, TuningSpace, autotuned
+from rmserve_kernels.tuning import TunedKernel, TuningSpace, autotuned
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None

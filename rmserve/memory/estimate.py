@@ -465,7 +465,7 @@ def estimate_model(
         moe_triton = False
         keep = head_modules(config)
         if found == "moe":
-            from rmserve.kernels.moe import TRITON_KERNELS, select_moe_kernels
+            from rmserve_kernels.moe import TRITON_KERNELS, select_moe_kernels
             from rmserve.models.moe import read_moe_config, replace_ffns
 
             moe = read_moe_config(path)

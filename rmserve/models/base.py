@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 import torch
 
 from rmserve.aggregation import AGGREGATES, AggregateName, AggregationParams
-from rmserve.kernels.heads import HeadOutputs
+from rmserve_kernels.heads import HeadOutputs
 from rmserve.models.inputs import RewardInput, Truncation
 from rmserve.models.quantize import QuantizeName, original_numel, quantization_state_tensors
 

@@ -27,8 +27,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from rmserve.aggregation import aggregate_rows
-from rmserve.kernels.heads import HeadOutputs, scored_positions, select_heads_aggregate
-from rmserve.kernels.rmsnorm import fuse_rmsnorm
+from rmserve_kernels.heads import HeadOutputs, scored_positions, select_heads_aggregate
+from rmserve_kernels.rmsnorm import fuse_rmsnorm
 from rmserve.models.base import (
     DTypeName,
     KernelsName,

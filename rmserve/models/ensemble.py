@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rmserve.aggregation import AggregateName, AggregationParams, aggregate_rows
-from rmserve.kernels.heads import HeadOutputs
+from rmserve_kernels.heads import HeadOutputs
 from rmserve.models.base import DTypeName, Encoded, KernelsName, ModelInfo
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor

@@ -32,8 +32,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from rmserve.aggregation import AggregateName, AggregationParams
-from rmserve.kernels.heads import HeadOutputs, select_heads_aggregate
-from rmserve.kernels.rmsnorm import fuse_rmsnorm
+from rmserve_kernels.heads import HeadOutputs, select_heads_aggregate
+from rmserve_kernels.rmsnorm import fuse_rmsnorm
 from rmserve.models.base import (
     DTypeName,
     KernelsName,

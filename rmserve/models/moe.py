@@ -3,7 +3,7 @@
 ``upcycle`` turns chosen decoder layers' FFN into an ``UpcycledMoE``: expert 0 is the shared
 expert (always on), experts 1..N-1 are normal experts routed top-(K-1) by a new router (a linear map
 without bias), and every expert starts as a copy of the dense FFN. Routing weights per token
-(UMM-RM eq. 6-7), as ``rmserve.kernels.moe`` defines them:
+(UMM-RM eq. 6-7), as ``rmserve_kernels.moe`` defines them:
 
 - affinities ``s = softmax(router(x))`` over the N-1 normal experts (float32);
 - the top-(K-1) normal experts by affinity (ties: the lower index);
@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
-from rmserve.kernels.moe import REFERENCE_KERNELS, MoeKernels, route_reference, select_moe_kernels
+from rmserve_kernels.moe import REFERENCE_KERNELS, MoeKernels, route_reference, select_moe_kernels
 from rmserve.models.base import DTypeName, KernelsName
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor

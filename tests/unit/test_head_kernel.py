@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-import rmserve.kernels
-import rmserve.kernels.heads
+import rmserve_kernels
+import rmserve_kernels.heads
 from rmserve.aggregation import AGGREGATES
-from rmserve.kernels.heads import (
+from rmserve_kernels.heads import (
     MAX_HEADS,
     HeadOutputs,
     heads_aggregate_reference,
@@ -24,7 +24,7 @@ from rmserve.kernels.heads import (
     scored_positions,
     select_heads_aggregate,
 )
-from rmserve.kernels.tuning import MIN_DOT_SIDE, Tile, TuningSpace, size_bucket, tuning_configs
+from rmserve_kernels.tuning import MIN_DOT_SIDE, Tile, TuningSpace, size_bucket, tuning_configs
 from tests.interpreter import (
     INTERPRETING,
     assert_autotuned_only_when_compiled,
@@ -221,9 +221,9 @@ def test_without_triton_the_module_imports_and_never_falls_back_silently(monkeyp
     # A fresh copy of the module on an install without triton; the original is put back afterwards.
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    monkeypatch.delitem(sys.modules, "rmserve.kernels.heads")
-    monkeypatch.setattr(rmserve.kernels, "heads", rmserve.kernels.heads)
-    fresh = importlib.import_module("rmserve.kernels.heads")
+    monkeypatch.delitem(sys.modules, "rmserve_kernels.heads")
+    monkeypatch.setattr(rmserve_kernels, "heads", rmserve_kernels.heads)
+    fresh = importlib.import_module("rmserve_kernels.heads")
     assert fresh.triton is None
     cuda = torch.device("cuda")
     assert fresh.select_heads_aggregate(torch.device("cpu"), "auto") is fresh.heads_aggregate_reference
@@ -630,7 +630,7 @@ def test_tuning_spaces_refuse_invalid_tiles(make, message):
 
 @needs_triton
 def test_heads_autotune_configs_are_valid_for_every_launch():
-    space = rmserve.kernels.heads._TUNING
+    space = rmserve_kernels.heads._TUNING
     configs = tuning_configs(space, interpreted=False)
     assert len(configs) == len(space.candidates) >= 4
     for config in configs:
@@ -656,14 +656,14 @@ def test_heads_autotune_configs_are_valid_for_every_launch():
 
 @needs_triton
 def test_the_kernel_is_autotuned_only_when_compiled():
-    heads = rmserve.kernels.heads
+    heads = rmserve_kernels.heads
     assert_autotuned_only_when_compiled(heads._heads_aggregate_tuned, heads._TUNING)
 
 
-@pytest.mark.parametrize("index", range(len(rmserve.kernels.heads._TUNING.candidates)))
+@pytest.mark.parametrize("index", range(len(rmserve_kernels.heads._TUNING.candidates)))
 def test_every_autotune_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
     # Each CUDA candidate's tile, alone (a single config is launched without timing), in this process's
     # mode: the interpreter checks the results of tiles it would never pick itself.
-    launch_candidate_alone(monkeypatch, rmserve.kernels.heads, "_heads_aggregate_tuned", index)
+    launch_candidate_alone(monkeypatch, rmserve_kernels.heads, "_heads_aggregate_tuned", index)
     assert_matches(*run_both(make_fused_inputs(37, 5, 200, 5, seed=48, std=True), kernel_device))
     assert_matches(*run_both(make_inputs(70, 96, 20, seed=49, std=True, nominal_head=None), kernel_device))

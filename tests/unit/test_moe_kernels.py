@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rmserve.kernels
-import rmserve.kernels.moe
-from rmserve.kernels.moe import (
+import rmserve_kernels
+import rmserve_kernels.moe
+from rmserve_kernels.moe import (
     MAX_KERNEL_EXPERTS,
     MAX_KERNEL_TOP_K,
     REFERENCE_KERNELS,
@@ -31,7 +31,7 @@ from rmserve.kernels.moe import (
     route_triton,
     select_moe_kernels,
 )
-from rmserve.kernels.tuning import MIN_DOT_SIDE, tuning_configs
+from rmserve_kernels.tuning import MIN_DOT_SIDE, tuning_configs
 from tests.interpreter import (
     INTERPRETING,
     assert_autotuned_only_when_compiled,
@@ -391,9 +391,9 @@ def test_without_triton_the_module_imports_and_never_falls_back_silently(monkeyp
     # A fresh copy of the module on an install without triton; the original is put back afterwards.
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    monkeypatch.delitem(sys.modules, "rmserve.kernels.moe")
-    monkeypatch.setattr(rmserve.kernels, "moe", rmserve.kernels.moe)
-    fresh = importlib.import_module("rmserve.kernels.moe")
+    monkeypatch.delitem(sys.modules, "rmserve_kernels.moe")
+    monkeypatch.setattr(rmserve_kernels, "moe", rmserve_kernels.moe)
+    fresh = importlib.import_module("rmserve_kernels.moe")
     assert fresh.triton is None
     cuda = torch.device("cuda")
     assert fresh.select_moe_kernels(torch.device("cpu"), "auto") is fresh.REFERENCE_KERNELS
@@ -546,7 +546,7 @@ def test_moe_layer_large_magnitudes(kernel_device):
     [("_ROUTE_TUNING", {"BLOCK_T", "BLOCK_H"}), ("_GROUPED_TUNING", {"BLOCK_F", "BLOCK_H"})],
 )
 def test_autotune_configs_are_valid(space, names):
-    space = getattr(rmserve.kernels.moe, space)
+    space = getattr(rmserve_kernels.moe, space)
     configs = tuning_configs(space, interpreted=False)
     assert len(configs) == len(space.candidates) >= 4
     for config in configs:
@@ -558,7 +558,7 @@ def test_autotune_configs_are_valid(space, names):
 
 @needs_triton
 def test_launch_pruning_keeps_the_first_tile_for_every_launch():
-    route, grouped = rmserve.kernels.moe._ROUTE_TUNING, rmserve.kernels.moe._GROUPED_TUNING
+    route, grouped = rmserve_kernels.moe._ROUTE_TUNING, rmserve_kernels.moe._GROUPED_TUNING
     for hidden in (1, 16, 40, 576, 4096):
         for experts in (1, 3, 16, 17, MAX_KERNEL_EXPERTS):
             for bucket in (16, 128, 8192):
@@ -575,24 +575,24 @@ def test_launch_pruning_keeps_the_first_tile_for_every_launch():
 
 @needs_triton
 def test_kernels_are_autotuned_only_when_compiled():
-    moe = rmserve.kernels.moe
+    moe = rmserve_kernels.moe
     # The activation scratch, like every output, is stored once per launch: no reset between trials.
     assert_autotuned_only_when_compiled(moe._route_tuned, moe._ROUTE_TUNING)
     assert_autotuned_only_when_compiled(moe._grouped_swiglu_tuned, moe._GROUPED_TUNING)
 
 
-@pytest.mark.parametrize("index", range(len(rmserve.kernels.moe._ROUTE_TUNING.candidates)))
+@pytest.mark.parametrize("index", range(len(rmserve_kernels.moe._ROUTE_TUNING.candidates)))
 def test_every_routing_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
-    launch_candidate_alone(monkeypatch, rmserve.kernels.moe, "_route_tuned", index)
+    launch_candidate_alone(monkeypatch, rmserve_kernels.moe, "_route_tuned", index)
     # T = 150 is not a multiple of any token tile, H = 200 not one of any hidden tile.
     inputs = to(kernel_device, make_layer(150, 200, 16, 7, seed=60 + index))
     x, router_weight = inputs["x"], inputs["router_weight"] * 3
     assert_routing_matches(route_triton(x, router_weight, 2), route_reference(x, router_weight, 2))
 
 
-@pytest.mark.parametrize("index", range(len(rmserve.kernels.moe._GROUPED_TUNING.candidates)))
+@pytest.mark.parametrize("index", range(len(rmserve_kernels.moe._GROUPED_TUNING.candidates)))
 def test_every_grouped_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
-    launch_candidate_alone(monkeypatch, rmserve.kernels.moe, "_grouped_swiglu_tuned", index)
+    launch_candidate_alone(monkeypatch, rmserve_kernels.moe, "_grouped_swiglu_tuned", index)
     # F = 100 and H = 72 are multiples of no tile; expert 0 takes every token (two 16-row tiles), expert
     # 2 none.
     inputs = to(kernel_device, experts_of(make_layer(21, 72, 100, 5, seed=70 + index)))

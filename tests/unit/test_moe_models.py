@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from rmserve.cli import app
 from rmserve.hh import dialogue_to_messages
-from rmserve.kernels.moe import route_reference
+from rmserve_kernels.moe import route_reference
 from rmserve.models.base import module_bytes, reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import PromptResponse, Text

@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-from rmserve.kernels.rmsnorm import (
+from rmserve_kernels.rmsnorm import (
     MAX_HIDDEN,
     fuse_rmsnorm,
     rmsnorm_reference,
@@ -261,7 +261,7 @@ def test_fused_llama_gives_the_same_logits(kernel_device, caplog: pytest.LogCapt
     model = tiny_llama().to(kernel_device)
     ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(0)).to(kernel_device)
     before = logits(model, ids)
-    with caplog.at_level(logging.INFO, logger="rmserve.kernels.rmsnorm"):
+    with caplog.at_level(logging.INFO, logger="rmserve_kernels.rmsnorm"):
         assert fuse_rmsnorm(model, "triton") == 2 * 2 + 1  # two per layer and the final norm
     assert "fused 5 RMSNorm modules" in caplog.text and "LlamaRMSNorm (llama) x5" in caplog.text
     after = logits(model, ids)
@@ -286,7 +286,7 @@ def test_fused_gemma_gives_the_same_logits(kernel_device):
 def test_unknown_rmsnorm_forms_are_left_alone_and_named(kernel_device, caplog: pytest.LogCaptureFixture):
     model = tiny_llama().to(kernel_device)
     model.model.norm = CastAfterWeightRMSNorm(48, eps=1e-5).to(kernel_device)
-    with caplog.at_level(logging.INFO, logger="rmserve.kernels.rmsnorm"):
+    with caplog.at_level(logging.INFO, logger="rmserve_kernels.rmsnorm"):
         assert fuse_rmsnorm(model, "triton") == 4
     assert "left on their own forward" in caplog.text and "CastAfterWeightRMSNorm x1" in caplog.text
     assert "forward" not in model.model.norm.__dict__

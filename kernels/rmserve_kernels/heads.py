@@ -22,7 +22,7 @@ check would stall the host on the backbone's forward before the launch. Position
 caller's contract; the kernel never reads outside ``hidden`` for one that is not, and gives that input NaN
 for every output instead (which the server's finite check turns into an error for the batch).
 
-Launch configurations (see ``rmserve.kernels.tuning`` for the rules every kernel shares). On CUDA the
+Launch configurations (see ``rmserve_kernels.tuning`` for the rules every kernel shares). On CUDA the
 kernel is autotuned, keyed on H, k, BRME or not and a power-of-two bucket of B (16..256), over 8 tiles:
 16 rows by 32, 64, 128 or 256 hidden columns, 32 rows by 64 or 128, 64 rows by 64 or 128. The problem is a
 skinny GEMM, (B, H) by (H, k) with k <= 128, bound by reading the hidden rows and the head weights: 16-row
@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from rmserve.aggregation import AGGREGATES, aggregate_rows
-from rmserve.kernels.selection import require_triton, use_triton
-from rmserve.kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
+from rmserve_kernels.selection import require_triton, use_triton
+from rmserve_kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
 
 try:
     import triton

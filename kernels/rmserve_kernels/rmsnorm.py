@@ -17,13 +17,13 @@ memory-bound, so that traffic is its cost; results match the reference to 1e-5 i
 differs) and to one rounding of the output dtype in bfloat16.
 
 ``fuse_rmsnorm`` swaps the kernel into a loaded model once, at load time, under the policy of
-``rmserve.kernels.selection`` (Triton on CUDA under ``auto``, nothing elsewhere): it replaces the forward
+``rmserve_kernels.selection`` (Triton on CUDA under ``auto``, nothing elsewhere): it replaces the forward
 of each module whose class name ends in ``RMSNorm`` and whose forward is, bytecode for bytecode, one of the
 two forms above (the copies of transformers' code kept here; a module whose code differs, for instance one
 casting after the weight multiply, is left on its own forward and named in a logged warning). The fused
 residual add + RMSNorm would need each decoder layer's forward rewritten, so it is not done here.
 
-Launch configurations (see ``rmserve.kernels.tuning`` for the rules every kernel shares). On CUDA the
+Launch configurations (see ``rmserve_kernels.tuning`` for the rules every kernel shares). On CUDA the
 kernel is autotuned, keyed on H and a power-of-two bucket of the rows R (1024..16384; the dtypes are added
 by the autotuner), over 8 tiles: one row per program with 4, 8, 16 or 32 warps (wider rows want more
 threads: 4 warps hold a 2K-value row at 16 values per thread, 32 warps a 64K one at 64), 2 rows with 8
@@ -32,7 +32,7 @@ Tiles of several rows above 16K values are pruned at launch; one row fits every 
 to pipeline (num_stages 1) and no tl.dot, so no tile side has a minimum. The tiles suit A100 and H100 alike
 (1024-thread programs, 64K registers per SM); timing picks the warps for each hidden size. Under the
 interpreter: one tile, 4 rows. As for every kernel here, ``TRITON_INTERPRET`` must be exported before the
-process starts (see ``rmserve.kernels.heads``).
+process starts (see ``rmserve_kernels.heads``).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from rmserve.kernels.selection import KernelsChoice, require_triton, use_triton
-from rmserve.kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
+from rmserve_kernels.selection import KernelsChoice, require_triton, use_triton
+from rmserve_kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
 
 try:
     import triton
@@ -378,7 +378,7 @@ def fuse_rmsnorm(model: nn.Module, kernels: KernelsChoice) -> int:
         How many modules were replaced: 0 on the reference path.
 
     Raises:
-        ValueError: what ``rmserve.kernels.selection.use_triton`` raises; a matching module whose weight is
+        ValueError: what ``rmserve_kernels.selection.use_triton`` raises; a matching module whose weight is
             not a 1-D float32/bfloat16/float16 tensor of at most ``MAX_HIDDEN`` values (the message names it
             and says to load with ``kernels='reference'``). Nothing is replaced then.
     """

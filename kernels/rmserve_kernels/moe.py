@@ -14,9 +14,9 @@ eq. 5-7), on the flattened tokens of a batch, x (T, H):
 The ``*_reference`` functions define the semantics in plain torch, all math in float32, and are
 differentiable (the router learns through g_i and 1 - s_max, so training uses them); the ``*_triton`` ones
 compute the same with Triton kernels, forward only, and match them to 1e-5 in float32. ``select_moe_kernels`` picks
-one set, once, when a model is loaded (same rules as ``rmserve.kernels.heads.select_heads_aggregate``).
+one set, once, when a model is loaded (same rules as ``rmserve_kernels.heads.select_heads_aggregate``).
 
-Launch configurations (the rules every kernel shares are in ``rmserve.kernels.tuning``). On CUDA both
+Launch configurations (the rules every kernel shares are in ``rmserve_kernels.tuning``). On CUDA both
 kernels are autotuned; under the interpreter each runs one tile.
 
 - Routing, keyed on H, N-1, K-1 and a power-of-two bucket of the tokens (16..8192), over 7 tiles of 16 to
@@ -35,7 +35,7 @@ kernels are autotuned; under the interpreter each runs one tile.
 
 Triton is optional: without it this module imports and the references work. The kernels run on CUDA
 tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` exported before the process
-starts, float32 only: see ``rmserve.kernels.heads`` for why the mode cannot change later).
+starts, float32 only: see ``rmserve_kernels.heads`` for why the mode cannot change later).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from rmserve.kernels.selection import require_triton, use_triton
-from rmserve.kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
+from rmserve_kernels.selection import require_triton, use_triton
+from rmserve_kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
 
 try:
     import triton

@@ -1,6 +1,6 @@
 """Launch configurations of the Triton kernels: the autotune candidates and the one the interpreter runs.
 
-This module owns how every kernel module (``rmserve.kernels.heads``, ``rmserve.kernels.moe``) turns its
+This module owns how every kernel module (``rmserve_kernels.heads``, ``rmserve_kernels.moe``) turns its
 candidate tiles into a ``triton.autotune`` launcher; each kernel module lists its own candidates, and says
 why, in its docstring. The rules they share:
 
