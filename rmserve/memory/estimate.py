@@ -465,8 +465,8 @@ def estimate_model(
         moe_triton = False
         keep = head_modules(config)
         if found == "moe":
-            from rmserve_kernels.moe import TRITON_KERNELS, select_moe_kernels
             from rmserve.models.moe import read_moe_config, replace_ffns
+            from rmserve_kernels.moe import TRITON_KERNELS, select_moe_kernels
 
             moe = read_moe_config(path)
             replace_ffns(classifier, moe.layers, experts=moe.experts, top_k=moe.top_k, seed=0)

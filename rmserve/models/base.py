@@ -14,9 +14,9 @@ from typing import Literal, Protocol
 import torch
 
 from rmserve.aggregation import AGGREGATES, AggregateName, AggregationParams
-from rmserve_kernels.heads import HeadOutputs
 from rmserve.models.inputs import RewardInput, Truncation
 from rmserve.models.quantize import QuantizeName, original_numel, quantization_state_tensors
+from rmserve_kernels.heads import HeadOutputs
 
 DTypeName = Literal["auto", "float32", "bfloat16"]
 KernelsName = Literal["auto", "triton", "reference"]

@@ -27,8 +27,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from rmserve.aggregation import aggregate_rows
-from rmserve_kernels.heads import HeadOutputs, scored_positions, select_heads_aggregate
-from rmserve_kernels.rmsnorm import fuse_rmsnorm
 from rmserve.models.base import (
     DTypeName,
     KernelsName,
@@ -40,6 +38,8 @@ from rmserve.models.base import (
 )
 from rmserve.models.inputs import EncodedInput, InputEncoder
 from rmserve.models.quantize import QuantizeName, check_quantize, finish_quantized, pretrained_kwargs
+from rmserve_kernels.heads import HeadOutputs, scored_positions, select_heads_aggregate
+from rmserve_kernels.rmsnorm import fuse_rmsnorm
 
 _UNBOUNDED = 1_000_000  # tokenizers report ~1e30 as model_max_length when they know no limit
 

@@ -30,12 +30,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rmserve.aggregation import AggregateName, AggregationParams, aggregate_rows
-from rmserve_kernels.heads import HeadOutputs
 from rmserve.models.base import DTypeName, Encoded, KernelsName, ModelInfo
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder, InputError, RewardInput, Truncation
 from rmserve.models.quantize import QuantizeName
+from rmserve_kernels.heads import HeadOutputs
 
 MEMBER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 

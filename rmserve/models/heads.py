@@ -32,8 +32,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from rmserve.aggregation import AggregateName, AggregationParams
-from rmserve_kernels.heads import HeadOutputs, select_heads_aggregate
-from rmserve_kernels.rmsnorm import fuse_rmsnorm
 from rmserve.models.base import (
     DTypeName,
     KernelsName,
@@ -53,6 +51,8 @@ from rmserve.models.dense import (
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder
 from rmserve.models.quantize import QuantizeName, check_quantize, finish_quantized, pretrained_kwargs
+from rmserve_kernels.heads import HeadOutputs, select_heads_aggregate
+from rmserve_kernels.rmsnorm import fuse_rmsnorm
 
 HEADS_FILE = "heads.safetensors"
 DEFAULT_EPS = 1e-6

@@ -39,11 +39,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
-from rmserve_kernels.moe import REFERENCE_KERNELS, MoeKernels, route_reference, select_moe_kernels
 from rmserve.models.base import DTypeName, KernelsName
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.quantize import QuantizeName, check_quantize, head_modules, quantize_linears
+from rmserve_kernels.moe import REFERENCE_KERNELS, MoeKernels, route_reference, select_moe_kernels
 
 WEIGHTS = "model.safetensors"
 ROUTING = "renormalised-top-k"

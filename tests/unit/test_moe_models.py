@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from rmserve.cli import app
 from rmserve.hh import dialogue_to_messages
-from rmserve_kernels.moe import route_reference
 from rmserve.models.base import module_bytes, reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import PromptResponse, Text
@@ -32,6 +31,7 @@ from rmserve.models.moe import (
 )
 from rmserve.training.pairs import read_preference_pairs
 from rmserve.training.trainer import balance_loss, cache_prefix, encode_pairs, encoder_for, pair_loss, rewards
+from rmserve_kernels.moe import route_reference
 from tests.tiny_models import DATA
 
 INPUTS = [
