@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rmserve.aggregation import AggregateName
+from rmserve.models.pooling import Pooling
 
 DTypeName = Literal["auto", "float32", "bfloat16"]
 TruncationName = Literal["left", "right", "error"]
@@ -38,7 +39,15 @@ DEMO_ENSEMBLE = "demo-ensemble"
 DEMO_MOE = "demo-moe"
 DEMO_MERGED = "demo-merged"
 DEMO_MODELS = (DEMO, DEMO_BRME, DEMO_ENSEMBLE, DEMO_MOE, DEMO_MERGED)
+# served when no model is named: built from shipped files only (the MoE demos take a training run)
+DEFAULT_DEMOS = (DEMO, DEMO_BRME, DEMO_ENSEMBLE)
+MOE_DEMOS = (DEMO_MOE, DEMO_MERGED)  # built by `rmserve demo build-moe`, never by the server
 CPU_JOIN_PADDING = 32
+_POOLING_HELP = (
+    "Which token decoders score: hf (transformers' rule: the last token that is not the pad token) or last "
+    "(the final token: OpenRLHF's and vLLM's convention); default: what the model folder's rmserve.json "
+    "declares, else hf."
+)
 
 
 class ModelSpec(BaseModel):
@@ -66,6 +75,7 @@ class ModelSpec(BaseModel):
     dtype: DTypeName | None = None
     device: str | None = None
     quantize: QuantizeName | None = None
+    pooling: Pooling | None = Field(None, description=_POOLING_HELP)
     max_length: int | None = Field(None, ge=2)
     truncation: TruncationName | None = None
     max_batch_tokens: int | None = Field(None, ge=1)
@@ -82,7 +92,9 @@ class Settings(BaseSettings):
         None,
         description="Model to serve: a local model folder or a built-in demo ("
         + ", ".join(DEMO_MODELS)
-        + "); default: all the demos, unless a config lists models.",
+        + "); default: "
+        + ", ".join(DEFAULT_DEMOS)
+        + ", unless a config lists models.",
     )
     config: Path | None = Field(None, description="YAML file with settings and a 'models' list.")
     host: str = Field("127.0.0.1", description="Address to listen on.")
@@ -101,6 +113,7 @@ class Settings(BaseSettings):
         "(default: 90% of a GPU's memory, or the machine's available RAM on CPU); a config whose models "
         "do not fit is refused before loading.",
     )
+    pooling: Pooling | None = Field(None, description=_POOLING_HELP)
     kernels: Literal["auto", "triton", "reference"] = Field(
         "auto",
         description="Head/aggregate kernels: auto (Triton on CUDA, torch elsewhere), triton, reference.",
@@ -207,19 +220,20 @@ class Settings(BaseSettings):
         return keys
 
     def served_models(self) -> list[ModelSpec]:
-        """The models to serve: the config's list, else ``--model``, else every demo model."""
+        """The models to serve: the config's list, else ``--model``, else the demos built from shipped files
+        (``DEFAULT_DEMOS``)."""
         if self.models:
             return list(self.models)
         if self.model is None:
-            return [ModelSpec(name=name, path=name) for name in DEMO_MODELS]
+            return [ModelSpec(name=name, path=name) for name in DEFAULT_DEMOS]
         path = self.model
         name = path if path in DEMO_MODELS else Path(path).expanduser().resolve().name
         return [ModelSpec(name=name, path=path)]
 
     def load_options(self, spec: ModelSpec) -> dict[str, Any]:
-        """How ``spec`` loads: its own kind, dtype, device, max_length and quantize, else the server-wide
-        ones, and the kernels; the keyword arguments of both ``load_model`` and ``estimate_model``, so the
-        memory plan sizes exactly what is then loaded."""
+        """How ``spec`` loads: its own kind, dtype, device, max_length, quantize and pooling, else the
+        server-wide ones, and the kernels; the keyword arguments of both ``load_model`` and
+        ``estimate_model``, so the memory plan sizes exactly what is then loaded."""
         return {
             "kind": spec.kind,
             "dtype": spec.dtype or self.dtype,
@@ -227,6 +241,7 @@ class Settings(BaseSettings):
             "max_length": spec.max_length or self.max_length,
             "kernels": self.kernels,
             "quantize": spec.quantize or self.quantize,
+            "pooling": spec.pooling or self.pooling,
         }
 
     @classmethod

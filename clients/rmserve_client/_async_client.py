@@ -145,10 +145,11 @@ class AsyncRewardClient:
         uwo_lambda: float | None = None,
         tradeoff_lambda: float | None = None,
         truncation: str | None = None,
+        add_special_tokens: bool | None = None,
     ) -> ScoreResult:
         """Score already formatted texts; see ``RewardClient.score_texts``."""
         options = self._options(model, aggregates, return_heads, uwo_lambda, tradeoff_lambda, truncation)
-        return await self._score(text_inputs(texts), options)
+        return await self._score(text_inputs(texts, add_special_tokens), options)
 
     async def score_ids(
         self,

@@ -191,13 +191,16 @@ class RewardClient:
         uwo_lambda: float | None = None,
         tradeoff_lambda: float | None = None,
         truncation: str | None = None,
+        add_special_tokens: bool | None = None,
     ) -> ScoreResult:
         """Score already formatted texts (e.g. chat-templated strings), as they are.
 
-        Options, result and errors as in ``score``.
+        ``add_special_tokens``: whether the server's tokenizer adds its special tokens (BOS, ...) to each
+        text; None: the tokenizer's default (a BOS the text already starts with is never doubled). Other
+        options, result and errors as in ``score``.
         """
         options = self._options(model, aggregates, return_heads, uwo_lambda, tradeoff_lambda, truncation)
-        return self._score(text_inputs(texts), options)
+        return self._score(text_inputs(texts, add_special_tokens), options)
 
     def score_ids(
         self,

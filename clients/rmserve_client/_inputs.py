@@ -87,8 +87,8 @@ def message_inputs(conversations: Sequence[Sequence[Mapping[str, Any]]]) -> list
     return out
 
 
-def text_inputs(texts: Sequence[str]) -> list[JsonInput]:
-    """``{"text"}`` inputs.
+def text_inputs(texts: Sequence[str], add_special_tokens: bool | None = None) -> list[JsonInput]:
+    """``{"text"}`` inputs, with ``add_special_tokens`` when given (None: the tokenizer's default).
 
     Raises:
         TypeError: ``texts`` is not a list of strings.
@@ -98,7 +98,11 @@ def text_inputs(texts: Sequence[str]) -> list[JsonInput]:
     for i, text in enumerate(_as_list(texts, "texts", "strings")):
         if not _string(text, f"texts[{i}]"):
             raise ValueError(f"texts[{i}] is empty; the server scores non-empty text only.")
-        out.append({"text": text})
+        out.append(
+            {"text": text}
+            if add_special_tokens is None
+            else {"text": text, "add_special_tokens": add_special_tokens}
+        )
     return out
 
 

@@ -4,11 +4,14 @@ TRL calls a reward function as ``f(prompts=..., completions=..., completion_ids=
 and logs it under ``f.__name__``; it awaits the function when it is a coroutine function. Two
 formats reach it:
 
-- standard: prompts and completions are strings -> ``client.score(prompts, completions)``;
+- standard: prompts and completions are strings -> each ``prompt + completion`` as text tokenized without
+  special tokens (``client.score_texts(..., add_special_tokens=False)``), exactly the text and tokens
+  GRPOTrainer gives a reward model of its own;
 - conversational: prompts are message lists and completions are message lists (usually one
   assistant turn) -> each prompt's messages followed by its completion's messages ->
-  ``client.score_messages``. A string on either side of a conversational pair is taken as a user
-  (prompt) or assistant (completion) turn.
+  ``client.score_messages`` (the server applies the reward model's chat template, as GRPOTrainer does).
+  A string on either side of a conversational pair is taken as a user (prompt) or assistant
+  (completion) turn.
 
 Extra keyword arguments (``completion_ids``, dataset columns, ``trainer_state``, ...) are ignored.
 """
@@ -30,10 +33,9 @@ AsyncRewardFunc = Callable[..., Awaitable[list[float]]]
 
 @dataclass(frozen=True)
 class _Request:
-    """One reward call as client arguments: plain pairs, or conversations when ``conversations`` is set."""
+    """One reward call as client arguments: plain texts, or conversations when ``conversations`` is set."""
 
-    prompts: list[str]
-    responses: list[str]
+    texts: list[str]
     conversations: list[list[Mapping[str, Any]]] | None
 
 
@@ -45,7 +47,7 @@ class _Adapter:
     options: dict[str, Any]
 
     def request(self, prompts: Sequence[Any], completions: Sequence[Any]) -> _Request:
-        """Plain pairs when every prompt and completion is a string, else conversations.
+        """``prompt + completion`` texts when every prompt and completion is a string, else conversations.
 
         Raises:
             ValueError: prompts and completions differ in length.
@@ -57,12 +59,12 @@ class _Adapter:
                 "per completion."
             )
         if all(isinstance(x, str) for x in (*prompts, *completions)):
-            return _Request(list(prompts), list(completions), None)
+            return _Request([p + c for p, c in zip(prompts, completions, strict=True)], None)
         conversations = [
             [*_turns(p, "user", f"prompts[{i}]"), *_turns(c, "assistant", f"completions[{i}]")]
             for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
         ]
-        return _Request([], [], conversations)
+        return _Request([], conversations)
 
     def rewards(self, result: ScoreResult) -> list[float]:
         """``rewards``, or the chosen aggregate."""
@@ -137,7 +139,7 @@ def as_reward_func(
     def reward_func(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         request = adapter.request(prompts, completions)
         if request.conversations is None:
-            result = client.score(request.prompts, request.responses, **adapter.options)
+            result = client.score_texts(request.texts, add_special_tokens=False, **adapter.options)
         else:
             result = client.score_messages(request.conversations, **adapter.options)
         return adapter.rewards(result)
@@ -166,7 +168,7 @@ def as_async_reward_func(
     async def reward_func(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         request = adapter.request(prompts, completions)
         if request.conversations is None:
-            result = await client.score(request.prompts, request.responses, **adapter.options)
+            result = await client.score_texts(request.texts, add_special_tokens=False, **adapter.options)
         else:
             result = await client.score_messages(request.conversations, **adapter.options)
         return adapter.rewards(result)

@@ -7,7 +7,9 @@
   for length) and not used: a reward model scores the whole text. ``extra_logs`` carries, for models
   with several heads, every aggregate and each head (``head/<name>``), so they reach the trainer's
   logs. OpenRLHF sends one query per request from many concurrent workers: the batcher turns them
-  into full batches.
+  into full batches. With several reward URLs it splits each batch across them and sends
+  ``{"query": []}`` to the servers left without a share: that is answered 200 with empty lists (and the
+  same ``extra_logs`` keys as any other answer), never an error that would cost the run its rewards.
 - vLLM's pooling API for reward models: ``POST /classify`` (and ``/v1/classify``) and ``POST /pooling``
   (and ``/v1/pooling``). ``input`` is a string, a list of strings, a list of token ids or a list of
   such lists; ``use_activation`` / ``activation`` (default false: raw logits, as verl's reward loop
@@ -49,7 +51,9 @@ class OpenRLHFRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    query: list[str] = Field(min_length=1, description="Full texts (prompt and response, formatted).")
+    query: list[str] = Field(
+        description="Full texts (prompt and response, formatted); may be empty (OpenRLHF with several URLs)."
+    )
     prompts: list[str] | None = Field(None, description="The prompts (accepted, not used for scoring).")
     labels: list[Any] | None = Field(None, description="Reference labels (accepted, not used).")
     model: str | None = Field(None, description="rmserve extension: the model (default: the default model).")
@@ -181,9 +185,14 @@ async def get_reward(body: OpenRLHFRequest, request: Request) -> OpenRLHFRespons
         served = registry.get(body.model)
     except Exception as exc:
         raise from_domain(exc) from exc
+    multi = len(served.info.heads) > 1
+    if not body.query:
+        request.scope["state"]["model"] = served.name
+        request.scope["state"]["input_tokens"] = 0
+        keys = [*AGGREGATES, *(f"head/{name}" for name in served.info.heads)] if multi else []
+        return OpenRLHFResponse(rewards=[], scores=[], extra_logs={key: [] for key in keys})
     pad, eos = served.special_texts
     inputs = _build("query", [{"text": strip_padding(q, pad, eos)} for q in body.query])
-    multi = len(served.info.heads) > 1
     try:
         _, outcome = await _score(
             request, body.model, inputs, aggregates=list(AGGREGATES) if multi else [], return_heads=multi

@@ -178,6 +178,7 @@ async def models(request: Request) -> ModelList:
         data=[
             ModelCard(
                 id=m.info.name,
+                aliases=list(registry.aliases[m.name]),
                 kind=m.info.kind,
                 architecture=m.info.architecture,
                 dtype=m.info.dtype,
@@ -187,6 +188,7 @@ async def models(request: Request) -> ModelList:
                 weights_bytes=m.info.weights_bytes,
                 memory_estimate_bytes=m.info.memory_estimate_bytes,
                 quantize=m.info.quantize,
+                pooling=m.info.pooling,
                 default=m.name == registry.default,
                 heads=list(m.info.heads),
                 head_std=m.info.has_std,

@@ -67,6 +67,11 @@ class ScoreResponse(BaseModel):
 
 class ModelCard(BaseModel):
     id: str = Field(description="The model's name, as requests give it.")
+    aliases: list[str] = Field(
+        default_factory=list,
+        description="Other names a request's 'model' may give: the path of the folder the model was loaded "
+        "from (verl sends its own local model path).",
+    )
     object: Literal["model"] = "model"
     kind: str
     architecture: str
@@ -83,6 +88,11 @@ class ModelCard(BaseModel):
     quantize: Literal["none", "int8", "nf4"] = Field(
         "none",
         description="Weight quantisation through bitsandbytes: none, int8 (8-bit weights) or nf4 (4-bit NormalFloat).",
+    )
+    pooling: str = Field(
+        "hf",
+        description="Which token a decoder scores: hf (transformers' rule for the checkpoint: the last token "
+        "that is not the pad token) or last (the final token); an ensemble of mixed rules lists each member's.",
     )
     default: bool = Field(description="Whether requests without 'model' go to this model.")
     heads: list[str] = Field(description="Head (or ensemble member) names, in the order 'heads' lists them.")

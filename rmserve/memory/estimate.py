@@ -403,6 +403,7 @@ def estimate_model(
     quantize: QuantizeName = "none",
     kernels: KernelsName = "auto",
     max_length: int | None = None,
+    pooling: str | None = None,
     max_batch_tokens: int,
     max_batch_size: int,
 ) -> ModelEstimate:
@@ -413,6 +414,7 @@ def estimate_model(
         path: the model folder (demos must already be built).
         kind, dtype, device, quantize, kernels: as the model will be loaded.
         max_length: the configured token limit per input (None: the model's own).
+        pooling: as the model will be loaded; the scored token does not change the memory.
         max_batch_tokens, max_batch_size: the model's batch limits.
 
     Raises:

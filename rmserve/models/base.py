@@ -61,6 +61,7 @@ class ModelInfo:
     weights_bytes: int = 0
     memory_estimate_bytes: int | None = None  # planned before loading (rmserve.memory); None: not planned
     quantize: QuantizeName = "none"
+    pooling: str = "hf"  # which token decoders score (rmserve.models.pooling)
     heads: tuple[str, ...] = ("reward",)
     has_std: bool = False
     nominal_head: int | None = 0

@@ -2,10 +2,11 @@
 
 Decoder models (those with a ``score`` head: Llama, Qwen2, Mistral, Gemma, GPT-NeoX, ...) are run as
 their base model on right-padded batches without an attention mask, and the score head is applied to
-the hidden state of each sequence's last real token. Under causal attention a token never sees the
-padding to its right, so every real token's hidden state equals the unpadded computation; the scored
-token is found from the sequence lengths, never from ``pad_token_id``, so a sequence that ends in
-EOS when EOS is also the pad token is still scored on its last token.
+the hidden state of each sequence's scored token. Under causal attention a token never sees the
+padding to its right, so every real token's hidden state equals the unpadded computation. Which token
+is scored is the model's pooling rule (``rmserve.models.pooling``): by default exactly transformers'
+(the last token that is not the config's pad token), or ``last`` (the final token, OpenRLHF's and vLLM's
+convention).
 
 Encoder models (BERT-like cross-encoders, ``classifier`` head) run the full model with an attention
 mask: their pooling (CLS) is position-based and unaffected by padding.
@@ -13,7 +14,7 @@ mask: their pooling (CLS) is position-based and unaffected by padding.
 A dense model is a one-head model: its answer carries every aggregate, all equal to the reward
 (std 0). Decoders apply their score head through the fused head/aggregate kernel on CUDA.
 
-The decoder helpers here (right padding, last-token states, pad id and length limits) are shared
+The decoder helpers here (right padding, pooled states, pad id and length limits) are shared
 with the multi-head backends.
 """
 
@@ -37,8 +38,9 @@ from rmserve.models.base import (
     resolve_dtype,
 )
 from rmserve.models.inputs import EncodedInput, InputEncoder
+from rmserve.models.pooling import Pooling, PoolingRule, log_pooling, pooling_rule, resolve_pooling
 from rmserve.models.quantize import QuantizeName, check_quantize, finish_quantized, pretrained_kwargs
-from rmserve_kernels.heads import HeadOutputs, scored_positions, select_heads_aggregate
+from rmserve_kernels.heads import HeadOutputs, select_heads_aggregate
 from rmserve_kernels.rmsnorm import fuse_rmsnorm
 
 _UNBOUNDED = 1_000_000  # tokenizers report ~1e30 as model_max_length when they know no limit
@@ -56,6 +58,8 @@ class DenseRewardModel:
         kernels: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``reference``.
         quantize: ``none``, ``int8`` or ``nf4``: the transformer's linear layers through bitsandbytes
             (``rmserve.models.quantize``); the reward head stays a float ``nn.Linear``.
+        pooling: ``hf`` or ``last`` (``rmserve.models.pooling``); None: the folder's ``rmserve.json``
+            declaration, else ``hf``.
 
     Raises:
         ValueError: the folder is not a one-label sequence-classification model, or the options
@@ -74,6 +78,7 @@ class DenseRewardModel:
         max_length: int | None = None,
         kernels: KernelsName = "auto",
         quantize: QuantizeName = "none",
+        pooling: Pooling | None = None,
     ) -> None:
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -86,6 +91,8 @@ class DenseRewardModel:
             raise ValueError(
                 f"{path} has num_labels={config.num_labels}; a reward model has exactly one output."
             )
+        # the checkpoint's own pad id, read before rmserve fills in a missing one below
+        self.pooling = pooling_rule(resolve_pooling(pooling, path), config)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.quantize = check_quantize(quantize)
@@ -107,6 +114,13 @@ class DenseRewardModel:
             )
         self.base = getattr(model, model.base_model_prefix) if self.decoder else None
         self.head = head if self.decoder else None
+        if not self.decoder and self.pooling.name != "hf":
+            raise ValueError(
+                f"{path}: pooling {self.pooling.name!r} is for decoder models; {type(model).__name__} pools "
+                "inside the model (its CLS token), so serve it with pooling hf."
+            )
+        if self.decoder:
+            log_pooling(name, self.pooling, tokenizer)
         self.max_length = resolve_max_length(config, tokenizer, max_length)
         self._heads_aggregate = select_heads_aggregate(self.device, kernels)
         fuse_rmsnorm(self.model, kernels)  # logs how many norms run the Triton kernel
@@ -122,6 +136,7 @@ class DenseRewardModel:
             path=str(path),
             weights_bytes=module_bytes(model),
             quantize=self.quantize,
+            pooling=self.pooling.name,
         )
 
     def _load_classifier(self, path: Path, config: PretrainedConfig) -> nn.Module:
@@ -151,7 +166,8 @@ class DenseRewardModel:
         ids, lengths = right_padded(batch, self.pad_id, self.device)
         if self.decoder:
             assert self.head is not None and self.base is not None
-            hidden, positions = final_hidden_states(self.base, ids, lengths)  # (B, T, H), (B,)
+            hidden = final_hidden_states(self.base, ids)  # (B, T, H)
+            positions = self.pooling.positions(ids, lengths)  # (B,)
             out = self._heads_aggregate(
                 hidden,
                 self.head.weight,
@@ -187,7 +203,7 @@ class DenseRewardModel:
             )
         assert self.base is not None
         ids, lengths = right_padded(batch, self.pad_id, self.device)
-        return last_token_states(self.base, ids, lengths).float().cpu()
+        return pooled_hidden_states(self.base, ids, lengths, self.pooling).float().cpu()
 
 
 def right_padded(
@@ -201,23 +217,21 @@ def right_padded(
     return ids.to(device), lengths.to(device)
 
 
-def final_hidden_states(
-    base: nn.Module, ids: torch.Tensor, lengths: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoder base model's final hidden states, (B, T, H), and each sequence's scored position, (B,).
+def final_hidden_states(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """A decoder base model's final hidden states for right-padded ids, (B, T, H).
 
     No attention mask: with right padding, causal attention already keeps real tokens off the padding.
-    The scored token is each sequence's last real one (``scored_positions``, right padding).
     """
-    hidden = base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
-    return hidden, scored_positions(lengths, ids.shape[1], "right")
+    return base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
 
 
-def last_token_states(base: nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """A decoder base model's final hidden state at each sequence's last real token, (B, H)."""
-    hidden, positions = final_hidden_states(base, ids, lengths)  # (B, T, H), (B,)
+def pooled_hidden_states(
+    base: nn.Module, ids: torch.Tensor, lengths: torch.Tensor, pooling: PoolingRule
+) -> torch.Tensor:
+    """A decoder base model's final hidden state at each sequence's scored token, (B, H)."""
+    hidden = final_hidden_states(base, ids)  # (B, T, H)
     rows = torch.arange(ids.shape[0], device=ids.device)  # (B,)
-    return hidden[rows, positions]  # (B, H)
+    return hidden[rows, pooling.positions(ids, lengths)]  # (B, H)
 
 
 def pad_token_id(tokenizer: object, config: object) -> int:

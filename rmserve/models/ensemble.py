@@ -34,6 +34,7 @@ from rmserve.models.base import DTypeName, Encoded, KernelsName, ModelInfo
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder, InputError, RewardInput, Truncation
+from rmserve.models.pooling import Pooling
 from rmserve.models.quantize import QuantizeName
 from rmserve_kernels.heads import HeadOutputs
 
@@ -108,6 +109,13 @@ def member_path(ensemble: Path, member: Member) -> Path:
     return (ensemble / Path(member.path).expanduser()).resolve()
 
 
+def member_poolings(members: Sequence[Member], poolings: Sequence[str]) -> str:
+    """The ensemble's pooling in ``/v1/models``: the members' common rule, else each member's."""
+    if len(set(poolings)) == 1:
+        return poolings[0]
+    return ", ".join(f"{m.name}: {p}" for m, p in zip(members, poolings, strict=True))
+
+
 @dataclass(frozen=True, slots=True)
 class MemberInputs:
     """One input, tokenised by every member's tokenizer (member order).
@@ -161,6 +169,8 @@ class EnsembleRewardModel:
         require_calibration: refuse members without calibration (off only for ``rmserve calibrate``).
         quantize: ``none``, ``int8`` or ``nf4`` for every member; the calibration (measured on the
             members as stored) is applied unchanged.
+        pooling: ``hf`` or ``last`` for every member; None: each member folder's own declaration, else
+            ``hf``. The calibration was measured with each member's own rule.
 
     Raises:
         ValueError: the descriptor or a member is invalid, or a member is not calibrated.
@@ -179,6 +189,7 @@ class EnsembleRewardModel:
         kernels: KernelsName = "auto",
         require_calibration: bool = True,
         quantize: QuantizeName = "none",
+        pooling: Pooling | None = None,
     ) -> None:
         path = Path(path)
         self.path = path
@@ -200,6 +211,7 @@ class EnsembleRewardModel:
                     device=device,
                     kernels=kernels,
                     quantize=quantize,
+                    pooling=pooling,
                 )
             except ValueError as exc:
                 raise ValueError(f"ensemble {path}, member {member.name!r}: {exc}") from None
@@ -219,6 +231,7 @@ class EnsembleRewardModel:
             path=str(path),
             weights_bytes=sum(m.info.weights_bytes for m in self.members),
             quantize=first.quantize,
+            pooling=member_poolings(config.members, [m.pooling.name for m in self.members]),
             heads=tuple(m.name for m in config.members),
             has_std=False,
             nominal_head=config.nominal_member,

@@ -1,7 +1,7 @@
 """Multi-head reward models on one shared decoder backbone: kinds ``multihead`` and ``brme``.
 
-One forward pass of the backbone gives each input's pooled state h (the last real token's final
-hidden state, exactly as dense decoders are read), then k linear heads:
+One forward pass of the backbone gives each input's pooled state h (the final hidden state of the
+token the model's pooling rule scores, exactly as dense decoders are read), then k linear heads:
 
 - ``multihead``: head i's reward is ``w_i . h + b_i`` (a cheap ensemble); the nominal head is
   configured (default the first).
@@ -43,13 +43,14 @@ from rmserve.models.base import (
 )
 from rmserve.models.dense import (
     final_hidden_states,
-    last_token_states,
     pad_token_id,
+    pooled_hidden_states,
     resolve_max_length,
     right_padded,
 )
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder
+from rmserve.models.pooling import DEFAULT_POOLING, Pooling, log_pooling, pooling_rule
 from rmserve.models.quantize import QuantizeName, check_quantize, finish_quantized, pretrained_kwargs
 from rmserve_kernels.heads import HeadOutputs, select_heads_aggregate
 from rmserve_kernels.rmsnorm import fuse_rmsnorm
@@ -78,6 +79,9 @@ class HeadModelConfig(BaseModel):
     uwo_lambda: float = Field(1.0, ge=0, allow_inf_nan=False)
     tradeoff_lambda: float = Field(0.6, ge=0, le=1, allow_inf_nan=False)
     eps: float = Field(DEFAULT_EPS, ge=0, allow_inf_nan=False, description="brme: sigma floor.")
+    pooling: Pooling | None = Field(
+        None, description="The token the heads read (rmserve.models.pooling); unset: hf."
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="How the heads were trained.")
 
     @model_validator(mode="after")
@@ -125,6 +129,7 @@ def save_head_model(
     params: AggregationParams = AggregationParams(),
     eps: float = DEFAULT_EPS,
     training: dict[str, Any] | None = None,
+    pooling: Pooling | None = None,
 ) -> Path:
     """Write a model folder: ``rmserve.json`` and ``heads.safetensors``.
 
@@ -139,6 +144,7 @@ def save_head_model(
         params: default lambdas.
         eps: brme sigma floor.
         training: provenance stored in the descriptor.
+        pooling: the rule the heads were trained on (``rmserve.models.pooling``).
     """
     k = weights["weight"].shape[0]
     config = HeadModelConfig(
@@ -151,6 +157,7 @@ def save_head_model(
         tradeoff_lambda=params.tradeoff_lambda,
         eps=eps,
         training=training or {},
+        pooling=pooling,
     )
     _check_weights(kind, {n: t for n, t in weights.items()}, len(config.heads), None, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +193,7 @@ def _load_base(path: Path, config: Any, kwargs: dict[str, Any]) -> nn.Module:
 
 
 class DecoderBackbone:
-    """A decoder base model read at each sequence's last real token, with its tokenizer.
+    """A decoder base model read at each sequence's scored token (its pooling rule), with its tokenizer.
 
     Args:
         path: a Hugging Face checkpoint folder (base model, causal LM or sequence classifier).
@@ -195,6 +202,8 @@ class DecoderBackbone:
         max_length: the most tokens per input; defaults to the model's own limit.
         quantize: ``none``, ``int8`` or ``nf4``: the base model's linear layers through bitsandbytes
             (``rmserve.models.quantize``).
+        pooling: ``hf`` or ``last`` (``rmserve.models.pooling``), against this checkpoint's pad id.
+        name: the model's name in the load log.
 
     Raises:
         ValueError: the folder is not a decoder checkpoint, or the options do not fit this machine.
@@ -208,6 +217,8 @@ class DecoderBackbone:
         device: str = "auto",
         max_length: int | None = None,
         quantize: QuantizeName = "none",
+        pooling: Pooling = DEFAULT_POOLING,
+        name: str | None = None,
     ) -> None:
         if not (path / "config.json").is_file():
             raise ValueError(f"backbone {path} is not a Hugging Face model folder (no config.json).")
@@ -228,6 +239,8 @@ class DecoderBackbone:
         self.base: nn.Module = (base if self.quantize != "none" else base.to(self.device)).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         self.pad_id = pad_token_id(tokenizer, config)
+        self.pooling = pooling_rule(pooling, config)
+        log_pooling(name or path.name, self.pooling, tokenizer)
         self.max_length = resolve_max_length(config, tokenizer, max_length)
         embeddings = self.base.get_input_embeddings()
         self.vocab_size: int = embeddings.num_embeddings
@@ -240,9 +253,9 @@ class DecoderBackbone:
         return InputEncoder(tokenizer, max_length=limit, vocab_size=self.vocab_size, text_pairs=False)
 
     def pooled(self, batch: Sequence[EncodedInput]) -> torch.Tensor:
-        """Each input's last real token's final hidden state, (B, H), model dtype, on the device."""
+        """Each input's scored token's final hidden state, (B, H), model dtype, on the device."""
         ids, lengths = right_padded(batch, self.pad_id, self.device)
-        return last_token_states(self.base, ids, lengths)
+        return pooled_hidden_states(self.base, ids, lengths, self.pooling)
 
     @torch.inference_mode()
     def pooled_states(self, batch: Sequence[EncodedInput]) -> torch.Tensor:
@@ -261,6 +274,7 @@ class MultiHeadRewardModel:
         max_length: the most tokens per input; defaults to the backbone's own limit.
         kernels: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``reference``.
         quantize: ``none``, ``int8`` or ``nf4`` for the backbone; the heads stay float32.
+        pooling: ``hf`` or ``last``; None: the folder's ``rmserve.json`` declaration, else ``hf``.
 
     Raises:
         ValueError: the folder, its backbone or its weights are not a valid model.
@@ -276,6 +290,7 @@ class MultiHeadRewardModel:
         max_length: int | None = None,
         kernels: KernelsName = "auto",
         quantize: QuantizeName = "none",
+        pooling: Pooling | None = None,
     ) -> None:
         path = Path(path)
         self.config = config = read_head_config(path)
@@ -287,7 +302,13 @@ class MultiHeadRewardModel:
                 "Face model folder (no config.json); fix 'backbone' (absolute, or relative to the model folder)."
             )
         self.backbone = DecoderBackbone(
-            backbone_path, dtype=dtype, device=device, max_length=max_length, quantize=quantize
+            backbone_path,
+            dtype=dtype,
+            device=device,
+            max_length=max_length,
+            quantize=quantize,
+            pooling=pooling or config.pooling or DEFAULT_POOLING,
+            name=name,
         )
         self.device = self.backbone.device
         weights = load_file(path / HEADS_FILE) if (path / HEADS_FILE).is_file() else None
@@ -310,6 +331,7 @@ class MultiHeadRewardModel:
             path=str(path),
             weights_bytes=module_bytes(self.backbone.base) + 4 * head_parameters,
             quantize=self.backbone.quantize,
+            pooling=self.backbone.pooling.name,
             heads=config.heads,
             has_std=config.kind == "brme",
             nominal_head=config.nominal_head,
@@ -327,7 +349,8 @@ class MultiHeadRewardModel:
     ) -> HeadOutputs:
         """Head rewards (and sigmas for brme) with every aggregate, in batch order, on the CPU."""
         ids, lengths = right_padded(batch, self.backbone.pad_id, self.device)
-        hidden, positions = final_hidden_states(self.backbone.base, ids, lengths)  # (B, T, H), (B,)
+        hidden = final_hidden_states(self.backbone.base, ids)  # (B, T, H)
+        positions = self.backbone.pooling.positions(ids, lengths)  # (B,)
         out = self._heads_aggregate(
             hidden,
             self.weights["weight"],

@@ -6,7 +6,8 @@ Four input forms are accepted, one per item:
   chat template (or the fallback format below when the tokenizer has none);
 - ``Messages``: a whole conversation, formatted with the chat template (or the fallback);
 - ``Text``: text that is already formatted; special tokens are added as the tokenizer does by default,
-  without ever doubling a BOS the text already carries;
+  without ever doubling a BOS the text already carries, or not at all with ``add_special_tokens: false``
+  (how TRL tokenizes a plain-string prompt + completion for a reward model);
 - ``TokenIds``: token ids used exactly as given.
 
 Fallback format (tokenizers without a chat template), the HH-RLHF convention::
@@ -66,6 +67,11 @@ class Text(_Frozen):
     """Already formatted text (e.g. a chat-templated string)."""
 
     text: str = Field(min_length=1, description="Formatted text, scored as is.")
+    add_special_tokens: bool | None = Field(
+        None,
+        description="Whether the tokenizer adds its special tokens (BOS, ...); default: as the tokenizer "
+        "does by default. false: tokenize the text alone, as TRL does for a plain-string prompt + completion.",
+    )
 
 
 class TokenIds(_Frozen):
@@ -78,13 +84,16 @@ class TokenIds(_Frozen):
 
 RewardInput = PromptResponse | Messages | Text | TokenIds
 
-_INPUT_FORMS = {
-    "prompt_response": ("prompt", "response"),
-    "messages": ("messages",),
-    "text": ("text",),
-    "input_ids": ("input_ids",),
+_INPUT_FORMS = {  # tag: (required keys, optional keys)
+    "prompt_response": ({"prompt", "response"}, set()),
+    "messages": ({"messages"}, set()),
+    "text": ({"text"}, {"add_special_tokens"}),
+    "input_ids": ({"input_ids"}, set()),
 }
-INPUT_FORMS_HELP = 'each input is one of {"prompt", "response"}, {"messages"}, {"text"} or {"input_ids"}'
+INPUT_FORMS_HELP = (
+    'each input is one of {"prompt", "response"}, {"messages"}, {"text"} (optionally with '
+    '"add_special_tokens") or {"input_ids"}'
+)
 
 
 def _input_form(value: Any) -> str | None:
@@ -94,8 +103,8 @@ def _input_form(value: Any) -> str | None:
     if not isinstance(value, dict):
         return None
     keys = set(value)
-    for tag, fields in _INPUT_FORMS.items():
-        if keys == set(fields):
+    for tag, (required, optional) in _INPUT_FORMS.items():
+        if required <= keys <= required | optional:
             return tag
     return None
 
@@ -215,7 +224,7 @@ class InputEncoder:
                 )
             return list(item.input_ids), None
         if isinstance(item, Text):
-            return self._ids(item.text, special=True), None
+            return self._ids(item.text, special=item.add_special_tokens is not False), None
         if isinstance(item, PromptResponse):
             if self.text_pairs and not self.has_chat_template:
                 enc = self.tokenizer(

@@ -1,8 +1,8 @@
 """Loads a model folder as the backend of its kind.
 
-A folder with an ``rmserve.json`` names its kind there (``multihead``, ``brme``, ``ensemble``, ``moe``); any
-other Hugging Face folder is ``dense``. ``kind="auto"`` follows the folder; an explicit kind must
-match it.
+A folder with an ``rmserve.json`` names its kind there (``multihead``, ``brme``, ``ensemble``, ``moe``, or
+``dense`` for a plain checkpoint that declares its pooling rule); any other Hugging Face folder is
+``dense``. ``kind="auto"`` follows the folder; an explicit kind must match it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from rmserve.models.descriptor import DESCRIPTOR
 from rmserve.models.ensemble import EnsembleRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
 from rmserve.models.moe import MoERewardModel
+from rmserve.models.pooling import Pooling
 from rmserve.models.quantize import QuantizeName
 
 KINDS = ("dense", "multihead", "brme", "ensemble", "moe")
@@ -36,8 +37,8 @@ def folder_kind(path: Path) -> str:
         kind = json.loads(descriptor.read_text()).get("kind")
     except (json.JSONDecodeError, AttributeError):
         raise ValueError(f"{descriptor} is not a JSON object; it must say its 'kind'.") from None
-    if kind not in KINDS[1:]:
-        raise ValueError(f"{descriptor} has kind {kind!r}; expected one of {', '.join(KINDS[1:])}.")
+    if kind not in KINDS:
+        raise ValueError(f"{descriptor} has kind {kind!r}; expected one of {', '.join(KINDS)}.")
     return str(kind)
 
 
@@ -51,11 +52,13 @@ def load_model(
     max_length: int | None = None,
     kernels: KernelsName = "auto",
     quantize: QuantizeName = "none",
+    pooling: Pooling | None = None,
 ) -> RewardModel:
     """Load ``path`` as a model of ``kind`` (``auto``: the folder's own kind).
 
     ``quantize`` (``none``, ``int8``, ``nf4``) applies to every backend's transformer weights, through
-    bitsandbytes (``rmserve.models.quantize``).
+    bitsandbytes (``rmserve.models.quantize``). ``pooling`` (``hf``, ``last``; None: what the folder
+    declares, else ``hf``) applies to every decoder, each ensemble member included.
 
     Raises:
         ValueError: the kind is unknown, does not match the folder, or the folder is not such a model.
@@ -68,5 +71,12 @@ def load_model(
     backends = {"dense": DenseRewardModel, "ensemble": EnsembleRewardModel, "moe": MoERewardModel}
     backend = backends.get(found, MultiHeadRewardModel)
     return backend(
-        name, path, dtype=dtype, device=device, max_length=max_length, kernels=kernels, quantize=quantize
+        name,
+        path,
+        dtype=dtype,
+        device=device,
+        max_length=max_length,
+        kernels=kernels,
+        quantize=quantize,
+        pooling=pooling,
     )

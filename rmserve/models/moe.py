@@ -42,6 +42,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from rmserve.models.base import DTypeName, KernelsName
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
+from rmserve.models.pooling import Pooling, declared_pooling
 from rmserve.models.quantize import QuantizeName, check_quantize, head_modules, quantize_linears
 from rmserve_kernels.moe import REFERENCE_KERNELS, MoeKernels, route_reference, select_moe_kernels
 
@@ -60,6 +61,9 @@ class MoeConfig(BaseModel):
     layers: tuple[int, ...] = Field(min_length=1, description="Decoder layers whose FFN is an MoE.")
     routing: Literal["renormalised-top-k"] = ROUTING
     upcycled_from: str | None = None
+    pooling: Pooling | None = Field(
+        None, description="The token the score head reads (rmserve.models.pooling); unset: hf."
+    )
     training: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -245,7 +249,13 @@ def upcycle(
         raise ValueError(f"{dense} has num_labels={model.config.num_labels}; a reward model has exactly one.")
     chosen = resolve_layers(len(decoder_layers(model)), layers, last)
     replace_ffns(model, chosen, experts=experts, top_k=top_k, seed=seed)
-    config = MoeConfig(experts=experts, top_k=top_k, layers=chosen, upcycled_from=str(dense.resolve()))
+    config = MoeConfig(
+        experts=experts,
+        top_k=top_k,
+        layers=chosen,
+        upcycled_from=str(dense.resolve()),
+        pooling=declared_pooling(dense),  # it scores exactly as the dense model, on the same token
+    )
     save_moe(model, AutoTokenizer.from_pretrained(dense), out, config)
     return config
 
@@ -297,6 +307,7 @@ class MoERewardModel(DenseRewardModel):
         max_length: int | None = None,
         kernels: KernelsName = "auto",
         quantize: QuantizeName = "none",
+        pooling: Pooling | None = None,
     ) -> None:
         if check_quantize(quantize) != "none" and kernels == "triton":
             raise ValueError(
@@ -306,7 +317,14 @@ class MoERewardModel(DenseRewardModel):
             )
         self.moe_config = read_moe_config(Path(path))
         super().__init__(
-            name, path, dtype=dtype, device=device, max_length=max_length, kernels=kernels, quantize=quantize
+            name,
+            path,
+            dtype=dtype,
+            device=device,
+            max_length=max_length,
+            kernels=kernels,
+            quantize=quantize,
+            pooling=pooling,
         )
         layers = self.moe_config.layers
         span = (

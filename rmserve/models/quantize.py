@@ -221,18 +221,24 @@ def quantize_linears(
 
 
 def finish_quantized(model: nn.Module, quantize: QuantizeName) -> int:
-    """Give every int8 layer of ``model`` the weight-only forward (``int8_weight_forward``); returns how many.
+    """Make every quantised layer of ``model`` compute one way on every machine; returns how many layers.
 
-    Called on every model bitsandbytes quantised (by transformers or ``quantize_linears``); ``none`` and
-    ``nf4`` change nothing (nf4's own forward already computes in the model dtype).
+    int8 layers get the weight-only forward (``int8_weight_forward``). nf4 layers keep bitsandbytes' own
+    forward (it dequantises to the model dtype), with its CPU repacking turned off: on CPUs with AVX512-BF16
+    bitsandbytes repacks nf4 weights with bfloat16 block scales at the first forward, which changes the
+    numbers by machine and fails outright on layers narrower than one 64-weight block. Called on every
+    model bitsandbytes quantised (by transformers or ``quantize_linears``); ``none`` changes nothing.
     """
-    if quantize != "int8":
+    if quantize == "none":
         return 0
     bnb = require_bitsandbytes(quantize)
     count = 0
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear8bitLt):
+        if quantize == "int8" and isinstance(module, bnb.nn.Linear8bitLt):
             module.forward = types.MethodType(int8_weight_forward, module)
+            count += 1
+        elif quantize == "nf4" and isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward before it repacks
             count += 1
     return count
 

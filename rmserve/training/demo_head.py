@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from rmserve.demo import HEAD_PATH, build_backbone, file_sha256
+from rmserve.demo import DEMO_POOLING, HEAD_PATH, build_backbone, file_sha256
 from rmserve.hh import SPLIT_SEED, ChatMessage, default_data_path, load_pairs, split_indices
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import Messages
@@ -198,7 +198,7 @@ def extract_features(
     if partial is not None and bool(partial.done.all()):
         return partial.features, partial.stats
     # the server's own encoder and pooling: the head learns on exactly what serving computes
-    model = DenseRewardModel("backbone", backbone_dir, dtype="float32", device="cpu")
+    model = DenseRewardModel("backbone", backbone_dir, dtype="float32", device="cpu", pooling=DEMO_POOLING)
     encoder = model.new_encoder(max_length)
     if partial is None:
         features = torch.zeros(n, model.model.config.hidden_size)  # (N, H)

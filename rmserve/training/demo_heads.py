@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rmserve.aggregation import AggregationParams
-from rmserve.demo import ASSETS, BACKBONE_DIR, build_backbone, file_sha256, head_model_assets
+from rmserve.demo import ASSETS, BACKBONE_DIR, DEMO_POOLING, build_backbone, file_sha256, head_model_assets
 from rmserve.hh import SPLIT_SEED, default_data_path, load_pairs, split_indices
 from rmserve.models.descriptor import DESCRIPTOR
 from rmserve.models.heads import HEADS_FILE, save_head_model
@@ -79,6 +79,7 @@ def train_demo_heads(
             nominal_head=nominal,
             params=PARAMS,
             eps=DEFAULT_EPS,
+            pooling=DEMO_POOLING,
             training={
                 "data": data.name,
                 "data_sha256": data_sha,

@@ -1,6 +1,7 @@
 """The ``demo-moe`` and ``demo-merged`` models: UMM-RM's recipe on the SmolLM2 demo, sized for a 2-core CPU.
 
-Recipe (``RECIPE``), run on first use and cached:
+Recipe (``rmserve.demo.MOE_RECIPE``), run by ``rmserve demo build-moe --data HH_FILE`` (never by the server)
+and cached where the server finds it:
 
 1. upcycle the ``demo`` reward model's last 2 decoder layers into 4 experts (shared + 3 normal),
    top-2 (the shared expert + 1 routed), router seed 0;
@@ -11,70 +12,47 @@ Recipe (``RECIPE``), run on first use and cached:
    epoch): ``demo-merged``, a plain ``LlamaForSequenceClassification`` folder.
 
 That is a small training run (about four minutes on 2 cores): it shows the pipeline on real weights and
-data, not an accuracy gain; ``python -m rmserve.training.demo_moe --evaluate`` measures all three
-models on the 462 held-out pairs.
+data, not an accuracy gain; ``python -m rmserve.training.demo_moe --data HH_FILE --evaluate`` measures all
+three models on the 462 held-out pairs. Both models are trained on the final token and declare pooling
+``last``, as every demo does.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
-from rmserve.demo import _atomic_build, build_demo_model, is_complete
-from rmserve.hh import default_data_path, load_pairs, split_indices
+from rmserve.demo import MOE_MODELS, MOE_RECIPE, atomic_build, build_demo_model, is_complete, moe_demo_dirs
+from rmserve.hh import load_pairs, split_indices
 from rmserve.models.inputs import Messages
 from rmserve.models.moe import decoder_layers, upcycle
 from rmserve.training.merge import merge
 from rmserve.training.pairs import PreferenceExample
 from rmserve.training.trainer import PrefixMemo, TrainOptions, train
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RECIPE: dict[str, Any] = {
-    "experts": 4,
-    "top_k": 2,
-    "last_layers": 2,
-    "router_seed": 0,
-    "train_pairs": 128,
-    "max_length": 256,
-    "epochs": 2,
-    "lr": 1e-4,
-    "batch_size": 8,
-    "bsr": 1e-3,
-    "aux": 1e-2,
-    "shared_rate": 0.5,
-    "merge_epochs": 1,
-    "merge_lr": 0.05,
-}
-MOE_NAME, MERGED_NAME = "demo-moe", "demo-merged"
+RECIPE = MOE_RECIPE
+MOE_NAME, MERGED_NAME = MOE_MODELS
 PROGRESS_PAIRS = 32
 
 
-def hh_examples(indices: list[int], data: Path | None = None) -> list[PreferenceExample]:
-    """HH pairs ``indices`` as preference examples (whole dialogues as messages)."""
-    pairs = load_pairs(data or default_data_path(REPO_ROOT))
+def hh_examples(indices: list[int], data: Path) -> list[PreferenceExample]:
+    """HH pairs ``indices`` of the file ``data`` as preference examples (whole dialogues as messages)."""
+    pairs = load_pairs(data)
     return [
         PreferenceExample(Messages(messages=pairs[i].chosen), Messages(messages=pairs[i].rejected))
         for i in indices
     ]
 
 
-def _recipe_key(cache_dir: Path) -> str:
-    demo = build_demo_model(cache_dir, progress=False)
-    return hashlib.sha256((demo.name + json.dumps(RECIPE, sort_keys=True)).encode()).hexdigest()[:12]
+def build_moe_demos(cache_dir: Path, data: Path, *, progress: bool = True) -> tuple[Path, Path]:
+    """Both folders (``demo-moe``, ``demo-merged``), built by ``RECIPE`` from the HH file ``data`` unless cached.
 
-
-def moe_demo_dirs(cache_dir: Path) -> tuple[Path, Path]:
-    key = _recipe_key(cache_dir)
-    return cache_dir / f"{MOE_NAME}-{key}", cache_dir / f"{MERGED_NAME}-{key}"
-
-
-def build_moe_demos(cache_dir: Path, *, progress: bool = True) -> tuple[Path, Path]:
-    """Both folders (``demo-moe``, ``demo-merged``), built by ``RECIPE`` on first use."""
+    Raises:
+        FileNotFoundError: ``data`` does not exist.
+    """
     moe_dir, merged_dir = moe_demo_dirs(cache_dir)
     if is_complete(moe_dir) and is_complete(merged_dir):
         return moe_dir, merged_dir
@@ -83,11 +61,11 @@ def build_moe_demos(cache_dir: Path, *, progress: bool = True) -> tuple[Path, Pa
         if progress
         else (lambda _: None)
     )
-    say(f"building {MOE_NAME} and {MERGED_NAME} (first use only, about four minutes on 2 cores) ...")
+    say(f"building {MOE_NAME} and {MERGED_NAME} (about four minutes on 2 cores) ...")
     demo = build_demo_model(cache_dir, progress=progress)
-    train_index, held_index = split_indices(len(load_pairs(default_data_path(REPO_ROOT))))
-    examples = hh_examples(train_index[: RECIPE["train_pairs"]])
-    progress_pairs = hh_examples(held_index[:PROGRESS_PAIRS])  # a glance per epoch; --evaluate measures all
+    train_index, held_index = split_indices(len(load_pairs(data)))
+    examples = hh_examples(train_index[: RECIPE["train_pairs"]], data)
+    progress_pairs = hh_examples(held_index[:PROGRESS_PAIRS], data)  # a glance per epoch; --evaluate: all
     memo: PrefixMemo = {}  # layers 0-27 are the demo's in both runs: their output is computed once
 
     def build_moe(out: Path) -> None:
@@ -106,24 +84,24 @@ def build_moe_demos(cache_dir: Path, *, progress: bool = True) -> tuple[Path, Pa
         shutil.rmtree(upcycled)
         shutil.rmtree(trained)
 
-    moe_dir = moe_dir if is_complete(moe_dir) else _atomic_build(moe_dir, build_moe)
+    moe_dir = moe_dir if is_complete(moe_dir) else atomic_build(moe_dir, build_moe)
 
     def build_merged(out: Path) -> None:
         merge(moe_dir, out, shared_rate=RECIPE["shared_rate"], train_pairs=examples, epochs=RECIPE["merge_epochs"],
               lr=RECIPE["merge_lr"], max_length=RECIPE["max_length"], progress=progress, echo=say, memo=memo)  # fmt: skip
 
-    merged_dir = merged_dir if is_complete(merged_dir) else _atomic_build(merged_dir, build_merged)
+    merged_dir = merged_dir if is_complete(merged_dir) else atomic_build(merged_dir, build_merged)
     say(f"{MOE_NAME} and {MERGED_NAME} ready")
     return moe_dir, merged_dir
 
 
-def evaluate(cache_dir: Path, max_length: int = 512, progress: bool = True) -> dict[str, float]:
+def evaluate(cache_dir: Path, data: Path, max_length: int = 512, progress: bool = True) -> dict[str, float]:
     """Held-out pairwise accuracy of demo, demo-moe and demo-merged on the 462 held-out HH pairs."""
     from rmserve.training.trainer import accuracy, cache_prefix, encode_pairs, encoder_for, load_classifier
 
-    moe_dir, merged_dir = build_moe_demos(cache_dir, progress=progress)
-    _, held_index = split_indices(len(load_pairs(default_data_path(REPO_ROOT))))
-    held = hh_examples(held_index)
+    moe_dir, merged_dir = build_moe_demos(cache_dir, data, progress=progress)
+    _, held_index = split_indices(len(load_pairs(data)))
+    held = hh_examples(held_index, data)
     results = {}
     data = None
     for name, folder in (
@@ -148,16 +126,19 @@ def evaluate(cache_dir: Path, max_length: int = 512, progress: bool = True) -> d
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rmserve.training.demo_moe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument(
+        "--data", type=Path, required=True, help="the HH-RLHF harmless-base test split (JSONL.gz)"
+    )
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--evaluate", action="store_true", help="also measure held-out accuracy of all three")
     args = parser.parse_args(argv)
     from rmserve.config import Settings
 
     cache_dir = args.cache_dir or Settings().cache_dir
-    moe_dir, merged_dir = build_moe_demos(cache_dir)
+    moe_dir, merged_dir = build_moe_demos(cache_dir, args.data)
     print(json.dumps({"demo-moe": str(moe_dir), "demo-merged": str(merged_dir), "recipe": RECIPE}, indent=2))
     if args.evaluate:
-        print(json.dumps(evaluate(cache_dir), indent=2))
+        print(json.dumps(evaluate(cache_dir, args.data), indent=2))
 
 
 if __name__ == "__main__":

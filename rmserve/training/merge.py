@@ -31,8 +31,17 @@ from transformers import AutoTokenizer
 
 from rmserve.models.dense import pad_token_id
 from rmserve.models.moe import UpcycledMoE, decoder_layers, load_moe_classifier, read_moe_config
+from rmserve.models.pooling import write_dense_descriptor
 from rmserve.training.pairs import PreferenceExample
-from rmserve.training.trainer import PrefixMemo, accuracy, cache_prefix, encode_pairs, encoder_for, rewards
+from rmserve.training.trainer import (
+    TRAINED_POOLING,
+    PrefixMemo,
+    accuracy,
+    cache_prefix,
+    encode_pairs,
+    encoder_for,
+    rewards,
+)
 
 
 def _projections(ffn: nn.Module) -> dict[str, list[str]]:
@@ -164,6 +173,9 @@ def merge(
     record["seconds"] = round(time.monotonic() - started, 1)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(moe_dir).save_pretrained(out)
+    pooling = TRAINED_POOLING if train_pairs else config.pooling  # merging weights learned on that token
+    if pooling is not None:
+        write_dense_descriptor(out, pooling)
     echo(
         f"wrote {out}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
     )

@@ -198,6 +198,7 @@ def train_head_model(
         nominal_head=nominal,
         params=params,
         eps=eps,
+        pooling=model.pooling.name,
         training={
             "data": data_name,
             "train_pairs": len(train_pairs),

@@ -34,8 +34,8 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rmserve.models.dense import pad_token_id
-from rmserve.models.descriptor import DESCRIPTOR
 from rmserve.models.inputs import InputEncoder
+from rmserve.models.loader import folder_kind
 from rmserve.models.moe import (
     MoeConfig,
     decoder_layers,
@@ -47,6 +47,7 @@ from rmserve.models.moe import (
     read_moe_config,
     save_moe,
 )
+from rmserve.models.pooling import Pooling, write_dense_descriptor
 from rmserve.training.demo_head import binomial_interval
 from rmserve.training.pairs import PreferenceExample
 
@@ -80,7 +81,7 @@ class PairData:
 
 def load_classifier(path: Path) -> tuple[nn.Module, MoeConfig | None]:
     """A dense or ``moe`` folder's classifier in float32, and its MoE config if any."""
-    if (path / DESCRIPTOR).is_file():
+    if folder_kind(path) == "moe":
         return load_moe_classifier(path, torch.float32), read_moe_config(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a model folder (no config.json); pass a dense or moe reward model.")
@@ -159,6 +160,9 @@ def rewards(
     last = hidden[torch.arange(len(rows)), lengths - 1]  # (2B, H)
     return head(last)[:, 0].float()  # (2B,)
 
+
+TRAINED_POOLING: Pooling = "last"
+"""The token ``rewards`` reads (each sequence's final one); trained folders declare it in ``rmserve.json``."""
 
 PrefixMemo = dict[tuple[int, tuple[int, ...]], torch.Tensor]
 """Prefix states by (first layer, token ids): shared by runs on models with the same frozen prefix."""
@@ -296,6 +300,8 @@ def _save(
     if moe_config is None:
         model.save_pretrained(out)
         encoder.tokenizer.save_pretrained(out)
+        write_dense_descriptor(out, TRAINED_POOLING)
         return
     training = record or {"history": history, "data_pairs": pairs, "options": options.__dict__}
-    save_moe(model, encoder.tokenizer, out, moe_config.model_copy(update={"training": training}))
+    update = {"training": training, "pooling": TRAINED_POOLING}
+    save_moe(model, encoder.tokenizer, out, moe_config.model_copy(update=update))

@@ -173,7 +173,8 @@ async def test_non_finite_lambdas_get_422(dense, literal):
     assert "uwo_lambda" in r.json()["error"]["message"]
 
 
-async def test_models_list_heads_aggregates_and_config_overrides(brme, multihead):
+async def test_models_list_heads_aggregates_and_config_overrides(brme, multihead, tiny_head_model_dirs):
+    brme_dir = tiny_head_model_dirs["brme"]
     specs = [
         ModelSpec(name="tiny-brme", path="x", uwo_lambda=0.2),
         ModelSpec(name="tiny-multi", path="y", reward="min", tradeoff_lambda=0.9),
@@ -186,9 +187,10 @@ async def test_models_list_heads_aggregates_and_config_overrides(brme, multihead
             )
         ).json()
     assert cards["tiny-brme"] | {"parameters": 0, "weights_bytes": 0} == {
-        "id": "tiny-brme", "object": "model", "kind": "brme", "architecture": "LlamaModel + 5 brme heads",
+        "id": "tiny-brme", "aliases": [str(brme_dir)], "object": "model", "kind": "brme",
+        "architecture": "LlamaModel + 5 brme heads",
         "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "weights_bytes": 0, "quantize": "none",
-        "memory_estimate_bytes": None, "default": True,
+        "pooling": "hf", "memory_estimate_bytes": None, "default": True,
         "heads": ["head0", "head1", "head2", "head3", "head4"], "head_std": True,
         "nominal": "per input, the head with the smallest sigma", "reward": "tradeoff",
         "aggregates": list(AGGREGATES), "uwo_lambda": 0.2, "tradeoff_lambda": 0.6,

@@ -91,7 +91,7 @@ async def test_openrlhf_multi_head_model_logs_aggregates_and_heads(brme):
     ("body", "fragment"),
     [
         ({"query": [QUERY], "prompts": ["a", "b"]}, "prompts has 2 entries but query has 1"),
-        ({"query": []}, "query"),
+        ({"query": [], "prompts": ["a"]}, "prompts has 1 entries but query has 0"),
         ({"prompts": ["a"]}, "query"),
     ],
 )
@@ -162,3 +162,34 @@ async def test_compat_errors(llama, route, body, status):
         r = await client.post(route, json=body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["message"]
+
+
+async def test_openrlhf_empty_query_for_a_server_left_without_a_share(llama, brme):
+    # OpenRLHF with several reward URLs splits each batch across them and sends the rest an empty query
+    async with serve([llama, brme]) as client:
+        dense = await client.post("/get_reward", json={"query": [], "prompts": [], "labels": []})
+        multi = await client.post("/get_reward", json={"query": [], "model": "tiny-brme"})
+        full = await client.post("/get_reward", json={"query": [QUERY], "model": "tiny-brme"})
+    assert dense.status_code == 200, dense.text
+    assert dense.json() == {"rewards": [], "scores": [], "extra_logs": {}}
+    assert multi.status_code == 200, multi.text
+    # the same extra_logs keys as an answer with queries, so the trainer's logs line up
+    assert multi.json()["rewards"] == [] and set(multi.json()["extra_logs"]) == set(full.json()["extra_logs"])
+    assert all(v == [] for v in multi.json()["extra_logs"].values())
+
+
+async def test_verl_sends_its_local_model_path_as_the_model(llama, brme, tiny_model_dirs):
+    # verl's reward loop posts {"model": <its model path>, ...} to /classify and never retries a 4xx
+    folder = tiny_model_dirs["llama"]
+    async with serve([brme, llama]) as client:
+        by_path = await client.post("/classify", json={"model": str(folder), "input": [QUERY]})
+        with_slash = await client.post("/classify", json={"model": f"{folder}/", "input": [QUERY]})
+        other = await client.post("/classify", json={"model": "/models/not-served", "input": [QUERY]})
+        cards = {c["id"]: c for c in (await client.get("/v1/models")).json()["data"]}
+    assert by_path.status_code == 200, by_path.text
+    assert by_path.json()["model"] == "tiny-llama"
+    assert by_path.json()["data"][0]["probs"][0] == pytest.approx(text_reward(llama, QUERY), abs=1e-5)
+    assert with_slash.json()["model"] == "tiny-llama"
+    assert other.status_code == 404
+    assert "or the path of a served model's folder" in other.json()["error"]["message"]
+    assert cards["tiny-llama"]["aliases"] == [str(folder)]

@@ -126,9 +126,10 @@ async def test_several_models_and_model_selection(llama, bert):
     cards = listing.json()["data"]
     assert [c["id"] for c in cards] == ["tiny-llama", "tiny-bert"]
     assert cards[0] | {"parameters": 0, "weights_bytes": 0} == {
-        "id": "tiny-llama", "object": "model", "kind": "dense", "architecture": "LlamaForSequenceClassification",
+        "id": "tiny-llama", "aliases": [llama.info.path], "object": "model", "kind": "dense",
+        "architecture": "LlamaForSequenceClassification",
         "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "weights_bytes": 0, "quantize": "none",
-        "memory_estimate_bytes": None, "default": True,
+        "pooling": "hf", "memory_estimate_bytes": None, "default": True,
         "heads": ["reward"], "head_std": False, "nominal": "reward", "reward": "mean",
         "aggregates": ["mean", "min", "max", "std", "uwo", "nominal", "tradeoff"],
         "uwo_lambda": 1.0, "tradeoff_lambda": 0.6,

@@ -576,17 +576,19 @@ def test_a_closed_client_says_so(make_client):
 # -- TRL -----------------------------------------------------------------------------------------
 
 
-def test_reward_func_scores_plain_strings_with_score(make_client):
+def test_reward_func_scores_plain_strings_as_trl_does(make_client):
+    # GRPOTrainer scores a standard-format example as the text prompt + completion, tokenized without
+    # special tokens (no chat template)
     server = FakeServer()
     func = as_reward_func(make_client(server), model="llama")
     assert func.__name__ == "rmserve_llama"
     rewards = func(
-        prompts=["p5", "p6"], completions=["a", "b"], completion_ids=[[1], [2]], trainer_state=None
+        prompts=["t5", "t6"], completions=["0", "1"], completion_ids=[[1], [2]], trainer_state=None
     )
-    assert rewards == [5.0, 6.0]
+    assert rewards == [50.0, 61.0]
     assert server.bodies[0]["inputs"] == [
-        {"prompt": "p5", "response": "a"},
-        {"prompt": "p6", "response": "b"},
+        {"text": "t50", "add_special_tokens": False},
+        {"text": "t61", "add_special_tokens": False},
     ]
 
 
@@ -713,9 +715,10 @@ async def test_async_reward_func_is_a_coroutine_function_for_trl(sleeps):
     async with make_async(server, sleeps) as client:
         func = as_async_reward_func(client, name="helpfulness")
         assert inspect.iscoroutinefunction(func) and func.__name__ == "helpfulness"
-        plain = await func(["p1", "p2"], ["a", "b"])
+        plain = await func(["t1", "t2"], ["0", "5"])
         chat = await func([[{"role": "user", "content": "q"}]], [[{"role": "assistant", "content": "m3"}]])
-    assert plain == [1.0, 2.0] and chat == [3.0]
+    assert plain == [10.0, 25.0] and chat == [3.0]
+    assert server.bodies[0]["inputs"][0] == {"text": "t10", "add_special_tokens": False}
     assert server.bodies[1]["inputs"] == [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "m3"}]}
     ]

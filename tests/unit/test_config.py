@@ -41,6 +41,7 @@ def test_defaults():
         "device": "auto",
         "quantize": "none",
         "memory_budget": None,
+        "pooling": None,
         "kernels": "auto",
         "max_length": None,
         "truncation": "left",
@@ -70,15 +71,15 @@ def test_settings_are_frozen():
 # --- served_models --------------------------------------------------------------------------------
 
 
-def test_no_model_serves_every_demo():
+def test_no_model_serves_the_demos_built_from_shipped_files():
+    # demo-moe and demo-merged take a training run: served only when named, once built
     assert Settings().served_models() == [
         ModelSpec(name="demo", path="demo"),
         ModelSpec(name="demo-brme", path="demo-brme"),
         ModelSpec(name="demo-ensemble", path="demo-ensemble"),
-        ModelSpec(name="demo-moe", path="demo-moe"),
-        ModelSpec(name="demo-merged", path="demo-merged"),
     ]
     assert Settings(model="demo").served_models() == [ModelSpec(name="demo", path="demo")]
+    assert Settings(model="demo-moe").served_models() == [ModelSpec(name="demo-moe", path="demo-moe")]
     assert Settings(model="demo-brme").served_models() == [ModelSpec(name="demo-brme", path="demo-brme")]
 
 
@@ -91,18 +92,35 @@ def test_model_spec_aggregation_overrides_are_validated():
 
 
 def test_load_options_take_the_spec_value_else_the_server_wide_one():
-    settings = Settings(dtype="bfloat16", device="cpu", quantize="int8", max_length=512, kernels="reference")
-    own = ModelSpec(
-        name="a", path="a", kind="brme", dtype="float32", device="cuda:1", quantize="nf4", max_length=64
+    settings = Settings(
+        dtype="bfloat16", device="cpu", quantize="int8", max_length=512, kernels="reference", pooling="hf"
     )
+    own = ModelSpec(
+        name="a", path="a", kind="brme", dtype="float32", device="cuda:1", quantize="nf4", max_length=64,
+        pooling="last",
+    )  # fmt: skip
     assert settings.load_options(own) == {
         "kind": "brme", "dtype": "float32", "device": "cuda:1", "max_length": 64, "kernels": "reference",
-        "quantize": "nf4",
+        "quantize": "nf4", "pooling": "last",
     }  # fmt: skip
     assert settings.load_options(ModelSpec(name="b", path="b")) == {
         "kind": "auto", "dtype": "bfloat16", "device": "cpu", "max_length": 512, "kernels": "reference",
-        "quantize": "int8",
+        "quantize": "int8", "pooling": "hf",
     }  # fmt: skip
+    # unset everywhere: None, so each model folder's own rmserve.json declaration (else hf) decides
+    assert Settings().load_options(ModelSpec(name="c", path="c"))["pooling"] is None
+
+
+def test_pooling_is_a_flag_an_env_var_and_a_yaml_field(monkeypatch, tmp_path):
+    monkeypatch.setenv("RMSERVE_POOLING", "last")
+    assert Settings().pooling == "last"
+    config = tmp_path / "models.yaml"
+    config.write_text("models:\n  - {name: a, path: /a, pooling: last}\n  - {name: b, path: /b}\n")
+    monkeypatch.delenv("RMSERVE_POOLING")
+    specs = Settings(config=config).served_models()
+    assert [s.pooling for s in specs] == ["last", None]
+    with pytest.raises(ValidationError, match="pooling"):
+        ModelSpec(name="m", path="/m", pooling="mean")
 
 
 def test_a_model_path_is_named_after_its_folder():

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rmserve.demo import DEMO_POOLING
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import Messages
@@ -139,7 +140,10 @@ def test_features_are_what_the_server_scores(tiny_llama, tmp_path):
     features, stats = extract_features(
         tiny_llama, DIALOGUES, cache, cache_key={"data": "x"}, max_length=40, progress=False
     )
-    server = DenseRewardModel("tiny", tiny_llama, dtype="float32", device="cpu", max_length=40)
+    # the demo heads read the final token (the demos declare pooling `last`)
+    server = DenseRewardModel(
+        "tiny", tiny_llama, dtype="float32", device="cpu", max_length=40, pooling=DEMO_POOLING
+    )
     encoder = server.new_encoder()
     encoded = [encoder.encode(Messages.model_validate({"messages": d})) for d in DIALOGUES]
     expected = server.pooled_states(encoded)  # (3, H)

@@ -42,10 +42,14 @@ def head_dirs(tiny_head_model_dirs) -> dict[str, Path]:
 
 
 def offline_pooled(backbone: Path, ids: tuple[int, ...]) -> torch.Tensor:
-    """The last token's final hidden state, the sequence run alone by plain transformers: (H,)."""
+    """The final hidden state of the token transformers' classifiers score (the last one that is not the
+    config's pad token), the sequence run alone by plain transformers: (H,)."""
     base = AutoModel.from_pretrained(backbone, dtype=torch.float32).eval()
+    pad = base.config.pad_token_id
+    position = max((i for i, t in enumerate(ids) if t != pad), default=0)
+    assert position < len(ids) - 1 or pad is None or ids[-1] != pad
     with torch.no_grad():
-        return base(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        return base(input_ids=torch.tensor([ids])).last_hidden_state[0, position]
 
 
 def offline_aggregates(heads: list[float], nominal: int, uwo: float, trade: float) -> dict[str, float]:
@@ -175,9 +179,8 @@ def ensemble_dir(tiny_model_dirs, tmp_path_factory) -> Path:
 
 
 def offline_member_reward(folder: Path, item) -> float:
-    """A member's reward for one input run alone through plain transformers."""
+    """A member's reward for one input run alone through plain transformers (the checkpoint as saved)."""
     model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
-    model.config.pad_token_id = None  # batch of one: transformers then scores the last position (pad == eos)
     kwargs = {}
     if item.token_type_ids is not None:
         kwargs["token_type_ids"] = torch.tensor([item.token_type_ids])

@@ -76,6 +76,22 @@ def test_text_that_already_starts_with_bos_gets_no_second_bos(bos_tok):
     assert prefixed.token_ids == plain.token_ids
 
 
+def test_text_without_special_tokens_is_tokenized_alone(bos_tok):
+    # TRL tokenizes a plain-string prompt + completion with add_special_tokens=False
+    e = encoder(bos_tok)
+    bare = e.encode(Text(text="hello there", add_special_tokens=False))
+    assert bare.token_ids == tuple(bos_tok("hello there", add_special_tokens=False).input_ids)
+    assert bare.token_ids[0] != bos_tok.bos_token_id
+    assert e.encode(Text(text="hello there", add_special_tokens=True)) == e.encode(Text(text="hello there"))
+
+
+def test_the_text_form_takes_add_special_tokens_and_nothing_else():
+    form = INPUT_ADAPTER.validate_python({"text": "x", "add_special_tokens": False})
+    assert form == Text(text="x", add_special_tokens=False)
+    with pytest.raises(ValidationError, match='optionally with "add_special_tokens"'):
+        INPUT_ADAPTER.validate_python({"text": "x", "add_bos": False})
+
+
 def test_encoder_text_pairs_for_cross_encoders():
     tok = wordpiece_tokenizer()
     enc = encoder(tok, text_pairs=True).encode(PromptResponse(prompt="how are you", response="fine thanks"))

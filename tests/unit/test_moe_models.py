@@ -61,8 +61,7 @@ def encoder_tokenizer(folder: Path):
 
 
 def offline_score(model: torch.nn.Module, ids: tuple[int, ...]) -> float:
-    """The classifier on one unpadded sequence, scored on its last token."""
-    model.config.pad_token_id = None
+    """The classifier on one unpadded sequence, with its own pad rule (transformers' pooling)."""
     with torch.no_grad():
         return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
 
@@ -150,7 +149,6 @@ VANILLA = """
 import json, sys, torch
 from transformers import AutoModelForSequenceClassification
 model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-model.config.pad_token_id = None
 assert not any(name.startswith("rmserve") for name in sys.modules)
 out = []
 for ids in json.loads(sys.argv[2]):
