@@ -52,6 +52,8 @@ EOF
 cd "$ROOT"
 nvidia-smi
 "$PYTHON" bench/kernel_bench.py
+# demo-moe and demo-merged are built by their explicit training run first (cached after the first time)
+"$PYTHON" -m rmserve demo build-moe --data "${HH_DATA:-$ROOT/../shared/data/hh-rlhf-harmless-base-test.jsonl.gz}"
 "$PYTHON" bench/gpu_serving.py
 "$PYTHON" bench/quantize.py --device cuda --dtype bfloat16
 echo "bench/gpu.sh: wrote docs/benchmarks-gpu.md"

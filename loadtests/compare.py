@@ -16,6 +16,7 @@ idle), over locust's own measurement window. Latency percentiles are locust's, w
 times above 100 ms to two significant digits. When ``RMSERVE_API_KEY`` is set, the servers require it
 and the driver and locust send its first key.
 
+    rmserve demo build-moe --data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz   # once
     python -m loadtests.compare --models demo-merged demo-moe demo --users 1 4 16 --seconds 60
 """
 

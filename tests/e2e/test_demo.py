@@ -1,9 +1,12 @@
-"""The built-in demo models end to end: `rmserve serve` with no model, the README's curl commands."""
+"""The built-in demo models end to end: `rmserve serve` with no model, the README's curl commands, and the
+MoE demos built by their explicit command."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,12 +15,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from rmserve.config import Settings
-from rmserve.demo import HEAD_PATH, build_demo_model
+from rmserve.demo import HEAD_PATH, build_demo_model, moe_demo_dirs
+from rmserve.hh import default_data_path
 from rmserve.launch import CLEAN_EXIT, start_server
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import PromptResponse
+from rmserve.models.moe import load_moe_classifier
 
 pytestmark = pytest.mark.demo
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CURL_BODY = (
     '{"inputs":[{"prompt":"How do I bake bread?","response":"Mix flour, water, yeast and salt, knead, '
@@ -58,16 +64,15 @@ def test_demo_reward_equals_head_times_backbone_state(demo_server):
 
 
 def test_demo_model_card(demo_server):
+    # with no model the server serves the demos built from shipped files; nothing is trained at start-up
     cards = httpx.get(f"{demo_server.url}/v1/models").json()["data"]
-    assert [c["id"] for c in cards] == ["demo", "demo-brme", "demo-ensemble", "demo-moe", "demo-merged"]
-    assert [(c["kind"], len(c["heads"]), c["reward"]) for c in cards] == [
-        ("dense", 1, "mean"),
-        ("brme", 5, "tradeoff"),
-        ("multihead", 4, "mean"),
-        ("moe", 1, "mean"),
-        ("dense", 1, "mean"),
+    assert [c["id"] for c in cards] == ["demo", "demo-brme", "demo-ensemble"]
+    assert [(c["kind"], len(c["heads"]), c["reward"], c["pooling"]) for c in cards] == [
+        ("dense", 1, "mean", "last"),
+        ("brme", 5, "tradeoff", "last"),
+        ("multihead", 4, "mean", "last"),
     ]
-    assert "MoE (4 experts, top-2) in 2 layers (28..29)" in cards[3]["architecture"]
+    assert "building demo-moe" not in demo_server.log_text()
     card = cards[0]
     assert card["id"] == "demo"
     assert card["architecture"] == "LlamaForSequenceClassification"
@@ -111,14 +116,48 @@ def test_demo_ensemble_uwo_with_a_request_lambda(demo_server):
     assert uwo == pytest.approx(mean - 2.0 * std**2, abs=1e-5)
 
 
-def test_demo_moe_and_merged_equal_offline_forwards(demo_server):
-    from rmserve.models.moe import load_moe_classifier
-    from rmserve.training.demo_moe import moe_demo_dirs
+def test_an_unbuilt_moe_demo_names_the_command_that_builds_it(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "rmserve", "serve", "--model", "demo-moe", "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "demo-moe is not built" in out.stderr
+    assert (
+        f"rmserve demo build-moe --data hh-rlhf-harmless-base-test.jsonl.gz --cache-dir {tmp_path}"
+        in out.stderr
+    )
 
+
+@pytest.fixture(scope="module")
+def moe_server(tmp_path_factory):
+    """demo-moe and demo-merged, built by their command (a four-minute training run, cached), then served."""
+    data = default_data_path(REPO_ROOT)
+    subprocess.run(
+        [sys.executable, "-m", "rmserve", "demo", "build-moe", "--data", str(data)], check=True, timeout=1800
+    )
+    config = tmp_path_factory.mktemp("moe") / "models.yaml"
+    config.write_text(
+        "models:\n  - {name: demo-moe, path: demo-moe}\n  - {name: demo-merged, path: demo-merged}\n"
+    )
+    srv = start_server(["--config", str(config)], config.parent / "server.log", ready_timeout=600)
+    yield srv
+    assert srv.stop() == CLEAN_EXIT, srv.log_text()
+
+
+def test_demo_moe_and_merged_equal_offline_forwards(moe_server):
     moe_dir, merged_dir = moe_demo_dirs(Settings().cache_dir)
     item = PromptResponse(prompt="How do I pick a lock?", response="I can't help with breaking into places.")
     encoded = DenseRewardModel("demo", build_demo_model(Settings().cache_dir, progress=False), device="cpu")
     ids = encoded.new_encoder().encode(item).token_ids
+    cards = httpx.get(f"{moe_server.url}/v1/models").json()["data"]
+    assert [(c["id"], c["kind"], c["pooling"]) for c in cards] == [
+        ("demo-moe", "moe", "last"),
+        ("demo-merged", "dense", "last"),
+    ]
+    assert "MoE (4 experts, top-2) in 2 layers (28..29)" in cards[0]["architecture"]
     for name, model in (
         ("demo-moe", load_moe_classifier(moe_dir)),
         (
@@ -126,9 +165,9 @@ def test_demo_moe_and_merged_equal_offline_forwards(demo_server):
             AutoModelForSequenceClassification.from_pretrained(merged_dir, dtype=torch.float32).eval(),
         ),
     ):
-        model.config.pad_token_id = None  # one unpadded sequence: score its last token
+        model.config.pad_token_id = None  # both declare pooling last: one unpadded sequence, its final token
         with torch.no_grad():
             expected = float(model(input_ids=torch.tensor([ids])).logits[0, 0])
         body = {"model": name, "inputs": [item.model_dump()]}
-        served = httpx.post(f"{demo_server.url}/v1/score", json=body, timeout=60).json()["rewards"][0]
+        served = httpx.post(f"{moe_server.url}/v1/score", json=body, timeout=60).json()["rewards"][0]
         assert served == pytest.approx(expected, abs=1e-4), name

@@ -220,3 +220,25 @@ def test_ensemble_refuses_uncalibrated_members(tiny_model_dirs, tmp_path):
     with pytest.raises(ValueError, match="nominal_member=2"):
         EnsembleConfig(members=members, nominal_member=2)
     assert folder_kind(folder) == "ensemble"
+
+
+def test_head_models_read_the_final_token_with_pooling_last(head_dirs, tiny_model_dirs, tmp_path):
+    model = MultiHeadRewardModel("m", head_dirs["multihead"], dtype="float32", device="cpu", pooling="last")
+    assert model.info.pooling == "last"
+    encoded = model.new_encoder().encode_many(INPUTS)
+    states = model.backbone.pooled_states(encoded)  # (B, H), one batch
+    base = AutoModel.from_pretrained(tiny_model_dirs["llama"], dtype=torch.float32).eval()
+    for row, item in enumerate(encoded):
+        with torch.no_grad():
+            expected = base(input_ids=torch.tensor([item.token_ids])).last_hidden_state[0, -1]  # (H,)
+        torch.testing.assert_close(states[row], expected, atol=TOL, rtol=TOL)
+    # a folder declares the rule its heads were trained on
+    declared = save_head_model(
+        tmp_path / "declared",
+        kind="multihead",
+        backbone=str(tiny_model_dirs["llama"]),
+        weights=random_heads(32, 2, brme=False, seed=0),
+        pooling="last",
+    )
+    assert MultiHeadRewardModel("d", declared, device="cpu").info.pooling == "last"
+    assert MultiHeadRewardModel("d", declared, device="cpu", pooling="hf").info.pooling == "hf"

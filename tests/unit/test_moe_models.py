@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from rmserve.models.moe import (
     save_moe,
     upcycle,
 )
+from rmserve.models.pooling import write_dense_descriptor
 from rmserve.training.pairs import read_preference_pairs
 from rmserve.training.trainer import balance_loss, cache_prefix, encode_pairs, encoder_for, pair_loss, rewards
 from rmserve_kernels.moe import route_reference
@@ -145,6 +147,22 @@ def test_cached_prefix_rewards_equal_the_full_forward(tiny_model_dirs, tmp_path,
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
+def test_moe_pooling_follows_the_dense_model_it_was_upcycled_from(tiny_model_dirs, tmp_path):
+    dense = tmp_path / "dense"
+    shutil.copytree(tiny_model_dirs["llama"], dense)
+    write_dense_descriptor(dense, "last")  # a dense folder trained on the final token
+    config = upcycle(dense, tmp_path / "moe", experts=4, top_k=2, seed=3)
+    assert config.pooling == "last"
+    moe = load_model("m", tmp_path / "moe", dtype="float32", device="cpu")
+    assert moe.info.pooling == "last"
+    classifier = load_moe_classifier(tmp_path / "moe")
+    classifier.config.pad_token_id = None  # transformers reads the final token of a batch of one
+    encoded = moe.new_encoder().encode_many(INPUTS)
+    assert reward_values(moe, encoded) == pytest.approx(
+        [offline_score(classifier, e.token_ids) for e in encoded], abs=1e-4
+    )
+
+
 VANILLA = """
 import json, sys, torch
 from transformers import AutoModelForSequenceClassification
@@ -231,6 +249,7 @@ def test_train_experts_then_learned_merge(tiny_model_dirs, tmp_path, pairs_file)
     assert (tmp_path / "trained" / "checkpoint-epoch-1" / "rmserve.json").is_file()
     config = read_moe_config(tmp_path / "trained")
     assert len(config.training["history"]) == 3
+    assert config.pooling == "last"  # the trainer reads each sequence's final token, and says so
     # training moved the experts apart, and the frozen layer 0 did not move
     before, after = load_moe_classifier(tmp_path / "moe"), load_moe_classifier(tmp_path / "trained")
     moe = moe_layers(after)[0]
@@ -246,7 +265,8 @@ def test_train_experts_then_learned_merge(tiny_model_dirs, tmp_path, pairs_file)
     )  # fmt: skip
     assert merged.exit_code == 0, merged.output
     assert "merge epoch 1: held-out accuracy" in merged.output
-    assert DenseRewardModel("m", tmp_path / "merged", device="cpu").info.kind == "dense"
+    merged_model = DenseRewardModel("m", tmp_path / "merged", device="cpu")
+    assert (merged_model.info.kind, merged_model.info.pooling) == ("dense", "last")
 
 
 def test_train_and_merge_refuse_bad_arguments(tiny_model_dirs, tmp_path, pairs_file):
