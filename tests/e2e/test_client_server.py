@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rmserve.launch import CLEAN_EXIT, start_server
 from rmserve_client import (
@@ -111,12 +112,28 @@ def test_server_errors_arrive_as_typed_exceptions(server):
     assert info.value.status == 422 and info.value.attempts == 1
 
 
-def test_trl_reward_functions(client, server, reference):
+def grpo_trainer_rewards(folder, prompts: list[str], completions: list[str]) -> list[float]:
+    """What TRL's GRPOTrainer computes for a plain-string (standard format) batch with a reward model of
+    its own: the texts prompt + completion, tokenized without special tokens, right-padded, one forward."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+    inputs = tokenizer(
+        text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
+    )
+    with torch.no_grad():
+        return model(**inputs).logits[:, 0].tolist()
+
+
+def test_trl_reward_functions(client, server, reference, tiny_model_dirs):
     plain = as_reward_func(client)
     assert plain.__name__ == "rmserve"
-    assert plain(PROMPTS[:8], RESPONSES[:8], completion_ids=None) == pytest.approx(
-        reference.rewards[:8], abs=1e-4
+    got = plain(PROMPTS[:8], RESPONSES[:8], completion_ids=None)
+    assert got == pytest.approx(
+        grpo_trainer_rewards(tiny_model_dirs["llama"], PROMPTS[:8], RESPONSES[:8]), abs=1e-4
     )
+    # not the chat-templated pair, which GRPOTrainer uses only for conversational examples
+    assert min(abs(a - b) for a, b in zip(got, reference.rewards[:8], strict=True)) > 1e-3
     chat = as_reward_func(client, aggregate="uwo", name="rm_uwo")
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:8]]
     completions = [[{"role": "assistant", "content": r}] for r in RESPONSES[:8]]
