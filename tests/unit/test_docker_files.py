@@ -51,3 +51,26 @@ def test_compose_reserves_a_gpu_mounts_models_read_only_and_restarts():
     from rmserve.config import ModelSpec
 
     assert [ModelSpec(**m).name for m in models["models"]] == ["demo"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_image_installs_from_the_lock(dockerfile):
+    # every pip install is hash-checked from requirements/, but for torch (an exact pin, from PyTorch's
+    # index for the image's build) and the project itself (--no-deps, built with the lock's setuptools)
+    text = dockerfile.read_text()
+    assert "COPY requirements/pip.txt requirements/runtime.txt requirements/demo.txt ./requirements/" in text
+    runs = [line[4:] for line in text.replace("\\\n", " ").splitlines() if line.startswith("RUN ")]
+    commands = [c.strip() for run in runs for c in run.split("&&") if "pip install" in c]
+    locked = [c for c in commands if "--require-hashes" in c]
+    assert [c.split()[-1] for c in locked] == [
+        "requirements/pip.txt",
+        "requirements/runtime.txt",
+        "requirements/demo.txt",
+    ]
+    assert all("--no-deps -r requirements/" in c for c in locked)
+    rest = [c for c in commands if c not in locked]
+    assert rest == [
+        'pip install "torch==2.13.0" --index-url "${TORCH_INDEX_URL}"',
+        "pip install --no-deps --no-build-isolation .",
+    ]
+    assert text.index("pip check") < text.index("requirements/demo.txt\n")
