@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rmserve.models.descriptor import DESCRIPTOR
@@ -127,8 +128,8 @@ def _template_ends_with(tokenizer: Any, token_id: int) -> bool:
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     try:
         ids = tokenizer.apply_chat_template(turns, tokenize=True)
-    except Exception:  # a template that cannot render this exchange says nothing about its ending
-        return False
+    except (TemplateError, ValueError, TypeError, KeyError):  # a template that cannot render a plain
+        return False  # user/assistant exchange says nothing about how one ends
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return bool(ids) and int(ids[-1]) == token_id
