@@ -12,6 +12,7 @@ This module owns the last step of a forward pass: from each input's pooled hidde
 ``heads_aggregate_reference`` defines the semantics in plain torch (all math in float32, aggregates from
 ``rmserve.aggregation.aggregate_rows``); ``heads_aggregate_triton`` computes the same in one kernel launch
 and matches it to 1e-5. ``select_heads_aggregate`` picks one of the two, once, when a model is loaded.
+Both refuse the same arguments with the same messages (``rmserve_kernels.heads_validation``).
 
 Fused pooling. With ``positions`` (B,), both take the backbone's final hidden states (B, T, H), any
 strides, instead of pooled rows, and read row b at ``hidden[b, positions[b]]``: the kernel loads each
@@ -44,8 +45,7 @@ in the environment before the process starts. Setting it later is refused with a
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from rmserve.aggregation import AGGREGATES, aggregate_rows
+from rmserve_kernels.heads_validation import check_position_range, is_integer, validate_heads_aggregate
 from rmserve_kernels.selection import require_triton, use_triton
 from rmserve_kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
 
@@ -99,118 +100,6 @@ HeadsAggregate = Callable[..., HeadOutputs]
 """``heads_aggregate_reference`` or ``heads_aggregate_triton``: same signature, same results."""
 
 
-def _validate(
-    pooled: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    std_weight: torch.Tensor | None,
-    std_bias: torch.Tensor | None,
-    nominal_head: int | None,
-    uwo_lambda: torch.Tensor,
-    tradeoff_lambda: torch.Tensor,
-    eps: float,
-    positions: torch.Tensor | None,
-) -> None:
-    """Raise a ValueError naming the first argument that does not fit the others (no device values read)."""
-    if positions is None and (pooled.ndim != 2 or not pooled.is_floating_point()):
-        hint = (
-            "; these look like (B, T, H) hidden states: pass positions= (see scored_positions) to pool them"
-            if pooled.ndim == 3
-            else ""
-        )
-        raise ValueError(
-            f"pooled must be a (B, H) floating tensor (one pooled hidden state per input), "
-            f"got shape {tuple(pooled.shape)} and dtype {pooled.dtype}{hint}."
-        )
-    if positions is not None:
-        _validate_positions(pooled, positions)
-    rows, hidden = pooled.shape[0], pooled.shape[-1]
-    if weight.ndim != 2 or not weight.is_floating_point():
-        raise ValueError(
-            f"weight must be a (k, H) floating tensor (one row per head), got shape {tuple(weight.shape)} "
-            f"and dtype {weight.dtype}."
-        )
-    k = weight.shape[0]
-    if k < 1:
-        raise ValueError("weight has no rows: a reward model needs at least one head (k >= 1).")
-    if weight.shape[1] != hidden:
-        raise ValueError(
-            f"weight is {tuple(weight.shape)} but pooled has H={hidden}; the heads must read the backbone's "
-            f"hidden size (weight (k, {hidden}))."
-        )
-    if std_weight is not None and (std_weight.shape != weight.shape or not std_weight.is_floating_point()):
-        raise ValueError(
-            f"std_weight must be a floating tensor shaped like weight {tuple(weight.shape)}, "
-            f"got {tuple(std_weight.shape)} ({std_weight.dtype})."
-        )
-    if std_bias is not None and std_weight is None:
-        raise ValueError("std_bias was given without std_weight; pass both (BRME) or neither.")
-    for name, vector in (("bias", bias), ("std_bias", std_bias)):
-        if vector is not None and (vector.shape != (k,) or not vector.is_floating_point()):
-            raise ValueError(
-                f"{name} must be a floating ({k},) tensor, one per head, got {tuple(vector.shape)}."
-            )
-    if nominal_head is None:
-        if std_weight is None:
-            raise ValueError(
-                "nominal_head=None picks the head with the smallest sigma, which needs std_weight (BRME); "
-                "pass a head index instead for multi-head or dense models."
-            )
-    elif isinstance(nominal_head, bool) or not 0 <= nominal_head < k:
-        raise ValueError(f"nominal_head={nominal_head!r} is not a head index; use 0..{k - 1} or None (BRME).")
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps (the sigma floor) must be a finite number >= 0, got {eps}.")
-    for name, lam in (("uwo_lambda", uwo_lambda), ("tradeoff_lambda", tradeoff_lambda)):
-        if lam.shape != (rows,):
-            raise ValueError(
-                f"{name} must be ({rows},), one per input of pooled, got {tuple(lam.shape)}; "
-                f"broadcast a scalar with torch.full(({rows},), value)."
-            )
-    tensors = {"weight": weight, "bias": bias, "std_weight": std_weight, "std_bias": std_bias}
-    tensors |= {"uwo_lambda": uwo_lambda, "tradeoff_lambda": tradeoff_lambda, "positions": positions}
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.device != pooled.device:
-            raise ValueError(
-                f"{name} is on {tensor.device} but pooled is on {pooled.device}; "
-                "move it with .to(pooled.device)."
-            )
-
-
-def _is_integer(tensor: torch.Tensor) -> bool:
-    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
-
-
-def _validate_positions(hidden: torch.Tensor, positions: torch.Tensor) -> None:
-    """Shapes and dtypes of fused pooling: hidden (B, T, H) floating, positions (B,) integer, T >= 1."""
-    if hidden.ndim != 3 or not hidden.is_floating_point():
-        raise ValueError(
-            f"with positions, pooled must be the (B, T, H) floating final hidden states, got shape "
-            f"{tuple(hidden.shape)} and dtype {hidden.dtype}; pass (B, H) pooled states without positions."
-        )
-    rows, seq_len, _ = hidden.shape
-    if positions.shape != (rows,) or not _is_integer(positions):
-        raise ValueError(
-            f"positions must be a ({rows},) integer tensor, the scored token of each sequence, got shape"
-            f" {tuple(positions.shape)} and dtype {positions.dtype}; build it with scored_positions."
-        )
-    if seq_len == 0 and rows > 0:
-        raise ValueError(
-            f"pooled is {tuple(hidden.shape)}: sequences of no token (T=0) have no token to score."
-        )
-
-
-def _check_position_range(positions: torch.Tensor, seq_len: int) -> None:
-    """Raise unless every position is in 0..seq_len-1 (reads the positions: one host sync on CUDA)."""
-    if positions.numel() == 0:
-        return
-    low, high = int(positions.min()), int(positions.max())
-    if low < 0 or high >= seq_len:
-        raise ValueError(
-            f"positions hold values from {low} to {high}, but the hidden states have T={seq_len} positions "
-            f"(0..{seq_len - 1}); build them with scored_positions from lengths in 1..{seq_len}."
-        )
-
-
 def scored_positions(
     lengths: torch.Tensor, seq_len: int, padding_side: Literal["right", "left"]
 ) -> torch.Tensor:
@@ -233,7 +122,7 @@ def scored_positions(
         ValueError: ``lengths`` not a (B,) integer tensor, ``seq_len`` not an integer >= 0, or an unknown
             ``padding_side``.
     """
-    if lengths.ndim != 1 or not _is_integer(lengths):
+    if lengths.ndim != 1 or not is_integer(lengths):
         raise ValueError(
             f"lengths must be a (B,) integer tensor of sequence lengths, got shape {tuple(lengths.shape)} "
             f"and dtype {lengths.dtype}."
@@ -286,11 +175,11 @@ def heads_aggregate_reference(
             a negative eps, tensors on another device than ``pooled``, or positions that are not (B,)
             integers in 0..T-1.
     """
-    _validate(
+    validate_heads_aggregate(
         pooled, weight, bias, std_weight, std_bias, nominal_head, uwo_lambda, tradeoff_lambda, eps, positions
     )
     if positions is not None:
-        _check_position_range(positions, pooled.shape[1])
+        check_position_range(positions, pooled.shape[1])
         rows = torch.arange(pooled.shape[0], device=pooled.device)  # (B,)
         pooled = pooled[rows, positions.long()]  # (B, H)
     x = pooled.float()  # (B, H)
@@ -311,7 +200,7 @@ def heads_aggregate_reference(
     return HeadOutputs(mu, sigma, aggregate_rows(mu, nominal, uwo_lambda, tradeoff_lambda))
 
 
-def _tile_fits(launch: dict[str, int]) -> bool:
+def _tile_fits(launch: Mapping[str, int]) -> bool:
     """Whether a candidate tile suits a launch: rows within the batch bucket, weight tile within budget."""
     return (
         launch["BLOCK_B"] <= launch["B_BUCKET"]
@@ -519,7 +408,7 @@ def heads_aggregate_triton(
             installed; more than ``MAX_HEADS`` heads; tensors that are neither on CUDA nor on the CPU under
             ``TRITON_INTERPRET=1``.
     """
-    _validate(
+    validate_heads_aggregate(
         pooled, weight, bias, std_weight, std_bias, nominal_head, uwo_lambda, tradeoff_lambda, eps, positions
     )
     rows, hidden = pooled.shape[0], pooled.shape[-1]

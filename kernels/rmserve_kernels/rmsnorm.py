@@ -42,8 +42,8 @@ import logging
 import math
 import types
 from collections import Counter
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -168,7 +168,7 @@ def rmsnorm_reference(
 # --- the kernel --------------------------------------------------------------------------------------
 
 
-def _tile_fits(launch: dict[str, int]) -> bool:
+def _tile_fits(launch: Mapping[str, int]) -> bool:
     """Whether a candidate suits a launch: one row always does; several only within ``_MAX_TILE`` values."""
     return launch["BLOCK_R"] == 1 or launch["BLOCK_R"] * launch["BLOCK_H"] <= _MAX_TILE
 
@@ -325,15 +325,19 @@ def _is_number(value: object) -> bool:
 
 def _fused_llama_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     _refuse_autograd(self, hidden_states)
-    return rmsnorm_triton(hidden_states, self.weight, self.variance_epsilon, style="llama")
+    # nn.Module types attributes as Tensor | Module; rmsnorm_style checked a weight tensor and a number.
+    weight, eps = cast(torch.Tensor, self.weight), cast(float, self.variance_epsilon)
+    return rmsnorm_triton(hidden_states, weight, eps, style="llama")
 
 
 def _fused_gemma_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     _refuse_autograd(self, x)
-    return rmsnorm_triton(x, self.weight, self.eps, style="gemma")
+    # nn.Module types attributes as Tensor | Module; rmsnorm_style checked a weight tensor and a number.
+    weight, eps = cast(torch.Tensor, self.weight), cast(float, self.eps)
+    return rmsnorm_triton(x, weight, eps, style="gemma")
 
 
-_FUSED_FORWARDS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+_FUSED_FORWARDS: dict[RMSNormStyle, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
     "llama": _fused_llama_forward,
     "gemma": _fused_gemma_forward,
 }
@@ -385,7 +389,7 @@ def fuse_rmsnorm(model: nn.Module, kernels: KernelsChoice) -> int:
     device = _model_device(model)
     if not use_triton(device, kernels, jit_kernels=_JIT_KERNELS):
         return 0
-    chosen: list[tuple[nn.Module, str]] = []
+    chosen: list[tuple[nn.Module, RMSNormStyle]] = []
     styles: Counter[str] = Counter()
     left: Counter[str] = Counter()
     for name, module in model.named_modules():

@@ -1,8 +1,9 @@
 """Launch configurations of the Triton kernels: the autotune candidates and the one the interpreter runs.
 
-This module owns how every kernel module (``rmserve_kernels.heads``, ``rmserve_kernels.moe``) turns its
-candidate tiles into a ``triton.autotune`` launcher; each kernel module lists its own candidates, and says
-why, in its docstring. The rules they share:
+This module owns how every kernel module (``rmserve_kernels.heads``, ``rmserve_kernels.routing``,
+``rmserve_kernels.experts``, ``rmserve_kernels.rmsnorm``) turns its candidate tiles into a
+``triton.autotune`` launcher; each kernel module lists its own candidates, and says why, in its docstring.
+The rules they share:
 
 - **Compiled for CUDA**, a kernel is wrapped in ``triton.autotune`` over its candidates. The first launch
   for each key (the sizes that move the best tile: hidden size, number of heads or experts, a power-of-two

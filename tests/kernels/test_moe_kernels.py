@@ -16,20 +16,23 @@ import torch
 import torch.nn.functional as F
 
 import rmserve_kernels
-import rmserve_kernels.moe
-from rmserve_kernels.moe import (
-    MAX_KERNEL_EXPERTS,
-    MAX_KERNEL_TOP_K,
+import rmserve_kernels.experts
+import rmserve_kernels.moe_layer
+import rmserve_kernels.routing
+from rmserve_kernels.experts import grouped_swiglu_reference, grouped_swiglu_triton
+from rmserve_kernels.moe_layer import (
     REFERENCE_KERNELS,
     TRITON_KERNELS,
-    Routing,
-    grouped_swiglu_reference,
-    grouped_swiglu_triton,
     moe_layer_reference,
     moe_layer_triton,
+    select_moe_kernels,
+)
+from rmserve_kernels.routing import (
+    MAX_KERNEL_EXPERTS,
+    MAX_KERNEL_TOP_K,
+    Routing,
     route_reference,
     route_triton,
-    select_moe_kernels,
 )
 from rmserve_kernels.tuning import MIN_DOT_SIDE, tuning_configs
 from tests.interpreter import (
@@ -387,14 +390,16 @@ def test_triton_imported_in_the_other_mode_is_refused(monkeypatch: pytest.Monkey
         select_moe_kernels(torch.device("cuda"), "triton")
 
 
-def test_without_triton_the_module_imports_and_never_falls_back_silently(monkeypatch: pytest.MonkeyPatch):
-    # A fresh copy of the module on an install without triton; the original is put back afterwards.
+def test_without_triton_the_modules_import_and_never_fall_back_silently(monkeypatch: pytest.MonkeyPatch):
+    # Fresh copies of the MoE modules on an install without triton; the originals are put back afterwards.
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    monkeypatch.delitem(sys.modules, "rmserve_kernels.moe")
-    monkeypatch.setattr(rmserve_kernels, "moe", rmserve_kernels.moe)
-    fresh = importlib.import_module("rmserve_kernels.moe")
-    assert fresh.triton is None
+    for name in ("routing", "experts", "moe_layer"):
+        monkeypatch.delitem(sys.modules, f"rmserve_kernels.{name}")
+        monkeypatch.setattr(rmserve_kernels, name, getattr(rmserve_kernels, name))
+    fresh = importlib.import_module("rmserve_kernels.moe_layer")
+    for name in ("routing", "experts"):
+        assert importlib.import_module(f"rmserve_kernels.{name}").triton is None
     cuda = torch.device("cuda")
     assert fresh.select_moe_kernels(torch.device("cpu"), "auto") is fresh.REFERENCE_KERNELS
     assert fresh.select_moe_kernels(cuda, "reference") is fresh.REFERENCE_KERNELS
@@ -543,10 +548,11 @@ def test_moe_layer_large_magnitudes(kernel_device):
 @needs_triton
 @pytest.mark.parametrize(
     ("space", "names"),
-    [("_ROUTE_TUNING", {"BLOCK_T", "BLOCK_H"}), ("_GROUPED_TUNING", {"BLOCK_F", "BLOCK_H"})],
+    [("routing._ROUTE_TUNING", {"BLOCK_T", "BLOCK_H"}), ("experts._GROUPED_TUNING", {"BLOCK_F", "BLOCK_H"})],
 )
 def test_autotune_configs_are_valid(space, names):
-    space = getattr(rmserve_kernels.moe, space)
+    module, name = space.split(".")
+    space = getattr(getattr(rmserve_kernels, module), name)
     configs = tuning_configs(space, interpreted=False)
     assert len(configs) == len(space.candidates) >= 4
     for config in configs:
@@ -558,7 +564,7 @@ def test_autotune_configs_are_valid(space, names):
 
 @needs_triton
 def test_launch_pruning_keeps_the_first_tile_for_every_launch():
-    route, grouped = rmserve_kernels.moe._ROUTE_TUNING, rmserve_kernels.moe._GROUPED_TUNING
+    route, grouped = rmserve_kernels.routing._ROUTE_TUNING, rmserve_kernels.experts._GROUPED_TUNING
     for hidden in (1, 16, 40, 576, 4096):
         for experts in (1, 3, 16, 17, MAX_KERNEL_EXPERTS):
             for bucket in (16, 128, 8192):
@@ -575,24 +581,24 @@ def test_launch_pruning_keeps_the_first_tile_for_every_launch():
 
 @needs_triton
 def test_kernels_are_autotuned_only_when_compiled():
-    moe = rmserve_kernels.moe
+    routing, experts = rmserve_kernels.routing, rmserve_kernels.experts
     # The activation scratch, like every output, is stored once per launch: no reset between trials.
-    assert_autotuned_only_when_compiled(moe._route_tuned, moe._ROUTE_TUNING)
-    assert_autotuned_only_when_compiled(moe._grouped_swiglu_tuned, moe._GROUPED_TUNING)
+    assert_autotuned_only_when_compiled(routing._route_tuned, routing._ROUTE_TUNING)
+    assert_autotuned_only_when_compiled(experts._grouped_swiglu_tuned, experts._GROUPED_TUNING)
 
 
-@pytest.mark.parametrize("index", range(len(rmserve_kernels.moe._ROUTE_TUNING.candidates)))
+@pytest.mark.parametrize("index", range(len(rmserve_kernels.routing._ROUTE_TUNING.candidates)))
 def test_every_routing_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
-    launch_candidate_alone(monkeypatch, rmserve_kernels.moe, "_route_tuned", index)
+    launch_candidate_alone(monkeypatch, rmserve_kernels.routing, "_route_tuned", index)
     # T = 150 is not a multiple of any token tile, H = 200 not one of any hidden tile.
     inputs = to(kernel_device, make_layer(150, 200, 16, 7, seed=60 + index))
     x, router_weight = inputs["x"], inputs["router_weight"] * 3
     assert_routing_matches(route_triton(x, router_weight, 2), route_reference(x, router_weight, 2))
 
 
-@pytest.mark.parametrize("index", range(len(rmserve_kernels.moe._GROUPED_TUNING.candidates)))
+@pytest.mark.parametrize("index", range(len(rmserve_kernels.experts._GROUPED_TUNING.candidates)))
 def test_every_grouped_candidate_matches_reference(kernel_device, monkeypatch: pytest.MonkeyPatch, index):
-    launch_candidate_alone(monkeypatch, rmserve_kernels.moe, "_grouped_swiglu_tuned", index)
+    launch_candidate_alone(monkeypatch, rmserve_kernels.experts, "_grouped_swiglu_tuned", index)
     # F = 100 and H = 72 are multiples of no tile; expert 0 takes every token (two 16-row tiles), expert
     # 2 none.
     inputs = to(kernel_device, experts_of(make_layer(21, 72, 100, 5, seed=70 + index)))
