@@ -1,6 +1,6 @@
 # rmserve: two commands on a fresh machine.
 #   make serve   install, then serve the built-in demo reward models on 127.0.0.1:8000
-#   make test    install, then run the whole test suite (what CI runs)
+#   make test    install, then run the whole test suite (CI runs make lint, then make test)
 #
 # TORCH pins the CPU build of torch on CPU machines (a plain `torch` pulls several GB of CUDA
 # libraries); GPU users override it, e.g. `make install TORCH='torch==2.13.0 --index-url ...'`.
@@ -99,9 +99,11 @@ test: install
 bench-gpu: install
 	bash bench/gpu.sh
 
+# ruff (lint and format) over the tree, then mypy over the three packages ([tool.mypy] in pyproject.toml)
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache $(WHEELHOUSE)

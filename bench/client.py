@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 from report import machine, write_section  # bench/report.py: run as python bench/client.py
 
-from rmserve.hh import default_data_path, load_pairs
 from rmserve.launch import start_server
+from rmserve.training.hh import default_data_path, load_pairs
 from rmserve_client import RewardClient
 
 ROOT = Path(__file__).resolve().parents[1]

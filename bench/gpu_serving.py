@@ -42,9 +42,9 @@ from report import gpu_machine, write_section  # bench/report.py: run as python 
 from serving import counter  # bench/serving.py
 
 from rmserve.config import ModelSpec, Settings
-from rmserve.hh import default_data_path, load_pairs
 from rmserve.launch import start_server
-from rmserve.serving import resolve_model_path
+from rmserve.scoring.loading import resolve_model_path
+from rmserve.training.hh import default_data_path, load_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("demo", "demo-merged", "demo-moe", "demo-ensemble", "demo-brme")

@@ -26,8 +26,7 @@ from pathlib import Path
 from report import interleaved, machine, write_section  # bench/report.py: run as python bench/heads.py
 
 from rmserve.batching.planning import plan_offline
-from rmserve.config import ModelSpec, Settings
-from rmserve.hh import default_data_path, load_pairs
+from rmserve.config import LoadOptions, ModelSpec, Settings
 from rmserve.models.base import Encoded, RewardModel, lambdas_for
 from rmserve.models.ensemble import (
     Calibration,
@@ -39,7 +38,9 @@ from rmserve.models.ensemble import (
 from rmserve.models.heads import MultiHeadRewardModel
 from rmserve.models.inputs import Messages
 from rmserve.models.loader import load_model
-from rmserve.serving import resolve_limits, resolve_model_path
+from rmserve.scoring.loading import resolve_model_path
+from rmserve.scoring.registry import resolve_limits
+from rmserve.training.hh import default_data_path, load_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     dialogues = [Messages(messages=p.chosen) for p in load_pairs(default_data_path(ROOT))[: args.dialogues]]
     heads = {
-        n: load_model(n, p, dtype="float32", device="cpu", kernels="reference") for n, p in paths.items()
+        n: load_model(n, p, LoadOptions(dtype="float32", device="cpu", kernels="reference"))
+        for n, p in paths.items()
     }
     limits, _, _ = resolve_limits(settings, None, heads["demo"].info)
 
@@ -103,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
             for i in range(args.members)
         )
         folder = write_ensemble_config(Path(tmp) / "ensemble", EnsembleConfig(members=members))
-        ensemble = EnsembleRewardModel("ensemble", folder, dtype="float32", device="cpu", kernels="reference")
+        ensemble = EnsembleRewardModel(
+            "ensemble", folder, LoadOptions(dtype="float32", device="cpu", kernels="reference")
+        )
         solo = {f"member{i}": prepared(m) for i, m in enumerate(ensemble.members)}
         ensemble_times = interleaved({"ensemble": prepared(ensemble), **solo}, args.repeats)
     members_sum = sum(t for n, t in ensemble_times.items() if n != "ensemble")

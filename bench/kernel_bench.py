@@ -6,7 +6,7 @@ Cases (the functions the models call, with their own signatures):
   straight from (B, T, H) final hidden states (T = 256, right-padded lengths): B in {1, 64, 512},
   H in {896, 2048, 4096}, k in {1, 5, 64} heads, plain (multi-head) and BRME; states in bfloat16, heads
   in float32 as the models keep them;
-- MoE routing and grouped SwiGLU experts (``rmserve_kernels.moe``): 4096 and 16384 tokens, H 2048,
+- MoE routing and grouped SwiGLU experts (``rmserve_kernels.routing``, ``.experts``): 4096 and 16384 tokens, H 2048,
   intermediate 5632, N = 4 and 8 experts at K = 2 as rmserve's ``moe`` models count them (a shared expert
   plus N - 1 routed ones; the shared one and the top-1 routed expert active per token), bfloat16;
 - RMSNorm (``rmserve_kernels.rmsnorm``, the Llama form): 4096 and 16384 tokens, H 2048 and 4096,
@@ -239,12 +239,8 @@ def heads_cases(grid: Grid, device: torch.device) -> list[Case]:
 
 
 def moe_cases(grid: Grid, device: torch.device) -> list[Case]:
-    from rmserve_kernels.moe import (
-        grouped_swiglu_reference,
-        grouped_swiglu_triton,
-        route_reference,
-        route_triton,
-    )
+    from rmserve_kernels.experts import grouped_swiglu_reference, grouped_swiglu_triton
+    from rmserve_kernels.routing import route_reference, route_triton
 
     hidden, ffn, dtype, routed = grid.moe_hidden, grid.ffn, grid.dtype, TOP_K - 1
     size = _size(dtype)
@@ -402,7 +398,7 @@ def demo_shaped_model(dtype: torch.dtype, device: torch.device) -> tuple[torch.n
     from transformers import AutoConfig, LlamaConfig, LlamaForSequenceClassification
 
     from rmserve.config import Settings
-    from rmserve.demo import BACKBONE_DIR
+    from rmserve.demo.build import BACKBONE_DIR
 
     backbone = Settings().cache_dir / BACKBONE_DIR
     if (backbone / "config.json").is_file():

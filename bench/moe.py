@@ -20,13 +20,14 @@ from report import interleaved, machine, write_section  # bench/report.py: run a
 from torch import nn
 
 from rmserve.batching.planning import plan_offline
-from rmserve.config import ModelSpec, Settings
-from rmserve.hh import default_data_path, load_pairs
+from rmserve.config import LoadOptions, ModelSpec, Settings
 from rmserve.models.base import RewardModel
 from rmserve.models.inputs import Messages
 from rmserve.models.loader import load_model
 from rmserve.models.moe import UpcycledMoE, decoder_layers
-from rmserve.serving import resolve_limits, resolve_model_path
+from rmserve.scoring.loading import resolve_model_path
+from rmserve.scoring.registry import resolve_limits
+from rmserve.training.hh import default_data_path, load_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     names = ("demo", "demo-merged", "demo-moe")
     paths = {n: resolve_model_path(ModelSpec(name=n, path=n), settings.cache_dir) for n in names}
     models: dict[str, RewardModel] = {
-        n: load_model(n, p, dtype="float32", device="cpu", kernels="reference") for n, p in paths.items()
+        n: load_model(n, p, LoadOptions(dtype="float32", device="cpu", kernels="reference"))
+        for n, p in paths.items()
     }
     dialogues = [Messages(messages=p.chosen) for p in load_pairs(default_data_path(ROOT))[: args.dialogues]]
     limits, _, _ = resolve_limits(settings, None, models["demo"].info)

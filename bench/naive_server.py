@@ -16,10 +16,10 @@ import uvicorn
 from fastapi import FastAPI
 
 from rmserve.api.schemas import ScoreRequest, ScoreResponse, Status, Usage
-from rmserve.config import ModelSpec, Settings
+from rmserve.config import LoadOptions, ModelSpec, Settings
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
-from rmserve.serving import resolve_model_path
+from rmserve.scoring.loading import resolve_model_path
 
 
 def create_naive_app(model: DenseRewardModel, max_length: int) -> FastAPI:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     path = resolve_model_path(ModelSpec(name="naive", path=args.model), settings.cache_dir)
-    model = DenseRewardModel("naive", path, dtype=args.dtype, device="cpu")
+    model = DenseRewardModel("naive", path, LoadOptions(dtype=args.dtype, device="cpu"))
     uvicorn.run(create_naive_app(model, args.max_length), host=args.host, port=args.port, log_level="warning")
 
 

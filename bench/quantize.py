@@ -1,11 +1,11 @@
 """What ``--quantize int8|nf4`` does to the demo model: weight memory, agreement, accuracy and speed.
 
-The demo model (``rmserve.demo.build_demo("demo")``) is loaded on the CPU in float32 (or ``--device cuda
+The demo model (``rmserve.demo.build.build_demo("demo")``) is loaded on the CPU in float32 (or ``--device cuda
 --dtype bfloat16``, as ``bench/gpu.sh`` runs it), unquantised, int8 and nf4, through the same ``load_model`` the server uses, plus one comparison that is not a serving
 mode: ``int8 LLM.int8()``, the same int8 weights run by bitsandbytes' own ``Linear8bitLt`` forward, which
 also quantises the activations (outlier threshold 6). Each scores the held-out HH pairs the demo head's
-accuracy is reported on (``rmserve.hh.split_indices``, chat template, left-truncated to
-``rmserve.training.demo_head.MAX_LENGTH`` tokens), encoded once and batched once as the server batches
+accuracy is reported on (``rmserve.training.hh.split_indices``, chat template, left-truncated to
+``rmserve.training.recipes.demo_head.MAX_LENGTH`` tokens), encoded once and batched once as the server batches
 them (length-sorted, default limits), so every model computes on exactly the same batches. Batches run
 round-robin across the models (a rotating order per batch) so that noise on this shared machine hits all
 of them alike; a warm-up batch per model is not timed.
@@ -40,16 +40,18 @@ import torch
 from report import gpu_machine, machine, write_section  # bench/report.py: run as python bench/quantize.py
 
 from rmserve.batching.planning import plan_offline
-from rmserve.config import Settings
-from rmserve.demo import build_demo
-from rmserve.hh import default_data_path, load_pairs, split_indices
+from rmserve.config import LoadOptions, Settings
+from rmserve.demo.build import build_demo
 from rmserve.models.base import Encoded, module_bytes, reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import Messages
 from rmserve.models.loader import load_model
-from rmserve.models.quantize import QUANTIZE_MODES, QuantizeName, quantize_linears
-from rmserve.serving import resolve_limits
-from rmserve.training.demo_head import MAX_LENGTH, binomial_interval
+from rmserve.models.quantize import QUANTIZE_MODES, quantize_linears
+from rmserve.names import QuantizeName
+from rmserve.scoring.registry import resolve_limits
+from rmserve.training.fitting import binomial_interval
+from rmserve.training.hh import default_data_path, load_pairs, split_indices
+from rmserve.training.recipes.demo_head import MAX_LENGTH
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_AGREEMENT = {"int8": 0.99, "nf4": 0.97}
@@ -80,7 +82,9 @@ class Target:
 
 def load_demo(folder: Path, quantize: QuantizeName, target: Target) -> DenseRewardModel:
     """The demo model on ``target``, quantised as the server would load it."""
-    model = load_model("demo", folder, dtype=target.dtype, device=target.device, quantize=quantize)
+    model = load_model(
+        "demo", folder, LoadOptions(dtype=target.dtype, device=target.device, quantize=quantize)
+    )
     assert isinstance(model, DenseRewardModel), f"the demo is a dense model, got {model.info.kind}"
     return model
 

@@ -29,13 +29,14 @@ import torch
 from report import machine, write_section  # bench/report.py: run as python bench/serving.py
 
 from rmserve.batching.planning import BatchLimits, plan_offline
-from rmserve.config import ModelSpec, Settings
-from rmserve.hh import default_data_path, load_pairs
+from rmserve.config import LoadOptions, ModelSpec, Settings
 from rmserve.launch import start_server
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import EncodedInput, Messages, TokenIds
-from rmserve.serving import resolve_limits, resolve_model_path
+from rmserve.scoring.loading import resolve_model_path
+from rmserve.scoring.registry import resolve_limits
+from rmserve.training.hh import default_data_path, load_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings()
     demo_path = resolve_model_path(ModelSpec(name="demo", path="demo"), settings.cache_dir)
     small_path = small_model(settings.cache_dir, demo_path)
-    models = {p: DenseRewardModel(p.name, p, dtype="float32", device="cpu") for p in (demo_path, small_path)}
+    models = {
+        p: DenseRewardModel(p.name, p, LoadOptions(dtype="float32", device="cpu"))
+        for p in (demo_path, small_path)
+    }
     limits, max_length, _ = resolve_limits(settings, None, models[demo_path].info)
     encoder = models[demo_path].new_encoder(max_length)
     pairs = load_pairs(default_data_path(ROOT))

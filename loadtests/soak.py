@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from rmserve.hh import default_data_path, load_pairs
+from rmserve.training.hh import default_data_path, load_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
-AggregateName = Literal["mean", "min", "max", "std", "uwo", "nominal", "tradeoff"]
-AGGREGATES: tuple[AggregateName, ...] = get_args(AggregateName)
+from rmserve.names import AGGREGATES
 
 
 @dataclass(frozen=True)

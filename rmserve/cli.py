@@ -11,12 +11,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from pydantic import ValidationError
 
-from rmserve.config import DEMO, DEMO_MODELS, MOE_DEMOS, Settings
+from rmserve.config import Settings
+from rmserve.logs import LogFormat
+from rmserve.names import DEMO, DEMO_MODELS, MOE_DEMOS, HeadKind
 
 app = typer.Typer(
     name="rmserve",
@@ -42,10 +44,10 @@ def _settings(**flags: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
-def _configure_logging(level: str, log_format: str = "text") -> None:
+def _configure_logging(level: str, log_format: LogFormat = "text") -> None:
     from rmserve.logs import configure_logging
 
-    configure_logging(level, log_format)  # type: ignore[arg-type]
+    configure_logging(level, log_format)
 
 
 @app.command()
@@ -89,7 +91,7 @@ def serve(
             )
             raise typer.Exit(2)
         if spec.path in MOE_DEMOS:
-            from rmserve.demo import build_demo  # MoE demos are only looked up, never built here
+            from rmserve.demo.build import build_demo  # MoE demos are only looked up, never built here
 
             try:
                 build_demo(spec.path, settings.cache_dir)
@@ -140,8 +142,8 @@ def score(
     Each output line is {"reward", "truncated", "input_tokens"} plus the input's "id" if it had one;
     for models with several heads also "aggregates" (all, default lambdas), "heads" and, for brme, "head_std".
     """
-    from rmserve.offline import read_inputs, score_model
-    from rmserve.serving import load_models
+    from rmserve.scoring.loading import load_models
+    from rmserve.scoring.offline import read_inputs, score_model
 
     settings = _settings(
         model=model, dtype=dtype, device=device, pooling=pooling, max_length=max_length, truncation=truncation,
@@ -206,7 +208,7 @@ def ensemble(
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
 ) -> None:
     """Create an ensemble folder from separate reward models (heterologous models allowed)."""
-    from rmserve.calibration import create_ensemble
+    from rmserve.training.calibration import create_ensemble
 
     try:
         create_ensemble(out, [_parse_member(m) for m in member], nominal_member=nominal, reward=reward)
@@ -233,8 +235,8 @@ def calibrate(
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
 ) -> None:
     """Compute each ensemble member's reward mean and std on a reference set and store them."""
-    from rmserve.calibration import calibrate as run_calibration
-    from rmserve.calibration import read_reference_inputs
+    from rmserve.training.calibration import calibrate as run_calibration
+    from rmserve.training.calibration import read_reference_inputs
 
     settings = _settings(dtype=dtype, device=device)
     _configure_logging("warning")
@@ -286,7 +288,7 @@ def train_heads(
     try:
         train, held = _pairs_split(data, eval_data, eval_fraction, seed)
         train_head_model(
-            backbone=backbone, train_pairs=train, eval_pairs=held, kind=kind, heads=heads, seed=seed,
+            backbone=backbone, train_pairs=train, eval_pairs=held, kind=cast(HeadKind, kind), heads=heads, seed=seed,
             out=out, data_name=data.name, max_length=max_length, dtype=settings.dtype, device=settings.device,
             echo=lambda text: typer.echo(text, err=True),
         )  # fmt: skip
@@ -321,7 +323,7 @@ def upcycle(
     seed: Annotated[int, typer.Option(help="Seeds the routers' initial weights.")] = 0,
 ) -> None:
     """Upcycle a dense reward model into a shared-expert MoE (every expert a copy of the FFN)."""
-    from rmserve.models.moe import upcycle as run_upcycle
+    from rmserve.training.upcycle import upcycle as run_upcycle
 
     started = time.perf_counter()
     try:
@@ -359,13 +361,13 @@ def train_model(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train a dense or moe reward model with Bradley-Terry loss; held-out accuracy per epoch."""
-    from rmserve.training.trainer import TrainOptions, train
+    from rmserve.training.trainer import Trainable, TrainOptions, train
 
     if trainable not in ("all", "experts", "head"):
         raise _fail(ValueError(f"--train must be all, experts or head, got {trainable!r}."))
     _configure_logging("warning")
     options = TrainOptions(
-        trainable=trainable,
+        trainable=cast(Trainable, trainable),  # checked above
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
@@ -373,7 +375,7 @@ def train_model(
         aux=aux,
         max_length=max_length,
         seed=seed,
-    )  # type: ignore[arg-type]
+    )
     try:
         train_pairs, held = _pairs_split(data, eval_data, eval_fraction, seed)
         train(model, train_pairs, held, out, options, echo=lambda text: typer.echo(text, err=True))
@@ -422,7 +424,7 @@ app.add_typer(demo_app, name="demo")
 @demo_app.command("build")
 def demo_build(cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None) -> None:
     """Assemble the demo model into the cache (done automatically on first use)."""
-    from rmserve.demo import build_demo_model
+    from rmserve.demo.build import build_demo_model
 
     settings = _settings(cache_dir=cache_dir)
     typer.echo(build_demo_model(settings.cache_dir))
@@ -431,30 +433,34 @@ def demo_build(cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_
 @demo_app.command("build-moe")
 def demo_build_moe(
     data: Annotated[
-        Path,
-        typer.Option(
-            help="The HH-RLHF harmless-base test split (JSONL.gz; in a checkout: "
-            "../shared/data/hh-rlhf-harmless-base-test.jsonl.gz)."
-        ),
+        Path, typer.Option(help="The HH-RLHF harmless-base test split (JSONL.gz; " + _HH_IN_CHECKOUT + ").")
     ],
     cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            help="Then measure demo, demo-moe and demo-merged on the 462 held-out pairs (about 8 minutes)."
+        ),
+    ] = False,
 ) -> None:
     """Build demo-moe and demo-merged into the cache: UMM-RM's upcycle, train and merge on the demo (about
     four minutes on 2 cores); the server then serves them with --model demo-moe / demo-merged."""
-    from rmserve.training.demo_moe import build_moe_demos
+    from rmserve.training.recipes.demo_moe import build_moe_demos, evaluate_moe_demos
 
     settings = _settings(cache_dir=cache_dir)
     try:
         moe_dir, merged_dir = build_moe_demos(settings.cache_dir, data)
+        typer.echo(f"{moe_dir}\n{merged_dir}")
+        if evaluate:
+            typer.echo(json.dumps(evaluate_moe_demos(settings.cache_dir, data), indent=2))
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
-    typer.echo(f"{moe_dir}\n{merged_dir}")
 
 
 @demo_app.command("train-head")
 def demo_train_head(
     data: Annotated[
-        Path | None, typer.Option(help="HH-RLHF JSONL(.gz) file (default: ../shared/data).")
+        Path | None, typer.Option(help="HH-RLHF JSONL(.gz) file (default: " + _HH_IN_CHECKOUT + ").")
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Where to write the head (default: the shipped asset).")
@@ -462,8 +468,47 @@ def demo_train_head(
     cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
 ) -> None:
     """Train the demo model's score head on HH-RLHF pairs (frozen backbone) and report held-out accuracy."""
-    from rmserve.training import demo_head
+    from dataclasses import asdict
 
-    argv = [*(["--data", str(data)] if data else []), *(["--out", str(out)] if out else [])]
-    argv += ["--cache-dir", str(_settings(cache_dir=cache_dir).cache_dir)]
-    demo_head.main(argv)
+    from rmserve.demo.build import HEAD_PATH
+    from rmserve.training.recipes.demo_head import train_demo_head
+
+    settings = _settings(cache_dir=cache_dir)
+    given = [*(["--data", str(data)] if data else []), *(["--out", str(out)] if out else [])]
+    try:
+        report = train_demo_head(
+            data or _hh_in_checkout(), settings.cache_dir, out or HEAD_PATH,
+            command=" ".join(["rmserve demo train-head", *given]),
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps(asdict(report), indent=2))
+
+
+@demo_app.command("train-heads")
+def demo_train_heads(
+    data: Annotated[
+        Path | None, typer.Option(help="HH-RLHF JSONL(.gz) file (default: " + _HH_IN_CHECKOUT + ").")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
+) -> None:
+    """Train the heads of demo-brme and demo-ensemble on HH-RLHF pairs (frozen backbone) into the shipped assets."""
+    from rmserve.training.recipes.demo_heads import train_demo_heads
+
+    settings = _settings(cache_dir=cache_dir)
+    try:
+        records = train_demo_heads(data or _hh_in_checkout(), settings.cache_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps(records, indent=2))
+
+
+_HH_IN_CHECKOUT = "in a checkout: ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def _hh_in_checkout() -> Path:
+    """The HH-RLHF file beside a source checkout, for the recipes that made the shipped assets."""
+    from rmserve.training.hh import default_data_path
+    from rmserve.training.recipes.demo_head import REPO_ROOT
+
+    return default_data_path(REPO_ROOT)

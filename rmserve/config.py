@@ -19,6 +19,8 @@ Requests pick a model with ``"model": NAME``; the first one listed is the defaul
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,23 +28,74 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from rmserve.aggregation import AggregateName
-from rmserve.models.pooling import Pooling
+from rmserve.names import (
+    CPU_JOIN_PADDING,
+    DEFAULT_DEMOS,
+    DEMO_MODELS,
+    AggregateName,
+    DTypeName,
+    KernelsName,
+    KindName,
+    Pooling,
+    QuantizeName,
+    Truncation,
+)
 
-DTypeName = Literal["auto", "float32", "bfloat16"]
-TruncationName = Literal["left", "right", "error"]
-KindName = Literal["auto", "dense", "multihead", "brme", "ensemble", "moe"]
-QuantizeName = Literal["none", "int8", "nf4"]
-DEMO = "demo"
-DEMO_BRME = "demo-brme"
-DEMO_ENSEMBLE = "demo-ensemble"
-DEMO_MOE = "demo-moe"
-DEMO_MERGED = "demo-merged"
-DEMO_MODELS = (DEMO, DEMO_BRME, DEMO_ENSEMBLE, DEMO_MOE, DEMO_MERGED)
-# served when no model is named: built from shipped files only (the MoE demos take a training run)
-DEFAULT_DEMOS = (DEMO, DEMO_BRME, DEMO_ENSEMBLE)
-MOE_DEMOS = (DEMO_MOE, DEMO_MERGED)  # built by `rmserve demo build-moe`, never by the server
-CPU_JOIN_PADDING = 32
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_memory_size(text: str) -> int:
+    """Bytes in a size such as ``70GiB``, ``512 MB``, ``1.5gb`` or ``75000000000``.
+
+    Units (case-insensitive): B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (powers of 1024).
+
+    Raises:
+        ValueError: not a positive size with a known unit.
+    """
+    match = _SIZE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"{text!r} is not a memory size; write bytes (75000000000) or a number with a unit: "
+            "KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 70GiB."
+        )
+    number = match.group(1)
+    if not unit and "." in number:
+        raise ValueError(f"{text!r}: a size in bytes is a whole number; give a unit for fractions (1.5GiB).")
+    size = int(float(number) * _UNITS[unit]) if "." in number else int(number) * _UNITS[unit]
+    if size <= 0:
+        raise ValueError(f"{text!r}: the memory budget must be more than 0 bytes.")
+    return size
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model folder loads: the keyword options every backend, the loader and the memory estimate take.
+
+    Attributes:
+        kind: the configured kind (``auto``: the folder's own); the loader checks it against the folder.
+        dtype: weights dtype (``auto``: bfloat16 on a GPU that supports it, else float32).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        max_length: the most tokens per input (None: the model's own limit).
+        kernels: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``reference``.
+        quantize: ``none``, ``int8`` or ``nf4`` (bitsandbytes, ``rmserve.models.quantize``).
+        pooling: ``hf`` or ``last`` (``rmserve.models.pooling``); None: the folder's declaration, else hf.
+    """
+
+    kind: KindName = "auto"
+    dtype: DTypeName = "auto"
+    device: str = "auto"
+    max_length: int | None = None
+    kernels: KernelsName = "auto"
+    quantize: QuantizeName = "none"
+    pooling: Pooling | None = None
+
+
 _POOLING_HELP = (
     "Which token decoders score: hf (transformers' rule: the last token that is not the pad token) or last "
     "(the final token: OpenRLHF's and vLLM's convention); default: what the model folder's rmserve.json "
@@ -77,7 +130,7 @@ class ModelSpec(BaseModel):
     quantize: QuantizeName | None = None
     pooling: Pooling | None = Field(None, description=_POOLING_HELP)
     max_length: int | None = Field(None, ge=2)
-    truncation: TruncationName | None = None
+    truncation: Truncation | None = None
     max_batch_tokens: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1)
     max_join_padding: int | None = Field(None, ge=0)
@@ -114,7 +167,7 @@ class Settings(BaseSettings):
         "do not fit is refused before loading.",
     )
     pooling: Pooling | None = Field(None, description=_POOLING_HELP)
-    kernels: Literal["auto", "triton", "reference"] = Field(
+    kernels: KernelsName = Field(
         "auto",
         description="Head/aggregate kernels: auto (Triton on CUDA, torch elsewhere), triton, reference.",
     )
@@ -123,7 +176,7 @@ class Settings(BaseSettings):
         ge=2,
         description="Most tokens per input (default: the model's limit, capped by max_batch_tokens).",
     )
-    truncation: TruncationName = Field(
+    truncation: Truncation = Field(
         "left", description="Over-long inputs: left (keep the end), right, or error (422)."
     )
     max_batch_tokens: int = Field(
@@ -187,8 +240,6 @@ class Settings(BaseSettings):
         if isinstance(value, int) and not isinstance(value, bool):  # a YAML number of bytes
             value = str(value)
         if isinstance(value, str):
-            from rmserve.memory import parse_memory_size
-
             try:
                 parse_memory_size(value)
             except ValueError as exc:
@@ -230,19 +281,19 @@ class Settings(BaseSettings):
         name = path if path in DEMO_MODELS else Path(path).expanduser().resolve().name
         return [ModelSpec(name=name, path=path)]
 
-    def load_options(self, spec: ModelSpec) -> dict[str, Any]:
+    def load_options(self, spec: ModelSpec) -> LoadOptions:
         """How ``spec`` loads: its own kind, dtype, device, max_length, quantize and pooling, else the
-        server-wide ones, and the kernels; the keyword arguments of both ``load_model`` and
-        ``estimate_model``, so the memory plan sizes exactly what is then loaded."""
-        return {
-            "kind": spec.kind,
-            "dtype": spec.dtype or self.dtype,
-            "device": spec.device or self.device,
-            "max_length": spec.max_length or self.max_length,
-            "kernels": self.kernels,
-            "quantize": spec.quantize or self.quantize,
-            "pooling": spec.pooling or self.pooling,
-        }
+        server-wide ones, and the kernels; what both ``load_model`` and ``estimate_model`` take, so the
+        memory plan sizes exactly what is then loaded."""
+        return LoadOptions(
+            kind=spec.kind,
+            dtype=spec.dtype or self.dtype,
+            device=spec.device or self.device,
+            max_length=spec.max_length or self.max_length,
+            kernels=self.kernels,
+            quantize=spec.quantize or self.quantize,
+            pooling=spec.pooling or self.pooling,
+        )
 
     @classmethod
     def settings_customise_sources(

@@ -1,4 +1,4 @@
-"""Shared fixtures; tests are marked unit / api / e2e by their folder."""
+"""Shared fixtures; tests are marked unit / kernels / models / commands / api / e2e by their folder."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from tests.tiny_models import BUILDERS, HEAD_MODELS, build_head_model
 
-TIERS = {"unit", "api", "e2e"}
+TIERS = {"unit", "kernels", "models", "commands", "api", "e2e"}
 # The kernel_device fixture of the Triton kernel tests.
 pytest_plugins = ["tests.interpreter"]
 

@@ -6,7 +6,7 @@ This module owns the last step of a forward pass: from each input's pooled hidde
 - the k head rewards ``mu = pooled @ weight.T + bias``, (B, k);
 - for BRME models, the k standard deviations ``sigma = softplus(pooled @ std_weight.T + std_bias) + eps``,
   (B, k);
-- every aggregate of ``rmserve.aggregation.AGGREGATES`` per input, (B, 7), with per-input lambdas and a
+- every aggregate of ``rmserve.names.AGGREGATES`` per input, (B, 7), with per-input lambdas and a
   nominal head that is either fixed or, for BRME, the head with the smallest sigma (the first of equal ones).
 
 ``heads_aggregate_reference`` defines the semantics in plain torch (all math in float32, aggregates from
@@ -52,7 +52,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from rmserve.aggregation import AGGREGATES, aggregate_rows
+from rmserve.aggregation import aggregate_rows
+from rmserve.names import AGGREGATES
 from rmserve_kernels.heads_validation import check_position_range, is_integer, validate_heads_aggregate
 from rmserve_kernels.selection import require_triton, use_triton
 from rmserve_kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
@@ -88,7 +89,7 @@ class HeadOutputs:
     Attributes:
         heads: head rewards mu, (B, k) float32.
         head_std: head standard deviations sigma, (B, k) float32; None unless std weights were given.
-        aggregates: (B, len(AGGREGATES)) float32, columns in ``rmserve.aggregation.AGGREGATES`` order.
+        aggregates: (B, len(AGGREGATES)) float32, columns in ``rmserve.names.AGGREGATES`` order.
     """
 
     heads: torch.Tensor

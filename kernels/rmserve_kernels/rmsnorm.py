@@ -48,7 +48,8 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from rmserve_kernels.selection import KernelsChoice, require_triton, use_triton
+from rmserve.names import KernelsName
+from rmserve_kernels.selection import require_triton, use_triton
 from rmserve_kernels.tuning import Tile, TuningSpace, autotuned, size_bucket
 
 try:
@@ -364,7 +365,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def fuse_rmsnorm(model: nn.Module, kernels: KernelsChoice) -> int:
+def fuse_rmsnorm(model: nn.Module, kernels: KernelsName) -> int:
     """Run every RMSNorm module of ``model`` through the Triton kernel, if ``kernels`` selects Triton.
 
     Called once at load time, after the model is on its device. Matching modules (see ``rmsnorm_style``;

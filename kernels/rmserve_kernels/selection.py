@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
-KernelsChoice = Literal["auto", "triton", "reference"]
+from rmserve.names import KernelsName
 
 
 def interpreting() -> bool:
@@ -79,7 +78,7 @@ def require_triton(
 
 
 def use_triton(
-    device: torch.device | str, kernels: KernelsChoice, *, jit_kernels: Sequence[object] | None
+    device: torch.device | str, kernels: KernelsName, *, jit_kernels: Sequence[object] | None
 ) -> bool:
     """Whether a model on ``device`` runs the Triton kernels ``jit_kernels`` (None: Triton not installed).
 

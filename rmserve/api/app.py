@@ -10,15 +10,17 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import FastAPI
 
 from rmserve import __version__
-from rmserve.api.compat import router as compat_router
 from rmserve.api.errors import install_error_handlers
 from rmserve.api.middleware import ApiKeyMiddleware, RequestContextMiddleware
+from rmserve.api.openrlhf import router as openrlhf_router
 from rmserve.api.routes import router
 from rmserve.api.state import AppState
+from rmserve.api.vllm import router as vllm_router
 from rmserve.config import ModelSpec, Settings
 from rmserve.metrics import Metrics
 from rmserve.models.base import RewardModel
-from rmserve.serving import ModelRegistry, load_models, plan_loading
+from rmserve.scoring.loading import load_models, plan_loading
+from rmserve.scoring.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ def create_app(
     )
     app.state.rmserve = state
     app.include_router(router)
-    app.include_router(compat_router)
+    app.include_router(openrlhf_router)
+    app.include_router(vllm_router)
     install_error_handlers(app)
     keys = settings.api_keys()
     if keys:  # inside the request context: a 401 still gets a request id and is counted

@@ -9,12 +9,12 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rmserve.batching.batcher import BatchFailed, Closed, Overloaded, RequestTooLarge
 from rmserve.models.inputs import InputError
-from rmserve.serving import UnknownModel
+from rmserve.scoring.registry import UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,10 @@ class ApiError(Exception):
         self.type = type_
         self.message = message
         self.headers = headers or {}
+
+
+class ClientDisconnected(Exception):
+    """The client hung up before its response was ready (answered 499, which nobody reads)."""
 
 
 def error_response(
@@ -71,6 +75,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.type, exc.message, exc.headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _disconnected(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rmserve.aggregation import AGGREGATES, AggregateName
 from rmserve.models.inputs import INPUT_FORMS_HELP, ScoreInput
+from rmserve.names import AGGREGATES, AggregateName
 
 
 class ScoreRequest(BaseModel):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from rmserve.config import Settings
 from rmserve.metrics import Metrics
-from rmserve.serving import ModelRegistry
+from rmserve.scoring.registry import ModelRegistry
 
 
 @dataclass

@@ -25,7 +25,6 @@ from rmserve.memory.plan import (
     MemoryPlan,
     available_ram,
     device_budget,
-    parse_memory_size,
     plan_memory,
     plan_served_models,
 )
@@ -48,7 +47,6 @@ __all__ = [
     "device_key",
     "estimate_model",
     "format_bytes",
-    "parse_memory_size",
     "plan_memory",
     "plan_served_models",
     "quantized_bytes",

@@ -43,22 +43,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from rmserve.config import QuantizeName
-from rmserve.models.base import DTypeName, KernelsName, module_bytes, resolve_device, resolve_dtype
-from rmserve.models.dense import resolve_max_length
-from rmserve.models.loader import folder_kind
-from rmserve.models.quantize import NF4_BLOCKSIZE, head_modules
+from rmserve.config import LoadOptions
+from rmserve.models.base import module_bytes, resolve_device, resolve_dtype
+from rmserve.models.decoder import config_of
+from rmserve.models.loader import backend_for
+from rmserve.models.quantize import NF4_BLOCKSIZE
+from rmserve.names import QuantizeName
 
 log = logging.getLogger(__package__)  # rmserve.memory: one logger for the estimates and the plan
 
@@ -161,7 +159,7 @@ class Transformer:
         Raises:
             ValueError: the config lacks a size the formula needs.
         """
-        config = model.config
+        config = config_of(model)
         needed = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
         missing = [n for n in needed if not isinstance(getattr(config, n, None), int)]
         if missing:
@@ -337,26 +335,6 @@ def check_checkpoint(folder: Path, model: nn.Module) -> None:
         )
 
 
-def _meta_classifier(config: Any, dtype: torch.dtype) -> nn.Module:
-    """The dense backend's ``AutoModelForSequenceClassification``, on meta."""
-    with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-
-
-def _meta_base(config: Any, dtype: torch.dtype) -> nn.Module:
-    """The multi-head backbone, on meta, chosen as ``heads._load_base`` chooses it."""
-    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or ()):
-        classifier = _meta_classifier(config, dtype)
-        return getattr(classifier, classifier.base_model_prefix)
-    with torch.device("meta"):
-        return AutoModel.from_config(config, dtype=dtype)
-
-
-def _model_limit(folder: Path, config: Any, requested: int | None) -> int:
-    """The token limit the backend resolves for ``folder`` (``resolve_max_length`` with its tokenizer)."""
-    return resolve_max_length(config, AutoTokenizer.from_pretrained(folder), requested)
-
-
 @dataclass(frozen=True)
 class _Part:
     """One transformer of a model: its weights and its activation peak."""
@@ -366,129 +344,64 @@ class _Part:
     parameters: int
 
 
-def _part(
-    folder: Path,
-    module: nn.Module,
-    *,
-    dtype: torch.dtype,
-    quantize: QuantizeName,
-    shape: ForwardShape,
-    masked: bool,
-    keep: Sequence[str],
-    experts: int = 0,
-    top_k: int = 0,
-    moe_triton: bool = False,
-) -> _Part:
-    check_checkpoint(folder, module)
-    arch = Transformer.of(module, masked=masked, experts=experts, top_k=top_k, moe_triton=moe_triton)
-    return _Part(
-        weights=quantized_bytes(module, quantize, keep),
-        activations=activation_bytes(arch, shape, dtype, quantize),
-        parameters=sum(p.numel() for p in module.parameters()),
-    )
-
-
-def _is_decoder(classifier: nn.Module) -> bool:
-    """As the dense backend decides: a ``score`` Linear head is read at the last token, unmasked."""
-    return isinstance(getattr(classifier, "score", None), nn.Linear)
-
-
 def estimate_model(
     name: str,
     path: Path,
+    options: LoadOptions = LoadOptions(),
     *,
-    kind: str = "auto",
-    dtype: DTypeName = "auto",
-    device: str = "auto",
-    quantize: QuantizeName = "none",
-    kernels: KernelsName = "auto",
-    max_length: int | None = None,
-    pooling: str | None = None,
     max_batch_tokens: int,
     max_batch_size: int,
 ) -> ModelEstimate:
     """Estimate a model folder's memory without loading its weights.
 
+    The folder's backend describes what it would keep, on meta (``meta_parts``); each part is checked
+    against its checkpoint's headers and sized: weights as quantised, activations of its largest batch.
+
     Args:
         name: the served model's name.
         path: the model folder (demos must already be built).
-        kind, dtype, device, quantize, kernels: as the model will be loaded.
-        max_length: the configured token limit per input (None: the model's own).
-        pooling: as the model will be loaded; the scored token does not change the memory.
+        options: as the model will be loaded; the scored token (pooling) does not change the memory.
         max_batch_tokens, max_batch_size: the model's batch limits.
 
     Raises:
         ValueError: the folder is not a model of a known kind, a CUDA device is asked for without one,
             the config does not describe the checkpoint, or the architecture cannot be sized.
     """
-    found = folder_kind(path)
-    if kind not in ("auto", found):
-        raise ValueError(f"model {name!r} is configured as kind {kind!r}, but {path} holds a {found} model.")
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-
-    def shape_for(length: int) -> ForwardShape:
-        return ForwardShape.of(
-            max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, length=length
+    kind, backend = backend_for(name, path, options.kind)
+    dev = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, dev)
+    parts = backend.meta_parts(path, options)
+    sized = []
+    for part in parts:
+        shape = ForwardShape.of(
+            max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, length=part.max_length
         )
-
-    if found == "ensemble":
-        from rmserve.models.ensemble import member_path, read_ensemble_config
-
-        parts = []
-        for member in read_ensemble_config(path).members:
-            folder = member_path(path, member)
-            config = AutoConfig.from_pretrained(folder)
-            limit = min(max_length or max_batch_tokens, _model_limit(folder, config, None))
-            classifier = _meta_classifier(config, torch_dtype)
-            parts.append(
-                _part(folder, classifier, dtype=torch_dtype, quantize=quantize, shape=shape_for(limit),
-                      masked=not _is_decoder(classifier), keep=head_modules(config))
-            )  # fmt: skip
-    elif found in ("multihead", "brme"):
-        from rmserve.models.heads import HEADS_FILE, read_head_config
-
-        backbone = (path / read_head_config(path).backbone).resolve()
-        config = AutoConfig.from_pretrained(backbone)
-        limit = _model_limit(backbone, config, max_length)
-        base = _meta_base(config, torch_dtype)
-        part = _part(
-            backbone, base, dtype=torch_dtype, quantize=quantize, shape=shape_for(limit), masked=False,
-            keep=head_modules(config),
-        )  # fmt: skip
-        with safe_open(path / HEADS_FILE, framework="pt") as f:
-            head_elements = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
-        parts = [_Part(part.weights + 4 * head_elements, part.activations, part.parameters + head_elements)]
-    else:
-        config = AutoConfig.from_pretrained(path)
-        limit = _model_limit(path, config, max_length)
-        classifier = _meta_classifier(config, torch_dtype)
-        experts = top_k = 0
-        moe_triton = False
-        keep = head_modules(config)
-        if found == "moe":
-            from rmserve.models.moe import read_moe_config, replace_ffns
-            from rmserve_kernels.moe import TRITON_KERNELS, select_moe_kernels
-
-            moe = read_moe_config(path)
-            replace_ffns(classifier, moe.layers, experts=moe.experts, top_k=moe.top_k, seed=0)
-            experts, top_k, keep = moe.experts, moe.top_k, (*keep, "router")
-            # quantised experts run the reference path
-            moe_triton = quantize == "none" and select_moe_kernels(dev, kernels) is TRITON_KERNELS
-        parts = [
-            _part(
-                path, classifier, dtype=torch_dtype, quantize=quantize, shape=shape_for(limit),
-                masked=not _is_decoder(classifier), keep=keep, experts=experts, top_k=top_k, moe_triton=moe_triton,
+        check_checkpoint(part.folder, part.module)
+        arch = Transformer.of(
+            part.module,
+            masked=part.masked,
+            experts=part.experts,
+            top_k=part.top_k,
+            moe_triton=part.moe_triton,
+        )
+        sized.append(
+            _Part(
+                weights=quantized_bytes(part.module, options.quantize, part.keep) + part.extra_bytes,
+                activations=activation_bytes(arch, shape, dtype, options.quantize),
+                parameters=sum(p.numel() for p in part.module.parameters()) + part.extra_parameters,
             )
-        ]  # fmt: skip
-    shape = shape_for(limit) if found != "ensemble" else None
-    quant = "" if quantize == "none" else f" {quantize}"
-    batch = f"{shape.tokens} tokens x {shape.length}" if shape else f"{max_batch_tokens} tokens per member"
+        )
+    quant = "" if options.quantize == "none" else f" {options.quantize}"
+    batch = (
+        f"{shape.tokens} tokens x {shape.length}"
+        if len(parts) == 1
+        else f"{max_batch_tokens} tokens per member"
+    )
     return ModelEstimate(
         name=name,
         device=device_key(str(dev)),
-        weights_bytes=sum(p.weights for p in parts),
-        activation_bytes=max(p.activations for p in parts),  # ensemble members run one after another
-        detail=f"{found}, {_count(sum(p.parameters for p in parts))} parameters, "
-        f"{str(torch_dtype).removeprefix('torch.')}{quant}, batch {batch}",
+        weights_bytes=sum(p.weights for p in sized),
+        activation_bytes=max(p.activations for p in sized),  # the parts of a model run one after another
+        detail=f"{kind}, {_count(sum(p.parameters for p in sized))} parameters, "
+        f"{str(dtype).removeprefix('torch.')}{quant}, batch {batch}",
     )

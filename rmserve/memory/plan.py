@@ -13,53 +13,22 @@ context and allocator fragmentation) or the RAM available on the machine when pl
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rmserve.config import ModelSpec, Settings
+from rmserve.config import ModelSpec, Settings, parse_memory_size
 from rmserve.memory.estimate import ModelEstimate, device_key, estimate_model, format_bytes
 
 log = logging.getLogger(__package__)  # rmserve.memory: one logger for the estimates and the plan
 
 GPU_BUDGET_FRACTION = 0.9
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 
 class MemoryBudgetError(ValueError):
     """The served models do not fit a device's memory budget."""
-
-
-def parse_memory_size(text: str) -> int:
-    """Bytes in a size such as ``70GiB``, ``512 MB``, ``1.5gb`` or ``75000000000``.
-
-    Units (case-insensitive): B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (powers of 1024).
-
-    Raises:
-        ValueError: not a positive size with a known unit.
-    """
-    match = _SIZE.match(text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _UNITS:
-        raise ValueError(
-            f"{text!r} is not a memory size; write bytes (75000000000) or a number with a unit: "
-            "KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 70GiB."
-        )
-    number = match.group(1)
-    if not unit and "." in number:
-        raise ValueError(f"{text!r}: a size in bytes is a whole number; give a unit for fractions (1.5GiB).")
-    size = int(float(number) * _UNITS[unit]) if "." in number else int(number) * _UNITS[unit]
-    if size <= 0:
-        raise ValueError(f"{text!r}: the memory budget must be more than 0 bytes.")
-    return size
 
 
 def available_ram() -> int:
@@ -216,7 +185,7 @@ def plan_served_models(settings: Settings, specs: Sequence[ModelSpec], paths: Se
         estimate_model(
             spec.name,
             path,
-            **settings.load_options(spec),
+            settings.load_options(spec),
             max_batch_tokens=spec.max_batch_tokens or settings.max_batch_tokens,
             max_batch_size=spec.max_batch_size or settings.max_batch_size,
         )

@@ -2,24 +2,24 @@
 
 Every backend answers a batch with ``HeadOutputs``: k head rewards per input (k = 1 for a dense
 model, k members for an ensemble), their sigmas for BRME models, and every robust aggregate of
-``rmserve.aggregation.AGGREGATES`` computed with each input's own lambdas.
+``rmserve.names.AGGREGATES`` computed with each input's own lambdas.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from rmserve.aggregation import AGGREGATES, AggregateName, AggregationParams
-from rmserve.models.inputs import RewardInput, Truncation
-from rmserve.models.quantize import QuantizeName, original_numel, quantization_state_tensors
+from rmserve.aggregation import AggregationParams
+from rmserve.config import LoadOptions
+from rmserve.models.inputs import RewardInput
+from rmserve.models.quantize import original_numel, quantization_state_tensors
+from rmserve.names import AGGREGATES, AggregateName, DTypeName, QuantizeName, Truncation
 from rmserve_kernels.heads import HeadOutputs
-
-DTypeName = Literal["auto", "float32", "bfloat16"]
-KernelsName = Literal["auto", "triton", "reference"]
 
 __all__ = ["HeadOutputs"]
 
@@ -41,7 +41,7 @@ class Encoder(Protocol):
 
     def encode_many(
         self, items: Sequence[RewardInput], truncation: Truncation = "left", limit: int | None = None
-    ) -> list[Encoded]:
+    ) -> Sequence[Encoded]:
         """Encode inputs in order (at most ``limit`` tokens each if given); an ``InputError`` names the first bad input."""
         ...
 
@@ -76,6 +76,39 @@ class ModelInfo:
         return self.heads[self.nominal_head]
 
 
+@dataclass(frozen=True)
+class MetaPart:
+    """One transformer of a model as its backend would load it, built on the meta device (no weights).
+
+    The memory planner (``rmserve.memory.estimate``) sizes a model from its backend's parts alone: the
+    weights of every part add up, and the largest part's activations are the model's peak (the parts of
+    one model run one after another).
+
+    Attributes:
+        folder: the checkpoint whose safetensors headers must match ``module``.
+        module: the module the backend keeps, on meta, in the serving dtype.
+        max_length: the token limit per input the backend resolves for this part.
+        masked: whether its forward builds an attention mask (encoders; decoders run unmasked).
+        keep: Linear modules quantisation leaves in float (heads, MoE routers).
+        extra_bytes: weights the backend keeps outside ``module`` (float32 heads).
+        extra_parameters: how many weights those are.
+        experts: MoE experts per layer (0: a dense FFN).
+        top_k: experts active per token.
+        moe_triton: whether the MoE layers run the Triton kernels.
+    """
+
+    folder: Path
+    module: torch.nn.Module
+    max_length: int
+    masked: bool
+    keep: tuple[str, ...] = ()
+    extra_bytes: int = 0
+    extra_parameters: int = 0
+    experts: int = 0
+    top_k: int = 0
+    moe_triton: bool = False
+
+
 class ForwardError(RuntimeError):
     """A forward pass failed or produced unusable numbers; fails only its own batch."""
 
@@ -105,6 +138,16 @@ class RewardModel(Protocol):
 
         Any exception fails the batch.
         """
+        ...
+
+
+class Backend(Protocol):
+    """A model kind's backend class: loads a folder for serving, and describes it on meta for planning."""
+
+    def __call__(self, name: str, path: Path, options: LoadOptions) -> RewardModel: ...
+
+    def meta_parts(self, path: Path, options: LoadOptions) -> list[MetaPart]:
+        """The modules loading ``path`` with ``options`` would keep, on meta (``MetaPart``)."""
         ...
 
 

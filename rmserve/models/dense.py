@@ -28,22 +28,33 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from rmserve.aggregation import aggregate_rows
+from rmserve.config import LoadOptions
 from rmserve.models.base import (
-    DTypeName,
-    KernelsName,
+    MetaPart,
     ModelInfo,
     module_bytes,
     parameter_count,
     resolve_device,
     resolve_dtype,
 )
+from rmserve.models.decoder import (
+    base_of,
+    config_of,
+    embeddings_of,
+    final_hidden_states,
+    folder_max_length,
+    has_score_head,
+    meta_classifier,
+    pad_token_id,
+    pooled_hidden_states,
+    resolve_max_length,
+    right_padded,
+)
 from rmserve.models.inputs import EncodedInput, InputEncoder
-from rmserve.models.pooling import Pooling, PoolingRule, log_pooling, pooling_rule, resolve_pooling
-from rmserve.models.quantize import QuantizeName, check_quantize, finish_quantized, pretrained_kwargs
+from rmserve.models.pooling import log_pooling, pooling_rule, resolve_pooling
+from rmserve.models.quantize import check_quantize, finish_quantized, head_modules, pretrained_kwargs
 from rmserve_kernels.heads import HeadOutputs, select_heads_aggregate
 from rmserve_kernels.rmsnorm import fuse_rmsnorm
-
-_UNBOUNDED = 1_000_000  # tokenizers report ~1e30 as model_max_length when they know no limit
 
 
 class DenseRewardModel:
@@ -72,13 +83,7 @@ class DenseRewardModel:
         self,
         name: str,
         path: str | Path,
-        *,
-        dtype: DTypeName = "auto",
-        device: str = "auto",
-        max_length: int | None = None,
-        kernels: KernelsName = "auto",
-        quantize: QuantizeName = "none",
-        pooling: Pooling | None = None,
+        options: LoadOptions = LoadOptions(),
     ) -> None:
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -92,27 +97,28 @@ class DenseRewardModel:
                 f"{path} has num_labels={config.num_labels}; a reward model has exactly one output."
             )
         # the checkpoint's own pad id, read before rmserve fills in a missing one below
-        self.pooling = pooling_rule(resolve_pooling(pooling, path), config)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.quantize = check_quantize(quantize)
+        self.pooling = pooling_rule(resolve_pooling(options.pooling, path), config)
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.quantize = check_quantize(options.quantize)
         self.path = path
         self._tokenizer_path = path
         model = self._load_classifier(path, config)
         # a quantised model is already on its device (bitsandbytes quantised it there)
         self.model: nn.Module = (model if self.quantize != "none" else model.to(self.device)).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        self.pad_id = pad_token_id(tokenizer, model.config)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = self.pad_id
+        model_config = config_of(model)
+        self.pad_id = pad_token_id(tokenizer, model_config)
+        if model_config.pad_token_id is None:
+            model_config.pad_token_id = self.pad_id
         head = getattr(model, "score", None)
-        self.decoder = isinstance(head, nn.Linear)
+        self.decoder = has_score_head(model)
         if self.decoder and type(head) is not nn.Linear:
             raise ValueError(
                 f"{path}: the score head loaded as {type(head).__name__}; the head kernel reads a float "
                 "nn.Linear, so the head must not be quantised (serve the checkpoint unquantised)."
             )
-        self.base = getattr(model, model.base_model_prefix) if self.decoder else None
+        self.base = base_of(model) if self.decoder else None
         self.head = head if self.decoder else None
         if not self.decoder and self.pooling.name != "hf":
             raise ValueError(
@@ -121,10 +127,10 @@ class DenseRewardModel:
             )
         if self.decoder:
             log_pooling(name, self.pooling, tokenizer)
-        self.max_length = resolve_max_length(config, tokenizer, max_length)
-        self._heads_aggregate = select_heads_aggregate(self.device, kernels)
-        fuse_rmsnorm(self.model, kernels)  # logs how many norms run the Triton kernel
-        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.max_length = resolve_max_length(config, tokenizer, options.max_length)
+        self._heads_aggregate = select_heads_aggregate(self.device, options.kernels)
+        fuse_rmsnorm(self.model, options.kernels)  # logs how many norms run the Triton kernel
+        self.vocab_size = embeddings_of(model).num_embeddings
         self.info = ModelInfo(
             name=name,
             kind=self.kind,
@@ -138,6 +144,21 @@ class DenseRewardModel:
             quantize=self.quantize,
             pooling=self.pooling.name,
         )
+
+    @classmethod
+    def meta_parts(cls, path: Path, options: LoadOptions) -> list[MetaPart]:
+        """The sequence classifier the folder loads as, on meta, with its token limit and float modules."""
+        config = AutoConfig.from_pretrained(path)
+        classifier = meta_classifier(config, resolve_dtype(options.dtype, resolve_device(options.device)))
+        return [
+            MetaPart(
+                folder=path,
+                module=classifier,
+                max_length=folder_max_length(path, config, options.max_length),
+                masked=not has_score_head(classifier),
+                keep=tuple(head_modules(config)),
+            )
+        ]
 
     def _load_classifier(self, path: Path, config: PretrainedConfig) -> nn.Module:
         """The folder's sequence classifier, quantised as asked (kinds built on the dense path override it)."""
@@ -204,70 +225,3 @@ class DenseRewardModel:
         assert self.base is not None
         ids, lengths = right_padded(batch, self.pad_id, self.device)
         return pooled_hidden_states(self.base, ids, lengths, self.pooling).float().cpu()
-
-
-def right_padded(
-    batch: Sequence[EncodedInput], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids right-padded with ``pad_id``, (B, T), and the sequence lengths, (B,)."""
-    lengths = torch.tensor([len(x) for x in batch])  # (B,)
-    ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)  # (B, T)
-    for row, item in enumerate(batch):
-        ids[row, : len(item)] = torch.tensor(item.token_ids)
-    return ids.to(device), lengths.to(device)
-
-
-def final_hidden_states(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """A decoder base model's final hidden states for right-padded ids, (B, T, H).
-
-    No attention mask: with right padding, causal attention already keeps real tokens off the padding.
-    """
-    return base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
-
-
-def pooled_hidden_states(
-    base: nn.Module, ids: torch.Tensor, lengths: torch.Tensor, pooling: PoolingRule
-) -> torch.Tensor:
-    """A decoder base model's final hidden state at each sequence's scored token, (B, H)."""
-    hidden = final_hidden_states(base, ids)  # (B, T, H)
-    rows = torch.arange(ids.shape[0], device=ids.device)  # (B,)
-    return hidden[rows, pooling.positions(ids, lengths)]  # (B, H)
-
-
-def pad_token_id(tokenizer: object, config: object) -> int:
-    """The id to pad with: the tokenizer's pad, else the config's, else EOS (padding is never read)."""
-    for candidate in (
-        getattr(tokenizer, "pad_token_id", None),
-        getattr(config, "pad_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-    ):
-        if isinstance(candidate, int):
-            return candidate
-    return 0  # padding is never attended to nor scored, any id is correct
-
-
-def resolve_max_length(config: object, tokenizer: object, requested: int | None) -> int:
-    """The token limit per input: ``requested`` if the model allows it, else the model's own limit.
-
-    Raises:
-        ValueError: ``requested`` exceeds the model's positions, or nothing states a limit.
-    """
-    limits = [
-        v
-        for v in (
-            getattr(config, "max_position_embeddings", None),
-            getattr(config, "n_positions", None),
-            getattr(tokenizer, "model_max_length", None),
-        )
-        if isinstance(v, int) and 0 < v < _UNBOUNDED
-    ]
-    model_limit = min(limits) if limits else None
-    if requested is None:
-        if model_limit is None:
-            raise ValueError("the model states no maximum length; set max_length for it in the config.")
-        return model_limit
-    if model_limit is not None and requested > model_limit:
-        raise ValueError(
-            f"max_length={requested} exceeds the model's limit of {model_limit} positions; lower max_length."
-        )
-    return requested

@@ -20,6 +20,7 @@ be served: run ``rmserve calibrate``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,13 +30,13 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rmserve.aggregation import AggregateName, AggregationParams, aggregate_rows
-from rmserve.models.base import DTypeName, Encoded, KernelsName, ModelInfo
+from rmserve.aggregation import AggregationParams, aggregate_rows
+from rmserve.config import LoadOptions
+from rmserve.models.base import MetaPart, ModelInfo
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
-from rmserve.models.inputs import EncodedInput, InputEncoder, InputError, RewardInput, Truncation
-from rmserve.models.pooling import Pooling
-from rmserve.models.quantize import QuantizeName
+from rmserve.models.inputs import EncodedInput, InputEncoder, InputError, RewardInput
+from rmserve.names import AggregateName, Truncation
 from rmserve_kernels.heads import HeadOutputs
 
 MEMBER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
@@ -147,7 +148,7 @@ class EnsembleEncoder:
 
     def encode_many(
         self, items: Sequence[RewardInput], truncation: Truncation = "left", limit: int | None = None
-    ) -> list[Encoded]:
+    ) -> list[MemberInputs]:
         """Encode inputs for every member; an error names the input and the member's limit."""
         per_member = []
         for encoder in self.encoders:
@@ -182,14 +183,9 @@ class EnsembleRewardModel:
         self,
         name: str,
         path: str | Path,
+        options: LoadOptions = LoadOptions(),
         *,
-        dtype: DTypeName = "auto",
-        device: str = "auto",
-        max_length: int | None = None,
-        kernels: KernelsName = "auto",
         require_calibration: bool = True,
-        quantize: QuantizeName = "none",
-        pooling: Pooling | None = None,
     ) -> None:
         path = Path(path)
         self.path = path
@@ -200,19 +196,13 @@ class EnsembleRewardModel:
                 f"ensemble {path}: members {', '.join(missing)} have no calibration, so their rewards cannot be "
                 f"put on one scale; run: rmserve calibrate {path} --data REFERENCE.jsonl"
             )
+        # each member at its own token limit; the ensemble's limit caps what the encoders accept
+        member_options = dataclasses.replace(options, kind="auto", max_length=None)
         self.members = []
         for member in config.members:
             folder = member_path(path, member)
             try:
-                model = DenseRewardModel(
-                    f"{name}/{member.name}",
-                    folder,
-                    dtype=dtype,
-                    device=device,
-                    kernels=kernels,
-                    quantize=quantize,
-                    pooling=pooling,
-                )
+                model = DenseRewardModel(f"{name}/{member.name}", folder, member_options)
             except ValueError as exc:
                 raise ValueError(f"ensemble {path}, member {member.name!r}: {exc}") from None
             self.members.append(model)
@@ -226,7 +216,10 @@ class EnsembleRewardModel:
             architecture=" + ".join(m.info.architecture for m in self.members),
             dtype=first.dtype,
             device=first.device,
-            max_length=min([max(m.max_length for m in self.members)] + ([max_length] if max_length else [])),
+            max_length=min(
+                [max(m.max_length for m in self.members)]
+                + ([options.max_length] if options.max_length else [])
+            ),
             parameters=sum(m.info.parameters for m in self.members),
             path=str(path),
             weights_bytes=sum(m.info.weights_bytes for m in self.members),
@@ -238,6 +231,19 @@ class EnsembleRewardModel:
             reward=config.reward,
             defaults=AggregationParams(config.uwo_lambda, config.tradeoff_lambda),
         )
+
+    @classmethod
+    def meta_parts(cls, path: Path, options: LoadOptions) -> list[MetaPart]:
+        """Every member's classifier on meta, each at its own token limit capped by ``max_length``."""
+        member_options = dataclasses.replace(options, kind="auto", max_length=None)
+        parts = []
+        for member in read_ensemble_config(path).members:
+            (part,) = DenseRewardModel.meta_parts(member_path(path, member), member_options)
+            limit = (
+                part.max_length if options.max_length is None else min(options.max_length, part.max_length)
+            )
+            parts.append(dataclasses.replace(part, max_length=limit))
+        return parts
 
     def new_encoder(self, max_length: int | None = None) -> EnsembleEncoder:
         """Per-member encoders, each limited to ``max_length`` tokens if given."""

@@ -21,43 +21,48 @@ sequence-classification checkpoint, with its tokenizer), absolute or relative to
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig
 
-from rmserve.aggregation import AggregateName, AggregationParams
+from rmserve.aggregation import AggregationParams
+from rmserve.config import LoadOptions
 from rmserve.models.base import (
-    DTypeName,
-    KernelsName,
+    MetaPart,
     ModelInfo,
     module_bytes,
     parameter_count,
     resolve_device,
     resolve_dtype,
 )
-from rmserve.models.dense import (
+from rmserve.models.decoder import (
+    DecoderBackbone,
     final_hidden_states,
-    pad_token_id,
-    pooled_hidden_states,
-    resolve_max_length,
+    folder_max_length,
+    meta_base,
     right_padded,
 )
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder
-from rmserve.models.pooling import DEFAULT_POOLING, Pooling, log_pooling, pooling_rule
-from rmserve.models.quantize import QuantizeName, check_quantize, finish_quantized, pretrained_kwargs
+from rmserve.models.quantize import head_modules
+from rmserve.names import (
+    DEFAULT_POOLING,
+    AggregateName,
+    HeadKind,
+    Pooling,
+)
 from rmserve_kernels.heads import HeadOutputs, select_heads_aggregate
 from rmserve_kernels.rmsnorm import fuse_rmsnorm
 
 HEADS_FILE = "heads.safetensors"
 DEFAULT_EPS = 1e-6
-HeadKind = Literal["multihead", "brme"]
 
 
 class HeadModelConfig(BaseModel):
@@ -97,7 +102,7 @@ class HeadModelConfig(BaseModel):
         return self
 
     @property
-    def default_reward(self) -> str:
+    def default_reward(self) -> AggregateName:
         return self.reward or ("tradeoff" if self.kind == "brme" else "mean")
 
 
@@ -108,13 +113,6 @@ def read_head_config(path: Path) -> HeadModelConfig:
         ValueError: the file is missing or invalid (the message says which field).
     """
     return read_descriptor(path, HeadModelConfig, "multihead/brme", "train heads with rmserve train-heads")
-
-
-def is_decoder(config: Any) -> bool:
-    """Whether transformers scores this architecture on its last token (a ``score`` head), built on meta."""
-    with torch.device("meta"):
-        probe = AutoModelForSequenceClassification.from_config(config)
-    return isinstance(getattr(probe, "score", None), nn.Linear)
 
 
 def save_head_model(
@@ -183,86 +181,6 @@ def _check_weights(
             )
 
 
-def _load_base(path: Path, config: Any, kwargs: dict[str, Any]) -> nn.Module:
-    """The base model of a checkpoint, loaded with ``from_pretrained`` ``kwargs``; a sequence classifier
-    is loaded whole and its head dropped, so its weights match one to one (no unexpected-key report)."""
-    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or ()):
-        classifier = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-        return getattr(classifier, classifier.base_model_prefix)
-    return AutoModel.from_pretrained(path, **kwargs)
-
-
-class DecoderBackbone:
-    """A decoder base model read at each sequence's scored token (its pooling rule), with its tokenizer.
-
-    Args:
-        path: a Hugging Face checkpoint folder (base model, causal LM or sequence classifier).
-        dtype: ``auto``, ``float32`` or ``bfloat16``.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        max_length: the most tokens per input; defaults to the model's own limit.
-        quantize: ``none``, ``int8`` or ``nf4``: the base model's linear layers through bitsandbytes
-            (``rmserve.models.quantize``).
-        pooling: ``hf`` or ``last`` (``rmserve.models.pooling``), against this checkpoint's pad id.
-        name: the model's name in the load log.
-
-    Raises:
-        ValueError: the folder is not a decoder checkpoint, or the options do not fit this machine.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        *,
-        dtype: DTypeName = "auto",
-        device: str = "auto",
-        max_length: int | None = None,
-        quantize: QuantizeName = "none",
-        pooling: Pooling = DEFAULT_POOLING,
-        name: str | None = None,
-    ) -> None:
-        if not (path / "config.json").is_file():
-            raise ValueError(f"backbone {path} is not a Hugging Face model folder (no config.json).")
-        config = AutoConfig.from_pretrained(path)
-        if not is_decoder(config):
-            raise ValueError(
-                f"backbone {path} is a {config.model_type} encoder; reward heads read the last token of a "
-                "decoder (Llama, Qwen2, Mistral, GPT-NeoX, ...)."
-            )
-        self.path = path
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.quantize = check_quantize(quantize)
-        kwargs = pretrained_kwargs(self.quantize, dtype=self.dtype, device=self.device, config=config)
-        base = _load_base(path, config, kwargs)
-        finish_quantized(base, self.quantize)
-        # a quantised model is already on its device (bitsandbytes quantised it there)
-        self.base: nn.Module = (base if self.quantize != "none" else base.to(self.device)).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        self.pad_id = pad_token_id(tokenizer, config)
-        self.pooling = pooling_rule(pooling, config)
-        log_pooling(name or path.name, self.pooling, tokenizer)
-        self.max_length = resolve_max_length(config, tokenizer, max_length)
-        embeddings = self.base.get_input_embeddings()
-        self.vocab_size: int = embeddings.num_embeddings
-        self.hidden_size: int = embeddings.embedding_dim
-
-    def new_encoder(self, max_length: int | None = None) -> InputEncoder:
-        """A fresh encoder with its own tokenizer instance (tokenizers are not thread-safe)."""
-        tokenizer = AutoTokenizer.from_pretrained(self.path)
-        limit = self.max_length if max_length is None else min(max_length, self.max_length)
-        return InputEncoder(tokenizer, max_length=limit, vocab_size=self.vocab_size, text_pairs=False)
-
-    def pooled(self, batch: Sequence[EncodedInput]) -> torch.Tensor:
-        """Each input's scored token's final hidden state, (B, H), model dtype, on the device."""
-        ids, lengths = right_padded(batch, self.pad_id, self.device)
-        return pooled_hidden_states(self.base, ids, lengths, self.pooling)
-
-    @torch.inference_mode()
-    def pooled_states(self, batch: Sequence[EncodedInput]) -> torch.Tensor:
-        """The hidden state heads read, per input: (B, H) float32 on the CPU."""
-        return self.pooled(batch).float().cpu()
-
-
 class MultiHeadRewardModel:
     """A ``multihead`` or ``brme`` folder loaded for serving.
 
@@ -284,13 +202,7 @@ class MultiHeadRewardModel:
         self,
         name: str,
         path: str | Path,
-        *,
-        dtype: DTypeName = "auto",
-        device: str = "auto",
-        max_length: int | None = None,
-        kernels: KernelsName = "auto",
-        quantize: QuantizeName = "none",
-        pooling: Pooling | None = None,
+        options: LoadOptions = LoadOptions(),
     ) -> None:
         path = Path(path)
         self.config = config = read_head_config(path)
@@ -303,11 +215,11 @@ class MultiHeadRewardModel:
             )
         self.backbone = DecoderBackbone(
             backbone_path,
-            dtype=dtype,
-            device=device,
-            max_length=max_length,
-            quantize=quantize,
-            pooling=pooling or config.pooling or DEFAULT_POOLING,
+            dtype=options.dtype,
+            device=options.device,
+            max_length=options.max_length,
+            quantize=options.quantize,
+            pooling=options.pooling or config.pooling or DEFAULT_POOLING,
             name=name,
         )
         self.device = self.backbone.device
@@ -317,8 +229,8 @@ class MultiHeadRewardModel:
         _check_weights(config.kind, weights, len(config.heads), self.backbone.hidden_size, path)
         # heads stay float32 whatever the backbone dtype: they are tiny and sigma is computed in float32
         self.weights = {n: t.float().to(self.device) for n, t in weights.items()}
-        self._heads_aggregate = select_heads_aggregate(self.device, kernels)
-        fuse_rmsnorm(self.backbone.base, kernels)  # logs how many norms run the Triton kernel
+        self._heads_aggregate = select_heads_aggregate(self.device, options.kernels)
+        fuse_rmsnorm(self.backbone.base, options.kernels)  # logs how many norms run the Triton kernel
         head_parameters = sum(t.numel() for t in weights.values())
         self.info = ModelInfo(
             name=name,
@@ -338,6 +250,26 @@ class MultiHeadRewardModel:
             reward=config.default_reward,
             defaults=AggregationParams(config.uwo_lambda, config.tradeoff_lambda),
         )
+
+    @classmethod
+    def meta_parts(cls, path: Path, options: LoadOptions) -> list[MetaPart]:
+        """The backbone's base model on meta, and the float32 heads beside it."""
+        backbone = (path / read_head_config(path).backbone).resolve()
+        config = AutoConfig.from_pretrained(backbone)
+        base = meta_base(config, resolve_dtype(options.dtype, resolve_device(options.device)))
+        with safe_open(path / HEADS_FILE, framework="pt") as f:
+            head_elements = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
+        return [
+            MetaPart(
+                folder=backbone,
+                module=base,
+                max_length=folder_max_length(backbone, config, options.max_length),
+                masked=False,
+                keep=tuple(head_modules(config)),
+                extra_bytes=4 * head_elements,
+                extra_parameters=head_elements,
+            )
+        ]
 
     def new_encoder(self, max_length: int | None = None) -> InputEncoder:
         """A fresh encoder with its own tokenizer instance (tokenizers are not thread-safe)."""

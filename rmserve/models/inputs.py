@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapt
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-Truncation = Literal["left", "right", "error"]
+from rmserve.names import Truncation
+
 Role = Literal["system", "user", "assistant"]
 
 FALLBACK_ROLE_NAMES: dict[str, str] = {"system": "System", "user": "Human", "assistant": "Assistant"}

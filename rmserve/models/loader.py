@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
-from rmserve.models.base import DTypeName, KernelsName, RewardModel
+from rmserve.config import LoadOptions
+from rmserve.models.base import Backend, RewardModel
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR
 from rmserve.models.ensemble import EnsembleRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
 from rmserve.models.moe import MoERewardModel
-from rmserve.models.pooling import Pooling
-from rmserve.models.quantize import QuantizeName
-
-KINDS = ("dense", "multihead", "brme", "ensemble", "moe")
+from rmserve.names import KINDS, ModelKind
 
 
-def folder_kind(path: Path) -> str:
+def folder_kind(path: Path) -> ModelKind:
     """The kind a model folder holds.
 
     Raises:
@@ -39,22 +38,39 @@ def folder_kind(path: Path) -> str:
         raise ValueError(f"{descriptor} is not a JSON object; it must say its 'kind'.") from None
     if kind not in KINDS:
         raise ValueError(f"{descriptor} has kind {kind!r}; expected one of {', '.join(KINDS)}.")
-    return str(kind)
+    return cast(ModelKind, kind)
 
 
-def load_model(
-    name: str,
-    path: Path,
-    *,
-    kind: str = "auto",
-    dtype: DTypeName = "auto",
-    device: str = "auto",
-    max_length: int | None = None,
-    kernels: KernelsName = "auto",
-    quantize: QuantizeName = "none",
-    pooling: Pooling | None = None,
-) -> RewardModel:
-    """Load ``path`` as a model of ``kind`` (``auto``: the folder's own kind).
+# Each backend's score takes the encodings of its own new_encoder, a narrower type than the contract's
+# Encoded; the registry only ever pairs a model with its own encoder, which the cast records.
+BACKENDS = cast(
+    dict[ModelKind, Backend],
+    {
+        "dense": DenseRewardModel,
+        "multihead": MultiHeadRewardModel,
+        "brme": MultiHeadRewardModel,
+        "ensemble": EnsembleRewardModel,
+        "moe": MoERewardModel,
+    },
+)
+
+
+def backend_for(name: str, path: Path, kind: str = "auto") -> tuple[ModelKind, Backend]:
+    """The kind ``path`` holds and its backend, checked against a configured ``kind``.
+
+    Raises:
+        ValueError: the kind is unknown, or does not match the folder.
+    """
+    if kind != "auto" and kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known kinds: auto, {', '.join(KINDS)}.")
+    found = folder_kind(path)
+    if kind not in ("auto", found):
+        raise ValueError(f"model {name!r} is configured as kind {kind!r}, but {path} holds a {found} model.")
+    return found, BACKENDS[found]
+
+
+def load_model(name: str, path: Path, options: LoadOptions = LoadOptions()) -> RewardModel:
+    """Load ``path`` as a model of ``options.kind`` (``auto``: the folder's own kind).
 
     ``quantize`` (``none``, ``int8``, ``nf4``) applies to every backend's transformer weights, through
     bitsandbytes (``rmserve.models.quantize``). ``pooling`` (``hf``, ``last``; None: what the folder
@@ -63,20 +79,5 @@ def load_model(
     Raises:
         ValueError: the kind is unknown, does not match the folder, or the folder is not such a model.
     """
-    if kind != "auto" and kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; known kinds: auto, {', '.join(KINDS)}.")
-    found = folder_kind(path)
-    if kind not in ("auto", found):
-        raise ValueError(f"model {name!r} is configured as kind {kind!r}, but {path} holds a {found} model.")
-    backends = {"dense": DenseRewardModel, "ensemble": EnsembleRewardModel, "moe": MoERewardModel}
-    backend = backends.get(found, MultiHeadRewardModel)
-    return backend(
-        name,
-        path,
-        dtype=dtype,
-        device=device,
-        max_length=max_length,
-        kernels=kernels,
-        quantize=quantize,
-        pooling=pooling,
-    )
+    _, backend = backend_for(name, path, options.kind)
+    return backend(name, path, options)

@@ -1,9 +1,9 @@
-"""Upcycled shared-expert MoE reward models (UMM-RM, kind ``moe``): the layer, upcycling, the folder.
+"""Upcycled shared-expert MoE reward models (UMM-RM, kind ``moe``): the layer, the folder, its serving.
 
-``upcycle`` turns chosen decoder layers' FFN into an ``UpcycledMoE``: expert 0 is the shared
+``rmserve.training.upcycle`` turns chosen decoder layers' FFN into an ``UpcycledMoE``: expert 0 is the shared
 expert (always on), experts 1..N-1 are normal experts routed top-(K-1) by a new router (a linear map
 without bias), and every expert starts as a copy of the dense FFN. Routing weights per token
-(UMM-RM eq. 6-7), as ``rmserve_kernels.moe`` defines them:
+(UMM-RM eq. 6-7), as ``rmserve_kernels.routing`` defines them:
 
 - affinities ``s = softmax(router(x))`` over the N-1 normal experts (float32);
 - the top-(K-1) normal experts by affinity (ties: the lower index);
@@ -27,27 +27,28 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
-from rmserve.models.base import DTypeName, KernelsName
+from rmserve.config import LoadOptions
+from rmserve.models.base import MetaPart, resolve_device
+from rmserve.models.decoder import base_of, config_of
 from rmserve.models.dense import DenseRewardModel
-from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
-from rmserve.models.pooling import Pooling, declared_pooling
-from rmserve.models.quantize import QuantizeName, check_quantize, head_modules, quantize_linears
-from rmserve_kernels.moe import REFERENCE_KERNELS, MoeKernels, route_reference, select_moe_kernels
+from rmserve.models.descriptor import read_descriptor
+from rmserve.models.quantize import check_quantize, head_modules, quantize_linears
+from rmserve.names import Pooling
+from rmserve_kernels.moe_layer import REFERENCE_KERNELS, TRITON_KERNELS, MoeKernels, select_moe_kernels
+from rmserve_kernels.routing import route_reference
 
 WEIGHTS = "model.safetensors"
-ROUTING = "renormalised-top-k"
+ROUTING: Literal["renormalised-top-k"] = "renormalised-top-k"
 
 
 class MoeConfig(BaseModel):
@@ -73,8 +74,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     Raises:
         ValueError: the architecture keeps its layers elsewhere, or they have no ``mlp``.
     """
-    base = getattr(model, model.base_model_prefix)
-    layers = getattr(base, "layers", None)
+    layers = getattr(base_of(model), "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "mlp") for layer in layers):
         raise ValueError(
             f"{type(model).__name__} has no decoder layers with an 'mlp' at {model.base_model_prefix}.layers; "
@@ -147,15 +147,23 @@ class UpcycledMoE(nn.Module):
                 stacked.append(weights)
         return stacked[0], stacked[1], stacked[2]
 
+    def _stacked_source(self) -> torch.Tensor:
+        """The first normal expert's gate weight: a view of the stacked tensor while it is current."""
+        gate = getattr(self.experts[0], "gate_proj", None)
+        if not isinstance(gate, nn.Linear):
+            raise TypeError(f"{type(self.experts[0]).__name__} has no gate_proj Linear (not a SwiGLU FFN).")
+        return gate.weight
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])  # (T, H)
         if self.kernels is not REFERENCE_KERNELS and not self.training:
-            first = self.experts[0].gate_proj.weight
+            first = self._stacked_source()
             if self._stacked is None or self._stacked[0].data_ptr() != first.data_ptr():
                 self._stacked = self._stack_experts()  # the module was moved or cast since: stack again
-            shared = tuple(getattr(self.shared, n).weight for n in ("gate_proj", "up_proj", "down_proj"))
-            out = self.kernels.moe_layer(x, self.router.weight, shared, *self._stacked, self.top_k - 1)  # type: ignore[arg-type]
+            gate, up, down = (getattr(self.shared, n).weight for n in ("gate_proj", "up_proj", "down_proj"))
+            shared = (gate, up, down)
+            out = self.kernels.moe_layer(x, self.router.weight, shared, *self._stacked, self.top_k - 1)
             return out.reshape(shape)
         routing = route_reference(x, self.router.weight, self.top_k - 1)
         if self.training:
@@ -176,6 +184,12 @@ class UpcycledMoE(nn.Module):
                 out = out.index_add(0, tokens, y)
             start += count
         return out.to(hidden.dtype).reshape(shape)
+
+
+def _module(value: object) -> nn.Module:
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"expected a module, got {type(value).__name__}.")
+    return value
 
 
 def _is_swiglu(ffn: nn.Module) -> bool:
@@ -201,7 +215,8 @@ def replace_ffns(model: nn.Module, layers: Sequence[int], *, experts: int, top_k
     for index in layers:
         if not 0 <= index < len(stack):
             raise ValueError(f"layer {index} does not exist; the model has layers 0..{len(stack) - 1}.")
-        stack[index].mlp = UpcycledMoE(stack[index].mlp, experts=experts, top_k=top_k, generator=generator)
+        layer = stack[index]
+        layer.mlp = UpcycledMoE(_module(layer.mlp), experts=experts, top_k=top_k, generator=generator)
 
 
 def moe_layers(model: nn.Module) -> list[UpcycledMoE]:
@@ -209,62 +224,11 @@ def moe_layers(model: nn.Module) -> list[UpcycledMoE]:
     return [m for m in model.modules() if isinstance(m, UpcycledMoE)]
 
 
-def resolve_layers(total: int, layers: Sequence[int] | None, last: int | None) -> tuple[int, ...]:
-    """The layers to upcycle: an explicit list, the ``last`` n, or all."""
-    if layers and last:
-        raise ValueError("give either the layers to upcycle or how many of the last ones, not both.")
-    if last is not None:
-        if not 1 <= last <= total:
-            raise ValueError(f"last must lie in [1, {total}], got {last}.")
-        return tuple(range(total - last, total))
-    chosen = tuple(sorted(set(layers))) if layers else tuple(range(total))
-    bad = [i for i in chosen if not 0 <= i < total]
-    if bad:
-        raise ValueError(f"layer {bad[0]} does not exist; the model has layers 0..{total - 1}.")
-    return chosen
-
-
-def save_moe(model: nn.Module, tokenizer: Any, out: Path, config: MoeConfig) -> Path:
-    """Write a ``moe`` folder: dense ``config.json``, tokenizer, full state dict, ``rmserve.json``."""
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, out / WEIGHTS, metadata={"format": "pt"})
-    (out / DESCRIPTOR).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
-    return out
-
-
-def upcycle(
-    dense: Path, out: Path, *, experts: int, top_k: int, layers: Sequence[int] | None = None,
-    last: int | None = None, seed: int = 0,
-) -> MoeConfig:  # fmt: skip
-    """Upcycle a dense reward-model folder into a ``moe`` folder (every expert a copy of the FFN).
-
-    Raises:
-        ValueError: the folder is not a one-label decoder classifier, or the options are invalid.
-    """
-    model = AutoModelForSequenceClassification.from_pretrained(dense, dtype=torch.float32)
-    if model.config.num_labels != 1:
-        raise ValueError(f"{dense} has num_labels={model.config.num_labels}; a reward model has exactly one.")
-    chosen = resolve_layers(len(decoder_layers(model)), layers, last)
-    replace_ffns(model, chosen, experts=experts, top_k=top_k, seed=seed)
-    config = MoeConfig(
-        experts=experts,
-        top_k=top_k,
-        layers=chosen,
-        upcycled_from=str(dense.resolve()),
-        pooling=declared_pooling(dense),  # it scores exactly as the dense model, on the same token
-    )
-    save_moe(model, AutoTokenizer.from_pretrained(dense), out, config)
-    return config
-
-
 def read_moe_config(path: Path) -> MoeConfig:
     return read_descriptor(path, MoeConfig, "moe", "make one with rmserve upcycle")
 
 
-def load_moe_classifier(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_moe_classifier(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """The ``moe`` folder's model: the dense architecture with its MoE layers, weights loaded strictly.
 
     Raises:
@@ -301,106 +265,48 @@ class MoERewardModel(DenseRewardModel):
         self,
         name: str,
         path: str | Path,
-        *,
-        dtype: DTypeName = "auto",
-        device: str = "auto",
-        max_length: int | None = None,
-        kernels: KernelsName = "auto",
-        quantize: QuantizeName = "none",
-        pooling: Pooling | None = None,
+        options: LoadOptions = LoadOptions(),
     ) -> None:
-        if check_quantize(quantize) != "none" and kernels == "triton":
+        if check_quantize(options.quantize) != "none" and options.kernels == "triton":
             raise ValueError(
-                f"the Triton MoE kernels read float expert weights, so a {quantize}-quantised moe model runs "
+                f"the Triton MoE kernels read float expert weights, so a {options.quantize}-quantised moe model runs "
                 "its experts as bitsandbytes layers on the reference path; use --kernels auto or reference, "
                 "or --quantize none."
             )
         self.moe_config = read_moe_config(Path(path))
-        super().__init__(
-            name,
-            path,
-            dtype=dtype,
-            device=device,
-            max_length=max_length,
-            kernels=kernels,
-            quantize=quantize,
-            pooling=pooling,
-        )
+        super().__init__(name, path, options)
         layers = self.moe_config.layers
         span = (
             f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers ({layers[0]}..{layers[-1]})"
         )
-        chosen = REFERENCE_KERNELS if self.quantize != "none" else select_moe_kernels(self.device, kernels)
+        chosen = (
+            REFERENCE_KERNELS if self.quantize != "none" else select_moe_kernels(self.device, options.kernels)
+        )
         for layer in moe_layers(self.model):
             layer.use_kernels(chosen)
         moe = f"MoE ({self.moe_config.experts} experts, top-{self.moe_config.top_k}) in {span}"
         self.info = dataclasses.replace(self.info, architecture=f"{self.info.architecture} + {moe}")
 
+    @classmethod
+    def meta_parts(cls, path: Path, options: LoadOptions) -> list[MetaPart]:
+        """The dense classifier with its MoE layers, on meta; routers stay float, as loading keeps them."""
+        moe = read_moe_config(path)
+        (part,) = super().meta_parts(path, options)
+        replace_ffns(part.module, moe.layers, experts=moe.experts, top_k=moe.top_k, seed=0)
+        device = resolve_device(options.device)
+        # quantised experts run the reference path
+        triton = options.quantize == "none" and select_moe_kernels(device, options.kernels) is TRITON_KERNELS
+        return [
+            dataclasses.replace(
+                part, keep=(*part.keep, "router"), experts=moe.experts, top_k=moe.top_k, moe_triton=triton
+            )
+        ]
+
     def _load_classifier(self, path: Path, config: PretrainedConfig) -> nn.Module:
-        model = load_moe_classifier(path, self.dtype)
+        model: nn.Module = load_moe_classifier(path, self.dtype)
         if self.quantize == "none":
             return model
-        model = model.to(self.device)
-        keep = (*head_modules(model.config), "router")  # routers are read as float weights
+        model.to(self.device)
+        keep = (*head_modules(config_of(model)), "router")  # routers are read as float weights
         quantize_linears(model, self.quantize, dtype=self.dtype, device=self.device, keep=keep)
         return model
-
-
-@contextmanager
-def frozen_prefix(model: nn.Module, first_trained_layer: int) -> Iterator[None]:
-    """Within the block, the base model starts at ``first_trained_layer`` from ``inputs_embeds``.
-
-    Training that leaves layers ``0 .. first_trained_layer - 1`` frozen feeds the cached hidden states
-    entering that layer as ``inputs_embeds``: the model's own forward then runs only the later layers
-    (its rotary embeddings and causal mask depend only on positions).
-    """
-    stack = decoder_layers(model)
-    base = getattr(model, model.base_model_prefix)
-    types = getattr(model.config, "layer_types", None)
-    if types and len(set(types)) > 1:
-        raise ValueError("prefix caching needs one attention type for every layer; train without it.")
-    saved = base.layers
-    base.layers = nn.ModuleList(list(stack)[first_trained_layer:])
-    try:
-        yield
-    finally:
-        base.layers = saved
-
-
-@torch.no_grad()
-def prefix_states(model: nn.Module, ids: torch.Tensor, first_trained_layer: int) -> torch.Tensor:
-    """The hidden states entering ``first_trained_layer`` (the final norm when it is the layer count).
-
-    Returns:
-        (B, T, H), for right-padded ids without a mask.
-    """
-    captured: list[torch.Tensor] = []
-    stack = decoder_layers(model)
-
-    def grab(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append(args[0] if args else kwargs["hidden_states"])
-        raise _Stop
-
-    base = getattr(model, model.base_model_prefix)
-    target = stack[first_trained_layer] if first_trained_layer < len(stack) else final_norm(base)
-    handle = target.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        getattr(model, model.base_model_prefix)(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured[0]
-
-
-def final_norm(base: nn.Module) -> nn.Module:
-    """The base model's final norm (``norm`` or ``final_layer_norm``)."""
-    for name in ("norm", "final_layer_norm"):
-        module = getattr(base, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise ValueError(f"{type(base).__name__} has no final norm named norm or final_layer_norm.")
-
-
-class _Stop(Exception):
-    """Ends a forward once the wanted hidden states are captured."""

@@ -18,17 +18,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from rmserve.models.descriptor import DESCRIPTOR
+from rmserve.names import DEFAULT_POOLING, Pooling
 
-Pooling = Literal["hf", "last"]
 POOLINGS: tuple[Pooling, ...] = ("hf", "last")
-DEFAULT_POOLING: Pooling = "hf"
 
 log = logging.getLogger(__name__)
 

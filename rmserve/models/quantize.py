@@ -30,7 +30,7 @@ import math
 import types
 from collections.abc import Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,7 +38,8 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import BitsAndBytesConfig
 
-QuantizeName = Literal["none", "int8", "nf4"]
+from rmserve.names import QuantizeName
+
 QUANTIZE_MODES: tuple[QuantizeName, ...] = ("none", "int8", "nf4")
 BITSANDBYTES_MIN_VERSION = (0, 50)
 INSTALL_COMMAND = "pip install 'bitsandbytes>=0.50'"
@@ -53,7 +54,7 @@ def check_quantize(quantize: str) -> QuantizeName:
     """
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}.")
-    return quantize  # type: ignore[return-value]
+    return quantize
 
 
 def require_bitsandbytes(quantize: str) -> ModuleType:
@@ -249,10 +250,11 @@ def int8_weight_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     The same product bitsandbytes computes for a ``Linear8bitLt`` in training on CPU; here at inference
     and on every device. The dequantised weight is a temporary of the layer's size in the model dtype.
     """
-    weight = layer.weight  # Int8Params: (out, in) int8
-    scales = weight.SCB if weight.SCB is not None else layer.state.SCB  # (out,) float32: each row's absmax
+    int8: Any = layer  # a bitsandbytes Linear8bitLt (bitsandbytes ships no type information)
+    weight = int8.weight  # Int8Params: (out, in) int8
+    scales = weight.SCB if weight.SCB is not None else int8.state.SCB  # (out,) float32: each row's absmax
     dequantised = weight.data.to(x.dtype).mul_(scales.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)
-    bias = layer.bias if layer.bias is None or layer.bias.dtype == x.dtype else layer.bias.to(x.dtype)
+    bias = int8.bias if int8.bias is None or int8.bias.dtype == x.dtype else int8.bias.to(x.dtype)
     return nn.functional.linear(x, dequantised, bias)  # (..., out)
 
 
@@ -272,7 +274,9 @@ def quantization_state_tensors(module: nn.Module) -> list[torch.Tensor]:
     for layer in module.modules():
         weight = getattr(layer, "weight", None)
         candidates: list[Any] = []
-        if hasattr(weight, "SCB"):  # Int8Params (bitsandbytes' own forward moves the scales to layer.state)
+        if weight is not None and hasattr(
+            weight, "SCB"
+        ):  # Int8Params (bitsandbytes' own forward moves the scales to layer.state)
             candidates.append(weight.SCB if weight.SCB is not None else getattr(layer.state, "SCB", None))
         state = getattr(weight, "quant_state", None)  # Params4bit
         if state is not None:

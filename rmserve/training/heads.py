@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from rmserve.aggregation import AGGREGATES, AggregationParams, aggregate, brme_nominal_index
-from rmserve.training.demo_head import Interval, binomial_interval, fit_head
+from rmserve.aggregation import AggregationParams, aggregate, brme_nominal_index
+from rmserve.names import AGGREGATES, AggregateName
+from rmserve.training.fitting import Interval, binomial_interval, fit_head
 
 # Defaults, checked on demo_head's validation slice of the HH train split (never the held-out pairs).
 # L2 of a one-head fit on all pairs (BRME stage 1): 0.1, the stronger of the two best Bradley-Terry
@@ -390,7 +391,7 @@ class HeadEvaluation:
 
     pairs: int
     heads: tuple[Interval, ...]
-    aggregates: dict[str, Interval]
+    aggregates: dict[AggregateName, Interval]
     nominal: str
 
 
@@ -450,7 +451,7 @@ def evaluate_heads(
         return binomial_interval(int(won.sum()), n)
 
     per_head = tuple(interval(chosen_heads[:, j] > rejected_heads[:, j]) for j in range(k))
-    names = tuple(name for name in AGGREGATES if name != "std")
+    names: tuple[AggregateName, ...] = tuple(name for name in AGGREGATES if name != "std")
     agg_c = aggregate(chosen_heads, nominal_c, params, names)  # name -> (N,)
     agg_r = aggregate(rejected_heads, nominal_r, params, names)  # name -> (N,)
     per_aggregate = {name: interval(agg_c[name] > agg_r[name]) for name in names}

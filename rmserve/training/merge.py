@@ -29,7 +29,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from rmserve.models.dense import pad_token_id
+from rmserve.models.decoder import pad_token_id
 from rmserve.models.moe import UpcycledMoE, decoder_layers, load_moe_classifier, read_moe_config
 from rmserve.models.pooling import write_dense_descriptor
 from rmserve.training.pairs import PreferenceExample
@@ -50,6 +50,13 @@ def _projections(ffn: nn.Module) -> dict[str, list[str]]:
     for name, _ in ffn.named_parameters():
         groups.setdefault(name.rsplit(".", 1)[0], []).append(name)
     return groups
+
+
+def _moe_at(layers: nn.ModuleList, index: int) -> UpcycledMoE:
+    ffn = getattr(layers[index], "mlp", None)
+    if not isinstance(ffn, UpcycledMoE):
+        raise ValueError(f"layer {index} has no MoE FFN, but the folder's rmserve.json lists it as one.")
+    return ffn
 
 
 class MergedFFN(nn.Module):
@@ -121,7 +128,7 @@ def merge(
     for p in model.parameters():
         p.requires_grad_(False)
     layers = decoder_layers(model)
-    merged = {i: MergedFFN(layers[i].mlp, shared_rate) for i in config.layers}
+    merged = {i: MergedFFN(_moe_at(layers, i), shared_rate) for i in config.layers}
     for i, ffn in merged.items():
         layers[i].mlp = ffn
     record: dict[str, Any] = {"shared_rate": shared_rate, "learned": bool(train_pairs)}

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from rmserve.aggregation import AggregationParams
 from rmserve.batching.planning import UNLIMITED, BatchLimits, plan_offline
-from rmserve.config import CPU_JOIN_PADDING
-from rmserve.models.base import DTypeName
-from rmserve.models.heads import DecoderBackbone, HeadKind, save_head_model
+from rmserve.models.decoder import DecoderBackbone
+from rmserve.models.heads import save_head_model
 from rmserve.models.inputs import RewardInput
+from rmserve.names import CPU_JOIN_PADDING, DTypeName, HeadKind
 from rmserve.training.heads import (
     BrmeWeights,
     HeadEvaluation,
@@ -67,7 +67,7 @@ def extract_features(
     features = torch.empty(len(encoded), backbone.hidden_size)  # (N, H)
     with tqdm(total=sum(map(len, encoded)), unit="tok", disable=not progress, desc="features") as bar:
         for batch in plan_offline([len(e) for e in encoded], limits):
-            features[batch] = backbone.pooled_states([encoded[i] for i in batch])  # type: ignore[misc]
+            features[batch] = backbone.pooled_states([encoded[i] for i in batch])
             bar.update(sum(len(encoded[i]) for i in batch))
     return features, sum(map(len, encoded)), sum(e.truncated for e in encoded)
 

@@ -31,25 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from rmserve.models.dense import pad_token_id
+from rmserve.models.decoder import base_of, embeddings_of, pad_token_id, score_head_of
 from rmserve.models.inputs import InputEncoder
 from rmserve.models.loader import folder_kind
-from rmserve.models.moe import (
-    MoeConfig,
-    decoder_layers,
-    final_norm,
-    frozen_prefix,
-    load_moe_classifier,
-    moe_layers,
-    prefix_states,
-    read_moe_config,
-    save_moe,
-)
-from rmserve.models.pooling import Pooling, write_dense_descriptor
-from rmserve.training.demo_head import binomial_interval
+from rmserve.models.moe import MoeConfig, decoder_layers, load_moe_classifier, moe_layers, read_moe_config
+from rmserve.models.pooling import write_dense_descriptor
+from rmserve.names import Pooling
+from rmserve.training.fitting import binomial_interval
 from rmserve.training.pairs import PreferenceExample
+from rmserve.training.prefix import final_norm, frozen_prefix, prefix_states
+from rmserve.training.upcycle import save_moe
 
 Trainable = Literal["all", "experts", "head"]
 
@@ -79,7 +72,7 @@ class PairData:
         return len(self.ids)
 
 
-def load_classifier(path: Path) -> tuple[nn.Module, MoeConfig | None]:
+def load_classifier(path: Path) -> tuple[PreTrainedModel, MoeConfig | None]:
     """A dense or ``moe`` folder's classifier in float32, and its MoE config if any."""
     if folder_kind(path) == "moe":
         return load_moe_classifier(path, torch.float32), read_moe_config(path)
@@ -93,7 +86,7 @@ def encoder_for(path: Path, model: nn.Module, max_length: int) -> InputEncoder:
     return InputEncoder(
         tokenizer,
         max_length=max_length,
-        vocab_size=model.get_input_embeddings().num_embeddings,
+        vocab_size=embeddings_of(model).num_embeddings,
         text_pairs=False,
     )
 
@@ -111,13 +104,10 @@ def select_trainable(model: nn.Module, trainable: Trainable) -> int:
     layers = decoder_layers(model)
     for p in model.parameters():
         p.requires_grad_(trainable == "all")
-    head = getattr(model, "score", None)
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"{type(model).__name__} is not a decoder reward model with a 'score' head.")
-    head.requires_grad_(True)
+    score_head_of(model).requires_grad_(True)
     if trainable == "all":
         return 0
-    base = getattr(model, model.base_model_prefix)
+    base = base_of(model)
     if trainable == "experts":
         moes = moe_layers(model)
         if not moes:
@@ -144,8 +134,8 @@ def rewards(
     model: nn.Module, data: PairData, indices: Sequence[int], first_layer: int, pad_id: int
 ) -> torch.Tensor:
     """Rewards of the chosen and rejected sides of pairs ``indices``: (2B,), chosen first."""
-    base = getattr(model, model.base_model_prefix)
-    head = model.score
+    base = base_of(model)
+    head = score_head_of(model)
     if data.prefix is not None:
         rows = [data.prefix[i][0] for i in indices] + [data.prefix[i][1] for i in indices]
         states, lengths = _pad(rows, 0.0)  # (2B, T, H): padding sits right of every real token, never read
@@ -293,7 +283,7 @@ def train(
 
 
 def _save(
-    model: nn.Module, encoder: InputEncoder, moe_config: MoeConfig | None, out: Path, options: TrainOptions,
+    model: PreTrainedModel, encoder: InputEncoder, moe_config: MoeConfig | None, out: Path, options: TrainOptions,
     history: list[dict[str, Any]], pairs: int, record: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     model.eval()

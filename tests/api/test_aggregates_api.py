@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from rmserve.aggregation import AGGREGATES
-from rmserve.config import ModelSpec
+from rmserve.config import LoadOptions, ModelSpec
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
 from rmserve.models.inputs import INPUT_ADAPTER
+from rmserve.names import AGGREGATES
 from tests.api.app_client import serve
 
 INPUTS = [
@@ -26,19 +26,23 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(scope="module")
 def brme(tiny_head_model_dirs):
-    return MultiHeadRewardModel("tiny-brme", tiny_head_model_dirs["brme"], dtype="float32", device="cpu")
+    return MultiHeadRewardModel(
+        "tiny-brme", tiny_head_model_dirs["brme"], LoadOptions(dtype="float32", device="cpu")
+    )
 
 
 @pytest.fixture(scope="module")
 def multihead(tiny_head_model_dirs):
     return MultiHeadRewardModel(
-        "tiny-multi", tiny_head_model_dirs["multihead"], dtype="float32", device="cpu"
+        "tiny-multi", tiny_head_model_dirs["multihead"], LoadOptions(dtype="float32", device="cpu")
     )
 
 
 @pytest.fixture(scope="module")
 def dense(tiny_model_dirs):
-    return DenseRewardModel("tiny-llama", tiny_model_dirs["llama"], dtype="float32", device="cpu")
+    return DenseRewardModel(
+        "tiny-llama", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu")
+    )
 
 
 def offline(model, inputs, uwo: float, trade: float):

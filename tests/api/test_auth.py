@@ -8,7 +8,7 @@ import pytest
 
 from rmserve.api.app import create_app
 from rmserve.api.middleware import ApiKeyMiddleware
-from rmserve.config import Settings
+from rmserve.config import LoadOptions, Settings
 from rmserve.models.dense import DenseRewardModel
 from tests.api.app_client import serve
 
@@ -19,7 +19,9 @@ BODY = {"inputs": [{"text": "hello"}]}
 
 @pytest.fixture(scope="module")
 def llama(tiny_model_dirs):
-    return DenseRewardModel("tiny-llama", tiny_model_dirs["llama"], dtype="float32", device="cpu")
+    return DenseRewardModel(
+        "tiny-llama", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu")
+    )
 
 
 async def test_valid_keys_are_accepted_on_every_route(llama):

@@ -7,7 +7,9 @@ import math
 
 import pytest
 
-from rmserve.api.compat import strip_padding
+from rmserve.api.deps import TIMING_HEADERS
+from rmserve.api.openrlhf import strip_padding
+from rmserve.config import LoadOptions
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
@@ -22,12 +24,16 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(scope="module")
 def llama(tiny_model_dirs):
-    return DenseRewardModel("tiny-llama", tiny_model_dirs["llama"], dtype="float32", device="cpu")
+    return DenseRewardModel(
+        "tiny-llama", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu")
+    )
 
 
 @pytest.fixture(scope="module")
 def brme(tiny_head_model_dirs):
-    return MultiHeadRewardModel("tiny-brme", tiny_head_model_dirs["brme"], dtype="float32", device="cpu")
+    return MultiHeadRewardModel(
+        "tiny-brme", tiny_head_model_dirs["brme"], LoadOptions(dtype="float32", device="cpu")
+    )
 
 
 def text_reward(model, text: str) -> float:
@@ -193,3 +199,26 @@ async def test_verl_sends_its_local_model_path_as_the_model(llama, brme, tiny_mo
     assert other.status_code == 404
     assert "or the path of a served model's folder" in other.json()["error"]["message"]
     assert cards["tiny-llama"]["aliases"] == [str(folder)]
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("/v1/score", {"inputs": [{"text": QUERY}]}),
+        ("/get_reward", {"query": [QUERY]}),
+        ("/get_reward", {"query": []}),
+        ("/classify", {"input": QUERY}),
+        ("/v1/classify", {"input": [QUERY, OTHER]}),
+        ("/pooling", {"input": QUERY}),
+        ("/v1/pooling", {"input": [[1, 2, 3]]}),
+    ],
+)
+async def test_every_scoring_route_sends_the_timing_headers(llama, route, body):
+    async with serve([llama]) as client:
+        r = await client.post(route, json=body)
+    assert r.status_code == 200, r.text
+    timings = {name: float(r.headers[name]) for name in TIMING_HEADERS}
+    assert all(value >= 0 for value in timings.values())
+    assert timings["x-total-time"] >= timings["x-inference-time"]
+    if route != "/get_reward" or body["query"]:
+        assert timings["x-inference-time"] > 0

@@ -12,11 +12,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from rmserve import serving
 from rmserve.api.app import create_app
-from rmserve.config import ModelSpec, Settings
+from rmserve.config import LoadOptions, ModelSpec, Settings
 from rmserve.models.loader import load_model
-from rmserve.serving import plan_loading
+from rmserve.scoring import loading
+from rmserve.scoring.loading import plan_loading
 from tests.api.app_client import serve
 
 pytestmark = pytest.mark.anyio
@@ -78,7 +78,7 @@ async def test_an_over_budget_config_fails_the_load_before_any_model_loads(
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded although the plan is over budget")
 
-    monkeypatch.setattr(serving, "load_model", no_loading)
+    monkeypatch.setattr(loading, "load_model", no_loading)
     specs = specs_for(tiny_model_dirs, tiny_head_model_dirs)
     async with serve_loading(models=specs, device="cpu", memory_budget="1MB") as client:
         ready = await client.get("/ready")
@@ -97,7 +97,7 @@ async def test_an_over_budget_config_fails_the_load_before_any_model_loads(
 
 
 async def test_models_loaded_by_the_caller_have_no_estimate(tiny_model_dirs) -> None:
-    model = load_model("rm", tiny_model_dirs["llama"], device="cpu")
+    model = load_model("rm", tiny_model_dirs["llama"], LoadOptions(device="cpu"))
     async with serve([model]) as client:
         card = (await client.get("/v1/models")).json()["data"][0]
     assert card["memory_estimate_bytes"] is None

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from rmserve.api.app import create_app
-from rmserve.config import ModelSpec, Settings
+from rmserve.config import LoadOptions, ModelSpec, Settings
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.quantize import INSTALL_COMMAND
 from tests.api.app_client import serve
@@ -47,7 +47,9 @@ async def started(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 async def test_models_list_shows_quantize_and_quantised_weights(tiny_model_dirs):
     models = [
-        DenseRewardModel(f"llama-{q}", tiny_model_dirs["llama"], dtype="float32", device="cpu", quantize=q)
+        DenseRewardModel(
+            f"llama-{q}", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu", quantize=q)
+        )
         for q in ("none", "int8", "nf4")
     ]
     async with serve(models) as client:

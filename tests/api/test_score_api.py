@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rmserve.api.app import create_app
-from rmserve.config import Settings
+from rmserve.config import LoadOptions, Settings
 from rmserve.models.base import HeadOutputs, reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import EncodedInput, PromptResponse
@@ -55,12 +55,14 @@ class GatedModel:
 
 @pytest.fixture(scope="module")
 def llama(tiny_model_dirs):
-    return DenseRewardModel("tiny-llama", tiny_model_dirs["llama"], dtype="float32", device="cpu")
+    return DenseRewardModel(
+        "tiny-llama", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu")
+    )
 
 
 @pytest.fixture(scope="module")
 def bert(tiny_model_dirs):
-    return DenseRewardModel("tiny-bert", tiny_model_dirs["bert"], dtype="float32", device="cpu")
+    return DenseRewardModel("tiny-bert", tiny_model_dirs["bert"], LoadOptions(dtype="float32", device="cpu"))
 
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.compare import main
-from rmserve.models.moe import upcycle
+from rmserve.training.upcycle import upcycle
 
 
 def test_compare_writes_table_plot_and_figures(tiny_model_dirs, tmp_path):

@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from rmserve.config import Settings
-from rmserve.demo import HEAD_PATH, build_demo_model, moe_demo_dirs
-from rmserve.hh import default_data_path
+from rmserve.config import LoadOptions, Settings
+from rmserve.demo.build import HEAD_PATH, build_demo_model, moe_demo_dirs
 from rmserve.launch import CLEAN_EXIT, start_server
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import PromptResponse
 from rmserve.models.moe import load_moe_classifier
+from rmserve.training.hh import default_data_path
 
 pytestmark = pytest.mark.demo
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ def test_readme_curl_returns_a_reward(demo_server):
 
 def test_demo_reward_equals_head_times_backbone_state(demo_server):
     folder = build_demo_model(Settings().cache_dir, progress=False)
-    model = DenseRewardModel("demo", folder, dtype="float32", device="cpu")
+    model = DenseRewardModel("demo", folder, LoadOptions(dtype="float32", device="cpu"))
     item = PromptResponse(prompt="How do I pick a lock?", response="I can't help with breaking into places.")
     state = model.pooled_states([model.new_encoder().encode(item)])[0]  # (H,)
     expected = (state @ load_file(HEAD_PATH)["score.weight"][0].to(torch.float32)).item()
@@ -150,7 +150,9 @@ def moe_server(tmp_path_factory):
 def test_demo_moe_and_merged_equal_offline_forwards(moe_server):
     moe_dir, merged_dir = moe_demo_dirs(Settings().cache_dir)
     item = PromptResponse(prompt="How do I pick a lock?", response="I can't help with breaking into places.")
-    encoded = DenseRewardModel("demo", build_demo_model(Settings().cache_dir, progress=False), device="cpu")
+    encoded = DenseRewardModel(
+        "demo", build_demo_model(Settings().cache_dir, progress=False), LoadOptions(device="cpu")
+    )
     ids = encoded.new_encoder().encode(item).token_ids
     cards = httpx.get(f"{moe_server.url}/v1/models").json()["data"]
     assert [(c["id"], c["kind"], c["pooling"]) for c in cards] == [

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from rmserve.config import LoadOptions
 from rmserve.launch import CLEAN_EXIT, Server, start_server
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
@@ -31,7 +32,7 @@ def answered(server: Server) -> list[dict]:
 
 def test_sigterm_under_load_loses_no_accepted_request(tiny_model_dirs, tmp_path):
     model_dir = tiny_model_dirs["llama"]
-    model = DenseRewardModel("llama", model_dir, dtype="float32", device="cpu")
+    model = DenseRewardModel("llama", model_dir, LoadOptions(dtype="float32", device="cpu"))
     encoder = model.new_encoder()
     expected = [
         reward_values(model, [encoder.encode(PromptResponse(prompt=p, response=r))])[0] for p, r in PAIRS

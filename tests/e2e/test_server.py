@@ -11,6 +11,7 @@ import sys
 import httpx
 import pytest
 
+from rmserve.config import LoadOptions
 from rmserve.launch import CLEAN_EXIT, start_server
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
@@ -35,7 +36,7 @@ def server(tiny_model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(tiny_model_dirs):
-    model = DenseRewardModel("llama", tiny_model_dirs["llama"], dtype="float32", device="cpu")
+    model = DenseRewardModel("llama", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu"))
     encoder = model.new_encoder()
     return [reward_values(model, [encoder.encode(INPUT_ADAPTER.validate_python(d))])[0] for d in DIALOGUES]
 

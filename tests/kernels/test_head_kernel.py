@@ -15,7 +15,7 @@ import torch
 
 import rmserve_kernels
 import rmserve_kernels.heads
-from rmserve.aggregation import AGGREGATES
+from rmserve.names import AGGREGATES
 from rmserve_kernels.heads import (
     MAX_HEADS,
     HeadOutputs,

@@ -316,6 +316,7 @@ def test_fused_forward_refuses_to_record_gradients(kernel_device):
 
 @pytest.mark.parametrize("kind", ["dense", "brme"])
 def test_backends_fuse_their_norms_at_load(kernel_device, tmp_path: Path, kind: str):
+    from rmserve.config import LoadOptions
     from rmserve.models.base import reward_values
     from rmserve.models.dense import DenseRewardModel
     from rmserve.models.heads import MultiHeadRewardModel
@@ -327,8 +328,8 @@ def test_backends_fuse_their_norms_at_load(kernel_device, tmp_path: Path, kind: 
     if kind == "brme":
         path, backend = build_head_model(tmp_path / "brme", path, "brme"), MultiHeadRewardModel
     device = str(kernel_device)
-    reference = backend("r", path, dtype="float32", device=device, kernels="reference")
-    fused = backend("t", path, dtype="float32", device=device, kernels="triton")
+    reference = backend("r", path, LoadOptions(dtype="float32", device=device, kernels="reference"))
+    fused = backend("t", path, LoadOptions(dtype="float32", device=device, kernels="triton"))
     base = fused.base if kind == "dense" else fused.backbone.base
     assert sum(_fused(m) for m in base.modules()) == 5
     assert not any(

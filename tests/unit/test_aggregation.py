@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from rmserve.aggregation import AGGREGATES, AggregationParams, aggregate, brme_nominal_index
+from rmserve.aggregation import AggregationParams, aggregate, brme_nominal_index
+from rmserve.names import AGGREGATES
 
 
 def test_every_aggregate_on_a_hand_computed_example():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from rmserve.config import ModelSpec, Settings
+from rmserve.config import LoadOptions, ModelSpec, Settings
 
 pytestmark = pytest.mark.unit
 
@@ -99,16 +99,16 @@ def test_load_options_take_the_spec_value_else_the_server_wide_one():
         name="a", path="a", kind="brme", dtype="float32", device="cuda:1", quantize="nf4", max_length=64,
         pooling="last",
     )  # fmt: skip
-    assert settings.load_options(own) == {
-        "kind": "brme", "dtype": "float32", "device": "cuda:1", "max_length": 64, "kernels": "reference",
-        "quantize": "nf4", "pooling": "last",
-    }  # fmt: skip
-    assert settings.load_options(ModelSpec(name="b", path="b")) == {
-        "kind": "auto", "dtype": "bfloat16", "device": "cpu", "max_length": 512, "kernels": "reference",
-        "quantize": "int8", "pooling": "hf",
-    }  # fmt: skip
+    assert settings.load_options(own) == LoadOptions(
+        kind="brme", dtype="float32", device="cuda:1", max_length=64, kernels="reference", quantize="nf4",
+        pooling="last",
+    )  # fmt: skip
+    assert settings.load_options(ModelSpec(name="b", path="b")) == LoadOptions(
+        kind="auto", dtype="bfloat16", device="cpu", max_length=512, kernels="reference", quantize="int8",
+        pooling="hf",
+    )  # fmt: skip
     # unset everywhere: None, so each model folder's own rmserve.json declaration (else hf) decides
-    assert Settings().load_options(ModelSpec(name="c", path="c"))["pooling"] is None
+    assert Settings().load_options(ModelSpec(name="c", path="c")).pooling is None
 
 
 def test_pooling_is_a_flag_an_env_var_and_a_yaml_field(monkeypatch, tmp_path):

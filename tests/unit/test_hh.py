@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rmserve.hh import (
+from rmserve.training.hh import (
     DATA_FILE,
     PreferencePair,
     default_data_path,

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rmserve.aggregation import AGGREGATES, AggregationParams
+from rmserve.aggregation import AggregationParams
 from rmserve.models.inputs import Messages, PromptResponse, Text
+from rmserve.names import AGGREGATES
 from rmserve.training.heads import (
     BrmeWeights,
     MultiheadWeights,

@@ -29,8 +29,7 @@ import torch
 import yaml
 from torch import nn
 
-from rmserve.config import ModelSpec, Settings
-from rmserve.hh import load_pairs
+from rmserve.config import LoadOptions, ModelSpec, Settings
 from rmserve.models.base import lambdas_for, module_bytes, parameter_count
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.ensemble import (
@@ -43,9 +42,11 @@ from rmserve.models.ensemble import (
 from rmserve.models.heads import MultiHeadRewardModel
 from rmserve.models.inputs import PromptResponse
 from rmserve.models.loader import load_model
-from rmserve.models.moe import MoERewardModel, moe_layers, upcycle
+from rmserve.models.moe import MoERewardModel, moe_layers
 from rmserve.models.quantize import INSTALL_COMMAND, bnb_config, int8_weight_forward, quantize_linears
-from rmserve.serving import load_models
+from rmserve.scoring.loading import load_models
+from rmserve.training.hh import load_pairs
+from rmserve.training.upcycle import upcycle
 from tests.tiny_models import DATA
 
 PAIRS = 32
@@ -139,7 +140,9 @@ def inputs() -> list[PromptResponse]:
 @pytest.fixture(scope="module")
 def dense(tiny_model_dirs) -> dict[str, DenseRewardModel]:
     return {
-        q: DenseRewardModel(f"llama-{q}", tiny_model_dirs["llama"], dtype="float32", device="cpu", quantize=q)
+        q: DenseRewardModel(
+            f"llama-{q}", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu", quantize=q)
+        )
         for q in ("none", *MODES)
     }
 
@@ -155,7 +158,9 @@ def moe_dir(tiny_model_dirs, tmp_path_factory) -> Path:
 def unquantised(tiny_head_model_dirs, inputs) -> dict[str, tuple[MultiHeadRewardModel, torch.Tensor]]:
     """The multihead and brme models unquantised, with their head rewards on ``inputs``."""
     models = {
-        kind: MultiHeadRewardModel(kind, tiny_head_model_dirs[kind], dtype="float32", device="cpu")
+        kind: MultiHeadRewardModel(
+            kind, tiny_head_model_dirs[kind], LoadOptions(dtype="float32", device="cpu")
+        )
         for kind in ("multihead", "brme")
     }
     return {kind: (model, head_rewards(model, inputs)) for kind, model in models.items()}
@@ -200,8 +205,10 @@ def test_weights_bytes_shrink_by_the_expected_factor(dense, inputs, quantize):
 def test_quantised_model_computes_the_float_model_on_round_tripped_weights(
     tiny_model_dirs, inputs, arch, quantize
 ):
-    quantised = DenseRewardModel("q", tiny_model_dirs[arch], dtype="float32", device="cpu", quantize=quantize)
-    oracle = DenseRewardModel("o", tiny_model_dirs[arch], dtype="float32", device="cpu")
+    quantised = DenseRewardModel(
+        "q", tiny_model_dirs[arch], LoadOptions(dtype="float32", device="cpu", quantize=quantize)
+    )
+    oracle = DenseRewardModel("o", tiny_model_dirs[arch], LoadOptions(dtype="float32", device="cpu"))
     head = "score" if arch == "llama" else "classifier"
     assert round_trip(oracle.model, (head,), quantize) == (2 * 7 if arch == "llama" else 2 * 6 + 1)
     expected = head_rewards(oracle, inputs)
@@ -231,10 +238,10 @@ def test_encoder_models_quantise_with_their_classifier_kept(tiny_model_dirs, inp
     (``initializer_range`` 0.5), which makes it far more sensitive than any real model; the nf4 semantics
     are checked exactly above.
     """
-    reference = DenseRewardModel("bert", tiny_model_dirs["bert"], dtype="float32", device="cpu")
+    reference = DenseRewardModel("bert", tiny_model_dirs["bert"], LoadOptions(dtype="float32", device="cpu"))
     for quantize in MODES:
         model = DenseRewardModel(
-            "bert", tiny_model_dirs["bert"], dtype="float32", device="cpu", quantize=quantize
+            "bert", tiny_model_dirs["bert"], LoadOptions(dtype="float32", device="cpu", quantize=quantize)
         )
         classifier = model.model.classifier
         assert type(classifier) is nn.Linear
@@ -251,7 +258,9 @@ def test_encoder_models_quantise_with_their_classifier_kept(tiny_model_dirs, inp
 @pytest.mark.parametrize("kind", ["multihead", "brme"])
 def test_head_models_quantise_the_backbone_only(tiny_head_model_dirs, unquantised, inputs, kind, quantize):
     reference, expected = unquantised[kind]
-    model = load_model("q", tiny_head_model_dirs[kind], dtype="float32", device="cpu", quantize=quantize)
+    model = load_model(
+        "q", tiny_head_model_dirs[kind], LoadOptions(dtype="float32", device="cpu", quantize=quantize)
+    )
     assert isinstance(model, MultiHeadRewardModel) and model.info.quantize == quantize
     assert all(torch.equal(model.weights[n], reference.weights[n]) for n in reference.weights)
     assert all(t.dtype == torch.float32 for t in model.weights.values())
@@ -268,8 +277,8 @@ def test_ensemble_members_are_quantised(tiny_model_dirs, tmp_path, inputs):
         for arch in ("llama", "qwen2")
     )
     folder = write_ensemble_config(tmp_path / "ensemble", EnsembleConfig(members=members))
-    reference = EnsembleRewardModel("e", folder, dtype="float32", device="cpu")
-    model = load_model("e", folder, dtype="float32", device="cpu", quantize="int8")
+    reference = EnsembleRewardModel("e", folder, LoadOptions(dtype="float32", device="cpu"))
+    model = load_model("e", folder, LoadOptions(dtype="float32", device="cpu", quantize="int8"))
     assert isinstance(model, EnsembleRewardModel) and model.info.quantize == "int8"
     assert all(m.info.quantize == "int8" and type(m.head) is nn.Linear for m in model.members)
     assert model.info.weights_bytes == sum(m.info.weights_bytes for m in model.members)
@@ -279,8 +288,8 @@ def test_ensemble_members_are_quantised(tiny_model_dirs, tmp_path, inputs):
 
 @pytest.mark.parametrize("quantize", MODES)
 def test_moe_experts_are_quantised_and_routers_kept(moe_dir, inputs, quantize):
-    reference = MoERewardModel("m", moe_dir, dtype="float32", device="cpu", kernels="reference")
-    model = load_model("m", moe_dir, dtype="float32", device="cpu", quantize=quantize)
+    reference = MoERewardModel("m", moe_dir, LoadOptions(dtype="float32", device="cpu", kernels="reference"))
+    model = load_model("m", moe_dir, LoadOptions(dtype="float32", device="cpu", quantize=quantize))
     assert isinstance(model, MoERewardModel) and model.info.quantize == quantize
     for layer in moe_layers(model.model):
         assert type(layer.router) is nn.Linear and layer.router.weight.dtype == torch.float32
@@ -297,7 +306,9 @@ def test_moe_experts_are_quantised_and_routers_kept(moe_dir, inputs, quantize):
 
 def test_quantised_moe_refuses_the_triton_moe_kernels(moe_dir):
     with pytest.raises(ValueError, match="Triton MoE kernels read float expert weights"):
-        MoERewardModel("m", moe_dir, dtype="float32", device="cpu", kernels="triton", quantize="int8")
+        MoERewardModel(
+            "m", moe_dir, LoadOptions(dtype="float32", device="cpu", kernels="triton", quantize="int8")
+        )
 
 
 def test_quantize_linears_leaves_kept_modules_and_none_alone():
@@ -319,7 +330,7 @@ def test_triton_head_kernel_reads_the_float_head_of_a_quantised_model(
     pytest.importorskip("triton")
     for path in (tiny_model_dirs["llama"], tiny_head_model_dirs["brme"]):
         models = {
-            k: load_model(k, path, dtype="float32", device="cpu", kernels=k, quantize=quantize)
+            k: load_model(k, path, LoadOptions(dtype="float32", device="cpu", kernels=k, quantize=quantize))
             for k in ("triton", "reference")
         }
         expected = head_rewards(models["reference"], inputs[:8])
@@ -332,14 +343,20 @@ def test_triton_head_kernel_reads_the_float_head_of_a_quantised_model(
 def test_missing_bitsandbytes_says_how_to_install_it(tiny_model_dirs, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
     with pytest.raises(ValueError, match="needs bitsandbytes, which is not installed") as info:
-        DenseRewardModel("q", tiny_model_dirs["llama"], dtype="float32", device="cpu", quantize="nf4")
+        DenseRewardModel(
+            "q", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu", quantize="nf4")
+        )
     assert INSTALL_COMMAND in str(info.value)
-    DenseRewardModel("q", tiny_model_dirs["llama"], dtype="float32", device="cpu")  # none needs nothing
+    DenseRewardModel(
+        "q", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu")
+    )  # none needs nothing
 
 
 def test_unknown_mode_and_float16_compute_are_refused(tiny_model_dirs):
     with pytest.raises(ValueError, match="unknown quantize 'int4'; use one of none, int8, nf4"):
-        DenseRewardModel("q", tiny_model_dirs["llama"], dtype="float32", device="cpu", quantize="int4")  # type: ignore[arg-type]
+        DenseRewardModel(
+            "q", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu", quantize="int4")
+        )  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="float16 runs about 100x slower"):
         bnb_config("nf4", dtype=torch.float16, device=torch.device("cpu"), keep=())
 

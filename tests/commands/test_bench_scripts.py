@@ -4,7 +4,7 @@
 saying so (and how to run them) rather than half-run. ``bench/kernel_bench.py --smoke`` runs every kernel case
 once at tiny shapes in Triton's CPU interpreter and checks it against its torch reference: it proves the
 script runs. Each runs in a child process, since triton fixes interpreting-or-compiling when first imported
-(see tests/unit/test_head_kernel.py).
+(see tests/kernels/test_head_kernel.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The ``demo-moe`` and ``demo-merged`` models: UMM-RM's recipe on the SmolLM2 demo, sized for a 2-core CPU.
 
-Recipe (``rmserve.demo.MOE_RECIPE``), run by ``rmserve demo build-moe --data HH_FILE`` (never by the server)
+Recipe (``rmserve.demo.build.MOE_RECIPE``), run by ``rmserve demo build-moe --data HH_FILE`` (never by the server)
 and cached where the server finds it:
 
 1. upcycle the ``demo`` reward model's last 2 decoder layers into 4 experts (shared + 3 normal),
@@ -12,29 +12,39 @@ and cached where the server finds it:
    epoch): ``demo-merged``, a plain ``LlamaForSequenceClassification`` folder.
 
 That is a small training run (about four minutes on 2 cores): it shows the pipeline on real weights and
-data, not an accuracy gain; ``python -m rmserve.training.demo_moe --data HH_FILE --evaluate`` measures all
+data, not an accuracy gain; ``rmserve demo build-moe --data HH_FILE --evaluate`` measures all
 three models on the 462 held-out pairs. Both models are trained on the final token and declare pooling
 ``last``, as every demo does.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
-from rmserve.demo import MOE_MODELS, MOE_RECIPE, atomic_build, build_demo_model, is_complete, moe_demo_dirs
-from rmserve.hh import load_pairs, split_indices
+from rmserve.demo.build import MOE_RECIPE, atomic_build, build_demo_model, is_complete, moe_demo_dirs
 from rmserve.models.inputs import Messages
-from rmserve.models.moe import decoder_layers, upcycle
+from rmserve.models.moe import decoder_layers
+from rmserve.names import MOE_DEMOS
+from rmserve.training.hh import load_pairs, split_indices
 from rmserve.training.merge import merge
 from rmserve.training.pairs import PreferenceExample
-from rmserve.training.trainer import PrefixMemo, TrainOptions, train
+from rmserve.training.trainer import (
+    PairData,
+    PrefixMemo,
+    TrainOptions,
+    accuracy,
+    cache_prefix,
+    encode_pairs,
+    encoder_for,
+    load_classifier,
+    train,
+)
+from rmserve.training.upcycle import upcycle
 
 RECIPE = MOE_RECIPE
-MOE_NAME, MERGED_NAME = MOE_MODELS
+MOE_NAME, MERGED_NAME = MOE_DEMOS
 PROGRESS_PAIRS = 32
 
 
@@ -95,15 +105,15 @@ def build_moe_demos(cache_dir: Path, data: Path, *, progress: bool = True) -> tu
     return moe_dir, merged_dir
 
 
-def evaluate(cache_dir: Path, data: Path, max_length: int = 512, progress: bool = True) -> dict[str, float]:
+def evaluate_moe_demos(
+    cache_dir: Path, data: Path, max_length: int = 512, progress: bool = True
+) -> dict[str, float]:
     """Held-out pairwise accuracy of demo, demo-moe and demo-merged on the 462 held-out HH pairs."""
-    from rmserve.training.trainer import accuracy, cache_prefix, encode_pairs, encoder_for, load_classifier
-
     moe_dir, merged_dir = build_moe_demos(cache_dir, data, progress=progress)
     _, held_index = split_indices(len(load_pairs(data)))
     held = hh_examples(held_index, data)
     results = {}
-    data = None
+    pairs: PairData | None = None
     for name, folder in (
         ("demo", build_demo_model(cache_dir)),
         (MOE_NAME, moe_dir),
@@ -112,34 +122,12 @@ def evaluate(cache_dir: Path, data: Path, max_length: int = 512, progress: bool 
         model, _ = load_classifier(folder)
         model.eval()
         first = len(decoder_layers(model)) - RECIPE["last_layers"]
-        if data is None:  # layers below `first` are the demo's in all three models: cache their output once
+        if pairs is None:  # layers below `first` are the demo's in all three models: cache their output once
             encoder = encoder_for(folder, model, max_length)
-            data = encode_pairs(encoder, held)
-            cache_prefix(model, data, first, progress)
-        results[name] = accuracy(model, data, first, 0, 8)
+            pairs = encode_pairs(encoder, held)
+            cache_prefix(model, pairs, first, progress)
+        results[name] = accuracy(model, pairs, first, 0, 8)
         print(
             f"{name}: held-out accuracy {results[name]:.4f} ({len(held)} pairs)", file=sys.stderr, flush=True
         )
     return results
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rmserve.training.demo_moe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument(
-        "--data", type=Path, required=True, help="the HH-RLHF harmless-base test split (JSONL.gz)"
-    )
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--evaluate", action="store_true", help="also measure held-out accuracy of all three")
-    args = parser.parse_args(argv)
-    from rmserve.config import Settings
-
-    cache_dir = args.cache_dir or Settings().cache_dir
-    moe_dir, merged_dir = build_moe_demos(cache_dir, args.data)
-    print(json.dumps({"demo-moe": str(moe_dir), "demo-merged": str(merged_dir), "recipe": RECIPE}, indent=2))
-    if args.evaluate:
-        print(json.dumps(evaluate(cache_dir, args.data), indent=2))
-
-
-if __name__ == "__main__":
-    main()

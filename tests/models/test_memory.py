@@ -17,8 +17,7 @@ import torch
 from pydantic import ValidationError
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from rmserve import serving
-from rmserve.config import ModelSpec, Settings
+from rmserve.config import LoadOptions, ModelSpec, Settings, parse_memory_size
 from rmserve.memory import (
     ForwardShape,
     MemoryBudgetError,
@@ -29,14 +28,15 @@ from rmserve.memory import (
     device_budget,
     device_key,
     estimate_model,
-    parse_memory_size,
     plan_memory,
     plan_served_models,
 )
 from rmserve.models.ensemble import Calibration, EnsembleConfig, Member, write_ensemble_config
 from rmserve.models.loader import load_model
-from rmserve.models.moe import upcycle
-from rmserve.serving import ModelRegistry, load_models
+from rmserve.scoring import loading
+from rmserve.scoring.loading import load_models
+from rmserve.scoring.registry import ModelRegistry
+from rmserve.training.upcycle import upcycle
 from tests.tiny_models import bpe_tokenizer
 
 GiB = 2**30
@@ -108,7 +108,9 @@ KINDS = ["llama", "qwen2", "gpt_neox", "bert", "multihead", "brme", "ensemble", 
 
 
 def _estimate(path: Path, **options) -> ModelEstimate:
-    return estimate_model("m", path, device="cpu", max_batch_tokens=256, max_batch_size=8, **options)
+    return estimate_model(
+        "m", path, LoadOptions(device="cpu", **options), max_batch_tokens=256, max_batch_size=8
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -116,7 +118,7 @@ def _estimate(path: Path, **options) -> ModelEstimate:
 def test_weights_estimate_is_the_loaded_module_bytes(
     model_dirs: dict[str, Path], kind: str, dtype: str
 ) -> None:
-    loaded = load_model("m", model_dirs[kind], dtype=dtype, device="cpu")  # type: ignore[arg-type]
+    loaded = load_model("m", model_dirs[kind], LoadOptions(dtype=dtype, device="cpu"))  # type: ignore[arg-type]
     assert _estimate(model_dirs[kind], dtype=dtype).weights_bytes == loaded.info.weights_bytes
 
 
@@ -127,7 +129,7 @@ def test_quantized_weights_estimate_is_the_loaded_module_bytes(
 ) -> None:
     """Exact (bound 0): the estimate replaces the layers the loader replaces, statistics included."""
     pytest.importorskip("bitsandbytes")
-    loaded = load_model("m", model_dirs[kind], dtype="float32", device="cpu", quantize=quantize)  # type: ignore[arg-type]
+    loaded = load_model("m", model_dirs[kind], LoadOptions(dtype="float32", device="cpu", quantize=quantize))  # type: ignore[arg-type]
     estimate = _estimate(model_dirs[kind], dtype="float32", quantize=quantize)
     assert estimate.weights_bytes == loaded.info.weights_bytes
     assert estimate.weights_bytes < _estimate(model_dirs[kind], dtype="float32").weights_bytes
@@ -152,6 +154,7 @@ MEASURE = textwrap.dedent(
     """
     import gc, json, sys
     import torch
+    from rmserve.config import LoadOptions
     from rmserve.models.base import lambdas_for
     from rmserve.models.dense import DenseRewardModel
     from rmserve.models.inputs import EncodedInput
@@ -163,7 +166,7 @@ MEASURE = textwrap.dedent(
 
     path, batch, length, attention = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     torch.set_num_threads(1)
-    model = DenseRewardModel("m", path, dtype="float32", device="cpu")
+    model = DenseRewardModel("m", path, LoadOptions(dtype="float32", device="cpu"))
     model.model.set_attn_implementation(attention)
     g = torch.Generator().manual_seed(0)
     def inputs(b, t):
@@ -227,7 +230,7 @@ def test_activation_formula_bounds_the_measured_peak(
 
 
 def test_the_planner_sees_the_attention_the_backends_get(small_llama: Path) -> None:
-    loaded = load_model("m", small_llama, dtype="float32", device="cpu")
+    loaded = load_model("m", small_llama, LoadOptions(dtype="float32", device="cpu"))
     with torch.device("meta"):
         meta = LlamaForSequenceClassification(LlamaConfig.from_pretrained(small_llama))
     assert Transformer.of(meta, masked=False).attention == loaded.model.config._attn_implementation == "sdpa"
@@ -299,7 +302,7 @@ def test_load_models_refuses_before_loading_anything(
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded although the plan is over budget")
 
-    monkeypatch.setattr(serving, "load_model", no_loading)
+    monkeypatch.setattr(loading, "load_model", no_loading)
     specs = [ModelSpec(name="rm", path=str(model_dirs["llama"]))]
     with pytest.raises(MemoryBudgetError, match="rm on cpu"):
         load_models(Settings(models=specs, memory_budget="1KB", device="cpu"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from rmserve.aggregation import AGGREGATES
+from rmserve.config import LoadOptions
 from rmserve.models.base import lambdas_for
 from rmserve.models.ensemble import (
     Calibration,
@@ -21,6 +21,7 @@ from rmserve.models.ensemble import (
 from rmserve.models.heads import MultiHeadRewardModel, save_head_model
 from rmserve.models.inputs import Messages, PromptResponse, Text
 from rmserve.models.loader import folder_kind, load_model
+from rmserve.names import AGGREGATES
 from tests.tiny_models import random_heads
 
 TOL = 1e-4
@@ -70,7 +71,7 @@ def assert_aggregates(row: torch.Tensor, expected: dict[str, float]) -> None:
 
 @pytest.mark.parametrize("kind", ["multihead", "brme"])
 def test_head_models_equal_the_offline_computation(kind, head_dirs, tiny_model_dirs):
-    model = MultiHeadRewardModel("m", head_dirs[kind], dtype="float32", device="cpu")
+    model = MultiHeadRewardModel("m", head_dirs[kind], LoadOptions(dtype="float32", device="cpu"))
     encoded = model.new_encoder().encode_many(INPUTS)
     uwo = torch.tensor([0.0, 0.5, 1.0, 2.0, 0.25])
     trade = torch.tensor([0.0, 0.6, 1.0, 0.3, 0.9])
@@ -99,8 +100,8 @@ def test_head_models_equal_the_offline_computation(kind, head_dirs, tiny_model_d
 
 
 def test_head_model_info_and_defaults(head_dirs):
-    brme = load_model("b", head_dirs["brme"], dtype="float32", device="cpu")
-    multi = load_model("m", head_dirs["multihead"], dtype="float32", device="cpu")
+    brme = load_model("b", head_dirs["brme"], LoadOptions(dtype="float32", device="cpu"))
+    multi = load_model("m", head_dirs["multihead"], LoadOptions(dtype="float32", device="cpu"))
     assert (brme.info.kind, brme.info.reward, brme.info.has_std, brme.info.nominal_head) == (
         "brme",
         "tradeoff",
@@ -119,7 +120,7 @@ def test_head_model_info_and_defaults(head_dirs):
 
 
 def test_batch_composition_does_not_change_head_outputs(head_dirs):
-    model = MultiHeadRewardModel("b", head_dirs["brme"], dtype="float32", device="cpu")
+    model = MultiHeadRewardModel("b", head_dirs["brme"], LoadOptions(dtype="float32", device="cpu"))
     encoded = model.new_encoder().encode_many(INPUTS)
     together = model.score(encoded, **lambdas_for(model.info.defaults, len(encoded)))
     for row, item in enumerate(encoded):
@@ -138,7 +139,7 @@ def test_head_model_folder_errors(tiny_model_dirs, tmp_path):
         tmp_path / "b", kind="multihead", backbone=backbone, weights=random_heads(16, 2, brme=False, seed=0)
     )
     with pytest.raises(ValueError, match=r"expected \(2, 32\).*hidden size 32"):
-        MultiHeadRewardModel("b", tmp_path / "b", device="cpu")
+        MultiHeadRewardModel("b", tmp_path / "b", LoadOptions(device="cpu"))
     save_head_model(
         tmp_path / "c",
         kind="multihead",
@@ -146,11 +147,11 @@ def test_head_model_folder_errors(tiny_model_dirs, tmp_path):
         weights=random_heads(32, 2, brme=False, seed=0),
     )
     with pytest.raises(ValueError, match="not a Hugging Face model folder"):
-        MultiHeadRewardModel("c", tmp_path / "c", device="cpu")
+        MultiHeadRewardModel("c", tmp_path / "c", LoadOptions(device="cpu"))
     save_head_model(tmp_path / "d", kind="multihead", backbone=str(tiny_model_dirs["bert"]),
                     weights=random_heads(32, 2, brme=False, seed=0))  # fmt: skip
     with pytest.raises(ValueError, match="encoder"):
-        MultiHeadRewardModel("d", tmp_path / "d", device="cpu")
+        MultiHeadRewardModel("d", tmp_path / "d", LoadOptions(device="cpu"))
     with pytest.raises(ValueError, match="nominal_head=3 but there are only 2 heads"):
         save_head_model(tmp_path / "e", kind="multihead", backbone=backbone,
                         weights=random_heads(32, 2, brme=False, seed=0), nominal_head=3)  # fmt: skip
@@ -159,7 +160,7 @@ def test_head_model_folder_errors(tiny_model_dirs, tmp_path):
     with pytest.raises(ValueError, match="kind 'mixture'"):
         folder_kind(tmp_path / "f")
     with pytest.raises(ValueError, match=r"configured as kind 'brme'.*holds a multihead"):
-        load_model("x", tmp_path / "b", kind="brme")
+        load_model("x", tmp_path / "b", LoadOptions(kind="brme"))
 
 
 # --- ensembles -------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def offline_member_reward(folder: Path, item) -> float:
 
 
 def test_ensemble_equals_calibrated_offline_members(ensemble_dir, tiny_model_dirs):
-    model = EnsembleRewardModel("ens", ensemble_dir, dtype="float32", device="cpu")
+    model = EnsembleRewardModel("ens", ensemble_dir, LoadOptions(dtype="float32", device="cpu"))
     assert model.info.heads == ("llama", "gpt_neox", "bert")
     assert model.info.nominal == "gpt_neox"
     encoded = model.new_encoder().encode_many(INPUTS)
@@ -212,9 +213,9 @@ def test_ensemble_refuses_uncalibrated_members(tiny_model_dirs, tmp_path):
     members = (Member(name="a", path=str(tiny_model_dirs["llama"])), Member(name="b", path="../b"))
     folder = write_ensemble_config(tmp_path / "e", EnsembleConfig(members=members))
     with pytest.raises(ValueError, match=r"members a, b have no calibration.*rmserve calibrate"):
-        EnsembleRewardModel("e", folder, device="cpu")
+        EnsembleRewardModel("e", folder, LoadOptions(device="cpu"))
     with pytest.raises(ValueError, match="member 'b'"):
-        EnsembleRewardModel("e", folder, device="cpu", require_calibration=False)
+        EnsembleRewardModel("e", folder, LoadOptions(device="cpu"), require_calibration=False)
     with pytest.raises(ValueError, match="unique"):
         EnsembleConfig(members=(members[0], members[0]))
     with pytest.raises(ValueError, match="nominal_member=2"):
@@ -223,7 +224,9 @@ def test_ensemble_refuses_uncalibrated_members(tiny_model_dirs, tmp_path):
 
 
 def test_head_models_read_the_final_token_with_pooling_last(head_dirs, tiny_model_dirs, tmp_path):
-    model = MultiHeadRewardModel("m", head_dirs["multihead"], dtype="float32", device="cpu", pooling="last")
+    model = MultiHeadRewardModel(
+        "m", head_dirs["multihead"], LoadOptions(dtype="float32", device="cpu", pooling="last")
+    )
     assert model.info.pooling == "last"
     encoded = model.new_encoder().encode_many(INPUTS)
     states = model.backbone.pooled_states(encoded)  # (B, H), one batch
@@ -240,5 +243,5 @@ def test_head_models_read_the_final_token_with_pooling_last(head_dirs, tiny_mode
         weights=random_heads(32, 2, brme=False, seed=0),
         pooling="last",
     )
-    assert MultiHeadRewardModel("d", declared, device="cpu").info.pooling == "last"
-    assert MultiHeadRewardModel("d", declared, device="cpu", pooling="hf").info.pooling == "hf"
+    assert MultiHeadRewardModel("d", declared, LoadOptions(device="cpu")).info.pooling == "last"
+    assert MultiHeadRewardModel("d", declared, LoadOptions(device="cpu", pooling="hf")).info.pooling == "hf"

@@ -11,12 +11,14 @@ import torch
 from typer.testing import CliRunner
 
 from rmserve.cli import app
-from rmserve.hh import dialogue_to_messages
+from rmserve.config import LoadOptions
 from rmserve.models.base import reward_values
+from rmserve.models.decoder import DecoderBackbone
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.ensemble import EnsembleRewardModel, read_ensemble_config
-from rmserve.models.heads import DecoderBackbone, MultiHeadRewardModel, read_head_config
+from rmserve.models.heads import MultiHeadRewardModel, read_head_config
 from rmserve.training.heads import BrmeWeights, apply_brme
+from rmserve.training.hh import dialogue_to_messages
 from rmserve.training.pairs import read_preference_pairs
 from tests.tiny_models import DATA
 
@@ -66,7 +68,7 @@ def test_train_heads_writes_a_model_that_serves_the_trained_heads(pairs_file, ti
         "tradeoff",
     }
     # the served model computes exactly the trained heads on the backbone's pooled features
-    model = MultiHeadRewardModel("m", out, dtype="float32", device="cpu")
+    model = MultiHeadRewardModel("m", out, LoadOptions(dtype="float32", device="cpu"))
     inputs = [p.chosen for p in read_preference_pairs(pairs_file)[:4]]
     encoded = model.new_encoder(128).encode_many(inputs)
     served = model.score(encoded, uwo_lambda=torch.ones(4), tradeoff_lambda=torch.full((4,), 0.6))
@@ -109,7 +111,7 @@ def test_ensemble_and_calibrate_store_each_members_statistics(pairs_file, tiny_m
     assert created.exit_code == 0, created.output
     assert f"next: rmserve calibrate {out} --data" in created.output
     with pytest.raises(ValueError, match="no calibration"):
-        EnsembleRewardModel("e", out, device="cpu")
+        EnsembleRewardModel("e", out, LoadOptions(device="cpu"))
     calibrated = CliRunner().invoke(
         app, ["calibrate", str(out), "--data", str(pairs_file), "--limit", "30", "--device", "cpu"]
     )
@@ -120,7 +122,7 @@ def test_ensemble_and_calibrate_store_each_members_statistics(pairs_file, tiny_m
     # offline: each member scores the same 30 inputs (both responses of the first 15 pairs) one by one
     inputs = [x for p in read_preference_pairs(pairs_file)[:15] for x in (p.chosen, p.rejected)]
     for member in config.members:
-        model = DenseRewardModel(member.name, Path(member.path), dtype="float32", device="cpu")
+        model = DenseRewardModel(member.name, Path(member.path), LoadOptions(dtype="float32", device="cpu"))
         encoder = model.new_encoder()
         rewards = torch.tensor(
             [reward_values(model, [encoder.encode(x)])[0] for x in inputs], dtype=torch.float64
@@ -129,7 +131,7 @@ def test_ensemble_and_calibrate_store_each_members_statistics(pairs_file, tiny_m
         assert member.calibration.inputs == 30 and member.calibration.data == "pairs.jsonl"
         assert member.calibration.mean == pytest.approx(float(rewards.mean()), abs=1e-4)
         assert member.calibration.std == pytest.approx(float(rewards.std(correction=0)), abs=1e-4)
-    served = EnsembleRewardModel("e", out, dtype="float32", device="cpu")
+    served = EnsembleRewardModel("e", out, LoadOptions(dtype="float32", device="cpu"))
     assert served.info.heads == ("llama", "gpt_neox", "bert")
 
 

@@ -9,14 +9,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rmserve.demo import DEMO_POOLING
+from rmserve.config import LoadOptions
+from rmserve.demo.build import DEMO_POOLING
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import Messages
-from rmserve.training.demo_head import (
+from rmserve.training.fitting import (
     L2_GRID,
     binomial_interval,
-    extract_features,
     feature_scale,
     fit_head,
     fit_scaled_head,
@@ -24,6 +24,7 @@ from rmserve.training.demo_head import (
     pairwise_accuracy,
     select_head,
 )
+from rmserve.training.recipes.demo_head import extract_features
 from tests.tiny_models import build_llama
 
 pytestmark = pytest.mark.unit
@@ -142,7 +143,7 @@ def test_features_are_what_the_server_scores(tiny_llama, tmp_path):
     )
     # the demo heads read the final token (the demos declare pooling `last`)
     server = DenseRewardModel(
-        "tiny", tiny_llama, dtype="float32", device="cpu", max_length=40, pooling=DEMO_POOLING
+        "tiny", tiny_llama, LoadOptions(dtype="float32", device="cpu", max_length=40, pooling=DEMO_POOLING)
     )
     encoder = server.new_encoder()
     encoded = [encoder.encode(Messages.model_validate({"messages": d})) for d in DIALOGUES]

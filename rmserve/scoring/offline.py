@@ -10,12 +10,12 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from rmserve.aggregation import AGGREGATES
 from rmserve.batching.planning import plan_offline
 from rmserve.config import Settings
 from rmserve.models.base import RewardModel, lambdas_for
 from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
-from rmserve.serving import resolve_limits
+from rmserve.names import AGGREGATES
+from rmserve.scoring.registry import resolve_limits
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from rmserve.cli import app
-from rmserve.hh import dialogue_to_messages
+from rmserve.config import LoadOptions
 from rmserve.models.base import module_bytes, reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import PromptResponse, Text
@@ -27,13 +27,13 @@ from rmserve.models.moe import (
     load_moe_classifier,
     moe_layers,
     read_moe_config,
-    save_moe,
-    upcycle,
 )
 from rmserve.models.pooling import write_dense_descriptor
+from rmserve.training.hh import dialogue_to_messages
 from rmserve.training.pairs import read_preference_pairs
 from rmserve.training.trainer import balance_loss, cache_prefix, encode_pairs, encoder_for, pair_loss, rewards
-from rmserve_kernels.moe import route_reference
+from rmserve.training.upcycle import save_moe, upcycle
+from rmserve_kernels.routing import route_reference
 from tests.tiny_models import DATA
 
 INPUTS = [
@@ -72,8 +72,8 @@ def offline_score(model: torch.nn.Module, ids: tuple[int, ...]) -> float:
 def test_upcycled_model_scores_exactly_as_the_dense_one(arch, tiny_model_dirs, tmp_path):
     config = upcycle(tiny_model_dirs[arch], tmp_path / "moe", experts=4, top_k=2, seed=3)
     assert config.layers == (0, 1)
-    dense = DenseRewardModel("d", tiny_model_dirs[arch], dtype="float32", device="cpu")
-    moe = load_model("m", tmp_path / "moe", dtype="float32", device="cpu")
+    dense = DenseRewardModel("d", tiny_model_dirs[arch], LoadOptions(dtype="float32", device="cpu"))
+    moe = load_model("m", tmp_path / "moe", LoadOptions(dtype="float32", device="cpu"))
     assert isinstance(moe, MoERewardModel) and moe.info.kind == "moe"
     assert "MoE (4 experts, top-2) in 2 layers (0..1)" in moe.info.architecture
     encoded = dense.new_encoder().encode_many(INPUTS)
@@ -89,11 +89,11 @@ def test_upcycled_model_scores_exactly_as_the_dense_one(arch, tiny_model_dirs, t
 def test_served_moe_equals_an_offline_forward_of_the_same_module(arch, tiny_model_dirs, tmp_path):
     upcycle(tiny_model_dirs[arch], tmp_path / "moe", experts=5, top_k=3, last=1, seed=1)
     perturb(tmp_path / "moe")
-    served = MoERewardModel("m", tmp_path / "moe", dtype="float32", device="cpu")
+    served = MoERewardModel("m", tmp_path / "moe", LoadOptions(dtype="float32", device="cpu"))
     encoded = served.new_encoder().encode_many(INPUTS)
     batch = reward_values(served, encoded)  # one mixed-length batch
     offline = load_moe_classifier(tmp_path / "moe")
-    dense = DenseRewardModel("d", tiny_model_dirs[arch], dtype="float32", device="cpu")
+    dense = DenseRewardModel("d", tiny_model_dirs[arch], LoadOptions(dtype="float32", device="cpu"))
     for row, item in enumerate(encoded):
         assert batch[row] == pytest.approx(offline_score(offline, item.token_ids), abs=1e-4)
     # the perturbation changed the scores: the MoE layers are really used
@@ -153,7 +153,7 @@ def test_moe_pooling_follows_the_dense_model_it_was_upcycled_from(tiny_model_dir
     write_dense_descriptor(dense, "last")  # a dense folder trained on the final token
     config = upcycle(dense, tmp_path / "moe", experts=4, top_k=2, seed=3)
     assert config.pooling == "last"
-    moe = load_model("m", tmp_path / "moe", dtype="float32", device="cpu")
+    moe = load_model("m", tmp_path / "moe", LoadOptions(dtype="float32", device="cpu"))
     assert moe.info.pooling == "last"
     classifier = load_moe_classifier(tmp_path / "moe")
     classifier.config.pad_token_id = None  # transformers reads the final token of a batch of one
@@ -185,7 +185,7 @@ def test_merge_gives_a_dense_model_that_vanilla_transformers_loads(tiny_model_di
     )
     assert result.exit_code == 0, result.output
     moe = load_moe_classifier(tmp_path / "moe")
-    merged = DenseRewardModel("merged", tmp_path / "merged", dtype="float32", device="cpu")
+    merged = DenseRewardModel("merged", tmp_path / "merged", LoadOptions(dtype="float32", device="cpu"))
     # uniform alpha: W = 0.4 W_shared + 0.2 (W_1 + W_2 + W_3), for gate, up and down alike
     source = moe_layers(moe)[0]
     layer = decoder_layers(merged.model)[1].mlp
@@ -209,8 +209,8 @@ def test_merge_right_after_upcycling_is_the_dense_model(tiny_model_dirs, tmp_pat
         app, ["merge", "--moe", str(tmp_path / "moe"), "--out", str(tmp_path / "merged")]
     )
     assert result.exit_code == 0, result.output
-    dense = DenseRewardModel("d", tiny_model_dirs["gpt_neox"], dtype="float32", device="cpu")
-    merged = DenseRewardModel("m", tmp_path / "merged", dtype="float32", device="cpu")
+    dense = DenseRewardModel("d", tiny_model_dirs["gpt_neox"], LoadOptions(dtype="float32", device="cpu"))
+    merged = DenseRewardModel("m", tmp_path / "merged", LoadOptions(dtype="float32", device="cpu"))
     encoded = dense.new_encoder().encode_many(INPUTS)
     assert reward_values(merged, encoded) == pytest.approx(reward_values(dense, encoded), abs=1e-5)
 
@@ -265,7 +265,7 @@ def test_train_experts_then_learned_merge(tiny_model_dirs, tmp_path, pairs_file)
     )  # fmt: skip
     assert merged.exit_code == 0, merged.output
     assert "merge epoch 1: held-out accuracy" in merged.output
-    merged_model = DenseRewardModel("m", tmp_path / "merged", device="cpu")
+    merged_model = DenseRewardModel("m", tmp_path / "merged", LoadOptions(device="cpu"))
     assert (merged_model.info.kind, merged_model.info.pooling) == ("dense", "last")
 
 
@@ -303,8 +303,12 @@ def test_served_moe_with_triton_kernels_equals_the_reference_path(tiny_model_dir
     pytest.importorskip("triton")
     upcycle(tiny_model_dirs["llama"], tmp_path / "moe", experts=4, top_k=3, seed=2)
     perturb(tmp_path / "moe")
-    reference = MoERewardModel("r", tmp_path / "moe", dtype="float32", device="cpu", kernels="reference")
-    fused = MoERewardModel("t", tmp_path / "moe", dtype="float32", device="cpu", kernels="triton")
+    reference = MoERewardModel(
+        "r", tmp_path / "moe", LoadOptions(dtype="float32", device="cpu", kernels="reference")
+    )
+    fused = MoERewardModel(
+        "t", tmp_path / "moe", LoadOptions(dtype="float32", device="cpu", kernels="triton")
+    )
     encoded = reference.new_encoder().encode_many(INPUTS)
     assert reward_values(fused, encoded) == pytest.approx(reward_values(reference, encoded), abs=1e-4)
     # the kernels read the experts in place: every expert weight is a view of its projection's stack
@@ -321,7 +325,7 @@ def test_served_moe_with_triton_kernels_equals_the_reference_path(tiny_model_dir
     assert layer._stacked[0][0].data_ptr() == layer.experts[0].gate_proj.weight.data_ptr()
     with pytest.raises(ValueError, match="SwiGLU"):
         upcycle(tiny_model_dirs["gpt_neox"], tmp_path / "neox", experts=3, top_k=2)
-        MoERewardModel("n", tmp_path / "neox", dtype="float32", device="cpu", kernels="triton")
+        MoERewardModel("n", tmp_path / "neox", LoadOptions(dtype="float32", device="cpu", kernels="triton"))
 
 
 def test_pair_loss_and_balance_loss_on_hand_examples(tiny_model_dirs, tmp_path):

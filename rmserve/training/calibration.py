@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from rmserve.batching.planning import BatchLimits, plan_offline
-from rmserve.models.base import DTypeName
+from rmserve.config import LoadOptions
 from rmserve.models.ensemble import (
     Calibration,
     EnsembleConfig,
@@ -31,7 +31,8 @@ from rmserve.models.ensemble import (
     write_ensemble_config,
 )
 from rmserve.models.inputs import RewardInput
-from rmserve.offline import read_inputs
+from rmserve.names import DTypeName
+from rmserve.scoring.offline import read_inputs
 from rmserve.training.pairs import read_preference_pairs
 
 
@@ -126,14 +127,17 @@ def calibrate(
     """
     config = read_ensemble_config(path)
     model = EnsembleRewardModel(
-        "calibration", path, dtype=dtype, device=device, kernels="reference", require_calibration=False
+        "calibration",
+        path,
+        LoadOptions(dtype=dtype, device=device, kernels="reference"),
+        require_calibration=False,
     )
     encoded = model.new_encoder(min(model.info.max_length, max_batch_tokens)).encode_many(inputs, "left")
     limits = BatchLimits(max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size)
     rewards = torch.empty(len(encoded), len(model.members))  # (N, k)
     with tqdm(total=sum(map(len, encoded)), unit="tok", disable=not progress, desc="calibrating") as bar:
         for batch in plan_offline([len(e) for e in encoded], limits):
-            rewards[batch] = model.raw_member_rewards([encoded[i] for i in batch])  # type: ignore[misc]
+            rewards[batch] = model.raw_member_rewards([encoded[i] for i in batch])
             bar.update(sum(len(encoded[i]) for i in batch))
     stats = member_statistics(rewards)
     members = []

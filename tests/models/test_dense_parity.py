@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from rmserve.config import LoadOptions
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import EncodedInput, Message, Messages, PromptResponse, Text, TokenIds
@@ -41,7 +42,7 @@ def oracle(path, encoded: EncodedInput, pooling: str = "hf") -> float:
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dirs):
     return {
-        name: DenseRewardModel(name, path, dtype="float32", device="cpu")
+        name: DenseRewardModel(name, path, LoadOptions(dtype="float32", device="cpu"))
         for name, path in tiny_model_dirs.items()
     }
 
@@ -49,7 +50,7 @@ def loaded(tiny_model_dirs):
 @pytest.fixture(scope="module")
 def loaded_last(tiny_model_dirs):
     return {
-        name: DenseRewardModel(name, path, dtype="float32", device="cpu", pooling="last")
+        name: DenseRewardModel(name, path, LoadOptions(dtype="float32", device="cpu", pooling="last"))
         for name, path in tiny_model_dirs.items()
         if name != "bert"
     }
@@ -129,24 +130,24 @@ def test_hf_pooling_positions_follow_transformers_rule():
 
 def test_pooling_last_is_refused_for_an_encoder(tiny_model_dirs):
     with pytest.raises(ValueError, match="pooling 'last' is for decoder models"):
-        DenseRewardModel("bert", tiny_model_dirs["bert"], device="cpu", pooling="last")
+        DenseRewardModel("bert", tiny_model_dirs["bert"], LoadOptions(device="cpu", pooling="last"))
 
 
 def test_a_folder_declares_its_pooling_and_an_explicit_one_wins(tiny_model_dirs, tmp_path):
     folder = tmp_path / "declared"
     shutil.copytree(tiny_model_dirs["llama"], folder)
     write_dense_descriptor(folder, "last")
-    assert DenseRewardModel("m", folder, device="cpu").info.pooling == "last"
-    assert DenseRewardModel("m", folder, device="cpu", pooling="hf").info.pooling == "hf"
+    assert DenseRewardModel("m", folder, LoadOptions(device="cpu")).info.pooling == "last"
+    assert DenseRewardModel("m", folder, LoadOptions(device="cpu", pooling="hf")).info.pooling == "hf"
     (folder / "rmserve.json").write_text('{"kind": "dense", "pooling": "first"}')
     with pytest.raises(ValueError, match="'pooling' must be one of hf, last"):
-        DenseRewardModel("m", folder, device="cpu")
+        DenseRewardModel("m", folder, LoadOptions(device="cpu"))
 
 
 def test_the_load_log_names_both_rules_when_pad_is_eos_and_the_template_ends_with_it(tiny_model_dirs, caplog):
     with caplog.at_level(logging.INFO, logger="rmserve.models.pooling"):
-        DenseRewardModel("rm", tiny_model_dirs["llama"], device="cpu")
-        DenseRewardModel("rm-neox", tiny_model_dirs["gpt_neox"], device="cpu")
+        DenseRewardModel("rm", tiny_model_dirs["llama"], LoadOptions(device="cpu"))
+        DenseRewardModel("rm-neox", tiny_model_dirs["gpt_neox"], LoadOptions(device="cpu"))
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == (
         "rm: pad == eos == <|im_end|> and the chat template ends with it; pooling hf scores the last token "

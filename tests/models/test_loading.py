@@ -1,4 +1,4 @@
-"""Loading for serving (``rmserve.serving.load_models``): each model is warmed up before it takes requests."""
+"""Loading for serving (``rmserve.scoring.loading.load_models``): each model is warmed up before it takes requests."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rmserve import serving
 from rmserve.config import ModelSpec, Settings
 from rmserve.models.base import ForwardError
 from rmserve.models.inputs import Text
-from rmserve.serving import WARM_UP_TEXT, load_models
+from rmserve.scoring import loading
+from rmserve.scoring.loading import WARM_UP_TEXT, load_models
 
 
 def test_each_model_is_warmed_up_once_before_it_is_returned(tiny_model_dirs, monkeypatch, caplog):
     warmed: list[tuple[str, list[int]]] = []
-    original = serving.warm_up
+    original = loading.warm_up
 
     def spy(model):
         real_score = model.score
@@ -32,12 +32,12 @@ def test_each_model_is_warmed_up_once_before_it_is_returned(tiny_model_dirs, mon
         original(model)
         del model.score
 
-    monkeypatch.setattr(serving, "warm_up", spy)
+    monkeypatch.setattr(loading, "warm_up", spy)
     specs = [
         ModelSpec(name="a", path=str(tiny_model_dirs["llama"])),
         ModelSpec(name="b", path=str(tiny_model_dirs["bert"])),
     ]
-    with caplog.at_level(logging.INFO, logger="rmserve.serving"):
+    with caplog.at_level(logging.INFO, logger="rmserve.scoring.loading"):
         models, _ = load_models(Settings(models=specs, device="cpu"))
     text = [Text(text=WARM_UP_TEXT)]
     assert warmed == [(m.info.name, list(m.new_encoder().encode_many(text)[0].token_ids)) for m in models]

@@ -15,31 +15,36 @@ descriptor (``rmserve.json``, with the held-out accuracy of every head and aggre
 
 Usage::
 
-    python -m rmserve.training.demo_heads [--data PATH] [--cache-dir DIR]
+    rmserve demo train-heads [--data PATH] [--cache-dir DIR]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from rmserve.aggregation import AggregationParams
-from rmserve.demo import ASSETS, BACKBONE_DIR, DEMO_POOLING, build_backbone, file_sha256, head_model_assets
-from rmserve.hh import SPLIT_SEED, default_data_path, load_pairs, split_indices
+from rmserve.demo.build import (
+    ASSETS,
+    BACKBONE_DIR,
+    DEMO_POOLING,
+    build_backbone,
+    file_sha256,
+    head_model_assets,
+)
 from rmserve.models.descriptor import DESCRIPTOR
 from rmserve.models.heads import HEADS_FILE, save_head_model
-from rmserve.training.demo_head import MAX_LENGTH, REPO_ROOT, extract_features, feature_cache_path
+from rmserve.names import HeadKind
 from rmserve.training.heads import DEFAULT_EPS, format_report
+from rmserve.training.hh import SPLIT_SEED, load_pairs, split_indices
 from rmserve.training.pipeline import PairFeatures, evaluate, evaluation_record, fit_heads
+from rmserve.training.recipes.demo_head import MAX_LENGTH, extract_features, feature_cache_path
 
 SEED = 0
-DEMOS = {
-    "demo-brme": {"kind": "brme", "heads": 5},
-    "demo-ensemble": {"kind": "multihead", "heads": 4},
+DEMOS: dict[str, tuple[HeadKind, int]] = {  # name: (kind, heads)
+    "demo-brme": ("brme", 5),
+    "demo-ensemble": ("multihead", 4),
 }
 PARAMS = AggregationParams()
 
@@ -60,20 +65,20 @@ def train_demo_heads(
     train = PairFeatures(chosen[train_index], rejected[train_index], 0, 0, 0.0)
     held = PairFeatures(chosen[held_index], rejected[held_index], 0, 0, 0.0)
     records = {}
-    for name, recipe in DEMOS.items():
+    for name, (kind, head_count) in DEMOS.items():
         started = time.monotonic()
-        weights = fit_heads(recipe["kind"], train, heads=recipe["heads"], seed=SEED, progress=progress)
+        weights = fit_heads(kind, train, heads=head_count, seed=SEED, progress=progress)
         seconds = time.monotonic() - started
-        nominal = None if recipe["kind"] == "brme" else 0
+        nominal = None if kind == "brme" else 0
         evaluation = evaluate(weights, held, eps=DEFAULT_EPS, nominal_head=nominal, params=PARAMS)
-        print(f"{name}: {recipe['heads']} {recipe['kind']} heads trained in {seconds:.1f}s", file=sys.stderr)
+        print(f"{name}: {head_count} {kind} heads trained in {seconds:.1f}s", file=sys.stderr)
         print(format_report(evaluation), file=sys.stderr)
         record = evaluation_record(evaluation)
         descriptor, heads = head_model_assets(name)
         folder = descriptor.parent / f".{name}.build"
         save_head_model(
             folder,
-            kind=recipe["kind"],  # type: ignore[arg-type]
+            kind=kind,
             backbone=f"../{BACKBONE_DIR}",
             weights=weights,
             nominal_head=nominal,
@@ -95,7 +100,7 @@ def train_demo_heads(
                     "truncated": stats.truncated,
                 },
                 "held_out": record,
-                "command": "python -m rmserve.training.demo_heads",
+                "command": "rmserve demo train-heads",
             },
         )
         (folder / DESCRIPTOR).replace(descriptor)
@@ -105,27 +110,3 @@ def train_demo_heads(
             file.chmod(0o644)
         records[name] = record
     return records
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m rmserve.training.demo_heads [--data] [--cache-dir]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m rmserve.training.demo_heads",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--data", type=Path, default=default_data_path(REPO_ROOT), help="HH-RLHF JSONL(.gz) file"
-    )
-    parser.add_argument("--cache-dir", type=Path, default=None, help="backbone and feature cache")
-    args = parser.parse_args(argv)
-    cache_dir = args.cache_dir
-    if cache_dir is None:
-        from rmserve.config import Settings
-
-        cache_dir = Settings().cache_dir
-    print(json.dumps(train_demo_heads(args.data, cache_dir), indent=2))
-
-
-if __name__ == "__main__":
-    main()

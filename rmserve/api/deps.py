@@ -1,0 +1,185 @@
+"""What every scoring route shares: the model lookup, the limits, cancellation and the timing headers.
+
+``resolve_model`` finds the request's model (404 if none); ``score_request`` scores inputs through it
+with the request's limits (413), cancelling the work when the client hangs up (499) or the request
+times out (504), maps every domain error to its HTTP form, and sets the timing headers every scoring
+route answers with:
+
+- ``x-tokenization-time``: milliseconds spent tokenising the request's inputs;
+- ``x-queue-time``: the longest wait of its inputs in the batcher's queue;
+- ``x-inference-time``: the forward time of the batches that held its inputs;
+- ``x-total-time``: from the model lookup to the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from fastapi import Request, Response
+from pydantic import ValidationError
+
+from rmserve.api.errors import ApiError, ClientDisconnected, from_domain
+from rmserve.api.schemas import ErrorResponse
+from rmserve.api.state import AppState
+from rmserve.config import Settings
+from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
+from rmserve.scoring.registry import ModelRegistry
+from rmserve.scoring.scorer import ScoreOutcome, ServedModel
+
+T = TypeVar("T")
+TIMING_HEADERS = ("x-tokenization-time", "x-queue-time", "x-inference-time", "x-total-time")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        404: "Unknown model.",
+        413: "Request body, input count or token total over the limits.",
+        422: "Invalid input (message says which and how to fix it).",
+        429: "Queue full; retry after Retry-After seconds.",
+        500: "The batch holding the request failed.",
+        503: "Models still loading, or the server is shutting down.",
+        504: "Not answered within request_timeout_s; the request was cancelled.",
+    }.items()
+}
+
+
+def app_state(request: Request) -> AppState:
+    """What the app keeps between requests."""
+    state: AppState = request.app.state.rmserve
+    return state
+
+
+def settings_of(request: Request) -> Settings:
+    """The server's settings."""
+    return app_state(request).settings
+
+
+def registry_of(request: Request) -> ModelRegistry:
+    state = app_state(request)
+    if state.shutting_down:
+        raise ApiError(
+            503,
+            "shutting_down",
+            "the server is shutting down; retry on another replica.",
+            {"Retry-After": "1"},
+        )
+    if state.registry is None:
+        detail = (
+            f"model loading failed: {state.load_error}" if state.load_error else "models are still loading"
+        )
+        raise ApiError(
+            503, "not_ready", f"{detail}; GET /ready says when the server can score.", {"Retry-After": "5"}
+        )
+    return state.registry
+
+
+def check_input_count(request: Request, count: int) -> None:
+    """Refuse (413) a request with more inputs than ``max_inputs_per_request``."""
+    limit = settings_of(request).max_inputs_per_request
+    if count > limit:
+        raise ApiError(
+            413,
+            "too_many_inputs",
+            f"the request has {count} inputs, over the limit of {limit}; split it into several requests.",
+        )
+
+
+async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, cancelling it if the client disconnects first or the request timeout passes.
+
+    Cancelled work's queued inputs are dropped before they are computed.
+
+    Raises:
+        ClientDisconnected: the client hung up.
+        ApiError: 504 once ``request_timeout_s`` has passed.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def wait_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    timeout = settings_of(request).request_timeout_s
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        if watcher.done() and not watcher.cancelled():
+            raise ClientDisconnected
+        raise ApiError(
+            504,
+            "timeout",
+            f"the request was not answered within request_timeout_s={timeout:g} s and was cancelled (its queued "
+            "inputs dropped); send fewer inputs per request, add replicas, or raise --request-timeout-s.",
+        )
+    return task.result()
+
+
+def resolve_model(request: Request, name: str | None) -> ServedModel:
+    """The served model a request names (None: the default), recorded for the access log and metrics.
+
+    Raises:
+        ApiError: 503 while loading or shutting down, 404 for a model not served here.
+    """
+    registry = registry_of(request)
+    try:
+        served = registry.get(name)
+    except Exception as exc:
+        raise from_domain(exc) from exc
+    request.scope["state"]["model"] = served.name
+    request.scope["state"]["started"] = time.perf_counter()
+    return served
+
+
+async def score_request(
+    request: Request, response: Response, served: ServedModel, inputs: list[RewardInput], **options: Any
+) -> ScoreOutcome:
+    """Score ``inputs`` with ``served`` (``ServedModel.score`` options), setting the timing headers.
+
+    Raises:
+        ClientDisconnected: the client hung up (answered 499).
+        ApiError: the inputs are over a limit, invalid, or could not be scored.
+    """
+    try:
+        check_input_count(request, len(inputs))
+        outcome = await until_disconnect(request, served.score(inputs, **options))
+    except ClientDisconnected:
+        raise
+    except Exception as exc:
+        raise from_domain(exc) from exc
+    request.scope["state"]["input_tokens"] = outcome.input_tokens
+    set_timing_headers(request, response, outcome.tokenize_s, outcome.queue_s, outcome.inference_s)
+    return outcome
+
+
+def set_timing_headers(
+    request: Request, response: Response, tokenize_s: float, queue_s: float, inference_s: float
+) -> None:
+    """The timing headers (``TIMING_HEADERS``), in milliseconds."""
+    started = request.scope["state"].get("started", time.perf_counter())
+    values = (tokenize_s, queue_s, inference_s, time.perf_counter() - started)
+    for name, seconds in zip(TIMING_HEADERS, values, strict=True):
+        response.headers[name] = f"{seconds * 1000:.2f}"
+
+
+def build_inputs(field: str, raw: list[dict[str, Any]]) -> list[RewardInput]:
+    """Reward inputs from their plain forms; a bad one is a 422 naming ``field[index]``."""
+    out = []
+    for index, item in enumerate(raw):
+        try:
+            out.append(INPUT_ADAPTER.validate_python(item))
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{field}[{index}]: {problem['msg']}; send a non-empty text or valid token ids.",
+            ) from None
+    return out

@@ -1,0 +1,1 @@
+"""The built-in demo reward models, assembled from the files the package ships (``rmserve.demo.build``)."""

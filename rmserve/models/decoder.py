@@ -1,0 +1,261 @@
+"""The decoder path every decoder backend shares: padding, final states, scored positions, backbone loading.
+
+Decoder reward models (those with a ``score`` head: Llama, Qwen2, Mistral, Gemma, GPT-NeoX, ...) run
+their base model on right-padded batches without an attention mask: under causal attention a token
+never sees the padding to its right, so every real token's hidden state equals the unpadded
+computation. The score head (or k heads) reads the final hidden state of each sequence's scored token,
+chosen by the model's pooling rule (``rmserve.models.pooling``).
+
+Also here: the meta-device twins of what the backends load (``meta_classifier``, ``meta_base``), so a
+backend can describe its modules to the memory planner without reading a weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+)
+
+from rmserve.models.base import resolve_device, resolve_dtype
+from rmserve.models.inputs import EncodedInput, InputEncoder
+from rmserve.models.pooling import PoolingRule, log_pooling, pooling_rule
+from rmserve.models.quantize import check_quantize, finish_quantized, pretrained_kwargs
+from rmserve.names import DEFAULT_POOLING, DTypeName, Pooling, QuantizeName
+
+_UNBOUNDED = 1_000_000  # tokenizers report ~1e30 as model_max_length when they know no limit
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The base model inside a transformers task model: ``model.<base_model_prefix>``.
+
+    Raises:
+        TypeError: ``model`` has no base model under its prefix (not a transformers task model).
+    """
+    base = getattr(model, str(getattr(model, "base_model_prefix", "")), None)
+    if not isinstance(base, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no base model under its base_model_prefix.")
+    return base
+
+
+def config_of(model: nn.Module) -> PretrainedConfig:
+    """A transformers model's config.
+
+    Raises:
+        TypeError: ``model`` carries no ``PretrainedConfig`` (not a transformers model).
+    """
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"{type(model).__name__} has no transformers config.")
+    return config
+
+
+def embeddings_of(model: nn.Module) -> nn.Embedding:
+    """A transformers model's input embedding table.
+
+    Raises:
+        TypeError: its input embeddings are not an ``nn.Embedding``.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if not isinstance(embeddings, nn.Embedding):
+        raise TypeError(f"{type(model).__name__}'s input embeddings are not an nn.Embedding.")
+    return embeddings
+
+
+def right_padded(
+    batch: Sequence[EncodedInput], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids right-padded with ``pad_id``, (B, T), and the sequence lengths, (B,)."""
+    lengths = torch.tensor([len(x) for x in batch])  # (B,)
+    ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)  # (B, T)
+    for row, item in enumerate(batch):
+        ids[row, : len(item)] = torch.tensor(item.token_ids)
+    return ids.to(device), lengths.to(device)
+
+
+def final_hidden_states(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """A decoder base model's final hidden states for right-padded ids, (B, T, H).
+
+    No attention mask: with right padding, causal attention already keeps real tokens off the padding.
+    """
+    return base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
+
+
+def pooled_hidden_states(
+    base: nn.Module, ids: torch.Tensor, lengths: torch.Tensor, pooling: PoolingRule
+) -> torch.Tensor:
+    """A decoder base model's final hidden state at each sequence's scored token, (B, H)."""
+    hidden = final_hidden_states(base, ids)  # (B, T, H)
+    rows = torch.arange(ids.shape[0], device=ids.device)  # (B,)
+    return hidden[rows, pooling.positions(ids, lengths)]  # (B, H)
+
+
+def pad_token_id(tokenizer: object, config: object) -> int:
+    """The id to pad with: the tokenizer's pad, else the config's, else EOS (padding is never read)."""
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(config, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if isinstance(candidate, int):
+            return candidate
+    return 0  # padding is never attended to nor scored, any id is correct
+
+
+def resolve_max_length(config: object, tokenizer: object, requested: int | None) -> int:
+    """The token limit per input: ``requested`` if the model allows it, else the model's own limit.
+
+    Raises:
+        ValueError: ``requested`` exceeds the model's positions, or nothing states a limit.
+    """
+    limits = [
+        v
+        for v in (
+            getattr(config, "max_position_embeddings", None),
+            getattr(config, "n_positions", None),
+            getattr(tokenizer, "model_max_length", None),
+        )
+        if isinstance(v, int) and 0 < v < _UNBOUNDED
+    ]
+    model_limit = min(limits) if limits else None
+    if requested is None:
+        if model_limit is None:
+            raise ValueError("the model states no maximum length; set max_length for it in the config.")
+        return model_limit
+    if model_limit is not None and requested > model_limit:
+        raise ValueError(
+            f"max_length={requested} exceeds the model's limit of {model_limit} positions; lower max_length."
+        )
+    return requested
+
+
+def has_score_head(classifier: nn.Module) -> bool:
+    """Whether a sequence classifier is a decoder read at its scored token: its head is a ``score`` Linear."""
+    return isinstance(getattr(classifier, "score", None), nn.Linear)
+
+
+def score_head_of(model: nn.Module) -> nn.Linear:
+    """A decoder reward model's ``score`` head.
+
+    Raises:
+        ValueError: the model has no ``score`` Linear (not a decoder reward model).
+    """
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} is not a decoder reward model with a 'score' head.")
+    return head
+
+
+def is_decoder(config: Any) -> bool:
+    """Whether transformers scores this architecture on its last token (a ``score`` head), built on meta."""
+    with torch.device("meta"):
+        probe = AutoModelForSequenceClassification.from_config(config)
+    return has_score_head(probe)
+
+
+def meta_classifier(config: Any, dtype: torch.dtype) -> nn.Module:
+    """A checkpoint's ``AutoModelForSequenceClassification`` (what the dense backend loads), on meta."""
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+
+
+def meta_base(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The base model ``load_base`` loads, on meta."""
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or ()):
+        return base_of(meta_classifier(config, dtype))
+    with torch.device("meta"):
+        return AutoModel.from_config(config, dtype=dtype)
+
+
+def folder_max_length(folder: Path, config: Any, requested: int | None) -> int:
+    """The token limit the backend resolves for ``folder`` (``resolve_max_length`` with its tokenizer)."""
+    return resolve_max_length(config, AutoTokenizer.from_pretrained(folder), requested)
+
+
+def load_base(path: Path, config: Any, kwargs: dict[str, Any]) -> nn.Module:
+    """The base model of a checkpoint, loaded with ``from_pretrained`` ``kwargs``; a sequence classifier
+    is loaded whole and its head dropped, so its weights match one to one (no unexpected-key report)."""
+    if any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or ()):
+        return base_of(AutoModelForSequenceClassification.from_pretrained(path, **kwargs))
+    return AutoModel.from_pretrained(path, **kwargs)
+
+
+class DecoderBackbone:
+    """A decoder base model read at each sequence's scored token (its pooling rule), with its tokenizer.
+
+    Args:
+        path: a Hugging Face checkpoint folder (base model, causal LM or sequence classifier).
+        dtype: ``auto``, ``float32`` or ``bfloat16``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        max_length: the most tokens per input; defaults to the model's own limit.
+        quantize: ``none``, ``int8`` or ``nf4``: the base model's linear layers through bitsandbytes
+            (``rmserve.models.quantize``).
+        pooling: ``hf`` or ``last`` (``rmserve.models.pooling``), against this checkpoint's pad id.
+        name: the model's name in the load log.
+
+    Raises:
+        ValueError: the folder is not a decoder checkpoint, or the options do not fit this machine.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        dtype: DTypeName = "auto",
+        device: str = "auto",
+        max_length: int | None = None,
+        quantize: QuantizeName = "none",
+        pooling: Pooling = DEFAULT_POOLING,
+        name: str | None = None,
+    ) -> None:
+        if not (path / "config.json").is_file():
+            raise ValueError(f"backbone {path} is not a Hugging Face model folder (no config.json).")
+        config = AutoConfig.from_pretrained(path)
+        if not is_decoder(config):
+            raise ValueError(
+                f"backbone {path} is a {config.model_type} encoder; reward heads read the last token of a "
+                "decoder (Llama, Qwen2, Mistral, GPT-NeoX, ...)."
+            )
+        self.path = path
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.quantize = check_quantize(quantize)
+        kwargs = pretrained_kwargs(self.quantize, dtype=self.dtype, device=self.device, config=config)
+        base = load_base(path, config, kwargs)
+        finish_quantized(base, self.quantize)
+        # a quantised model is already on its device (bitsandbytes quantised it there)
+        self.base: nn.Module = (base if self.quantize != "none" else base.to(self.device)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        self.pad_id = pad_token_id(tokenizer, config)
+        self.pooling = pooling_rule(pooling, config)
+        log_pooling(name or path.name, self.pooling, tokenizer)
+        self.max_length = resolve_max_length(config, tokenizer, max_length)
+        embeddings = embeddings_of(self.base)
+        self.vocab_size: int = embeddings.num_embeddings
+        self.hidden_size: int = embeddings.embedding_dim
+
+    def new_encoder(self, max_length: int | None = None) -> InputEncoder:
+        """A fresh encoder with its own tokenizer instance (tokenizers are not thread-safe)."""
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        limit = self.max_length if max_length is None else min(max_length, self.max_length)
+        return InputEncoder(tokenizer, max_length=limit, vocab_size=self.vocab_size, text_pairs=False)
+
+    def pooled(self, batch: Sequence[EncodedInput]) -> torch.Tensor:
+        """Each input's scored token's final hidden state, (B, H), model dtype, on the device."""
+        ids, lengths = right_padded(batch, self.pad_id, self.device)
+        return pooled_hidden_states(self.base, ids, lengths, self.pooling)
+
+    @torch.inference_mode()
+    def pooled_states(self, batch: Sequence[EncodedInput]) -> torch.Tensor:
+        """The hidden state heads read, per input: (B, H) float32 on the CPU."""
+        return self.pooled(batch).float().cpu()

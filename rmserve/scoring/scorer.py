@@ -1,0 +1,218 @@
+"""One served model: its tokenisation thread and batcher, turning a score request into batched work.
+
+Flow: inputs -> encode (the model's tokenisation thread; tokenizers are not thread-safe) -> batcher
+queue -> forward (the device's one forward thread, shared by every model on the device) -> head
+rewards and aggregates. Each queued input carries its request's lambdas, so one batch may serve
+requests with different lambdas; the model's ``reward`` is the aggregate configured for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from rmserve.aggregation import AggregationParams
+from rmserve.batching.batcher import Batcher, BatchObserver
+from rmserve.batching.planning import BatchLimits
+from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel
+from rmserve.models.inputs import RewardInput
+from rmserve.names import AGGREGATES, AggregateName, Truncation
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedInput:
+    """One encoded input in the batcher's queue, with its request's lambdas."""
+
+    encoded: Encoded
+    params: AggregationParams
+
+
+@dataclass(frozen=True, slots=True)
+class InputScores:
+    """One input's outputs: head rewards, sigmas (brme) and every aggregate (``AGGREGATES`` order)."""
+
+    heads: list[float]
+    head_std: list[float] | None
+    aggregates: list[float]
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    """The result of scoring one request's inputs, in input order.
+
+    ``rewards`` is the model's reward aggregate; ``aggregates`` holds the requested ones; ``heads`` and
+    ``head_std`` are ``None`` unless requested (``head_std`` only for brme models).
+    """
+
+    model: str
+    rewards: list[float]
+    aggregates: dict[str, list[float]]
+    heads: list[list[float]] | None
+    head_std: list[list[float]] | None
+    truncated: list[bool]
+    input_tokens: int
+    tokenize_s: float
+    queue_s: float
+    inference_s: float
+
+
+class ServedModel:
+    """A loaded model with its encoder thread and batcher.
+
+    Args:
+        model: the loaded backend.
+        max_length: token limit per input (at most the model's own).
+        truncation: default truncation policy for requests that do not set one.
+        limits: per-batch caps.
+        device_executor: the forward thread of the model's device.
+        max_wait_s: batch window.
+        max_queue_tokens: queue bound.
+        observer: receives batch and queue measurements.
+        reward: the aggregate returned as ``rewards`` (default: the model's own choice).
+        defaults: lambdas for requests that set none (default: the model's own).
+    """
+
+    def __init__(
+        self,
+        model: RewardModel,
+        *,
+        max_length: int,
+        truncation: Truncation,
+        limits: BatchLimits,
+        device_executor: ThreadPoolExecutor,
+        max_wait_s: float,
+        max_queue_tokens: int,
+        observer: BatchObserver | None = None,
+        reward: AggregateName | None = None,
+        defaults: AggregationParams | None = None,
+    ) -> None:
+        if max_length > limits.max_batch_tokens:
+            raise ValueError(
+                f"model {model.info.name!r}: max_length={max_length} exceeds max_batch_tokens="
+                f"{limits.max_batch_tokens}, so a long input could never fit a batch; raise max_batch_tokens "
+                "or lower max_length."
+            )
+        self.model = model
+        self.encoder: Encoder = model.new_encoder(max_length)
+        self.info: ModelInfo = dataclasses.replace(
+            model.info,
+            max_length=self.encoder.max_length,
+            reward=reward or model.info.reward,
+            defaults=defaults or model.info.defaults,
+        )
+        self.truncation = truncation
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{model.info.name}")
+        self.batcher: Batcher[QueuedInput, InputScores] = Batcher(
+            self._forward,
+            executor=device_executor,
+            limits=limits,
+            max_wait_s=max_wait_s,
+            max_queue_tokens=max_queue_tokens,
+            observer=observer,
+            name=model.info.name,
+        )
+
+    def _forward(self, batch: list[QueuedInput]) -> list[InputScores]:
+        """The model's forward, with its output checked (runs on the device thread).
+
+        Raises:
+            ForwardError: a head reward, sigma or aggregate is NaN or infinite.
+        """
+        out = self.model.score(
+            [item.encoded for item in batch],
+            uwo_lambda=torch.tensor([item.params.uwo_lambda for item in batch], dtype=torch.float32),
+            tradeoff_lambda=torch.tensor(
+                [item.params.tradeoff_lambda for item in batch], dtype=torch.float32
+            ),
+        )
+        tensors = [out.heads, out.aggregates] + ([] if out.head_std is None else [out.head_std])
+        finite = torch.stack([t.isfinite().all(dim=-1) for t in tensors]).all(dim=0)  # (B,)
+        bad = int((~finite).sum())
+        if bad:
+            raise ForwardError(
+                f"the model produced a non-finite reward for {bad} of {len(batch)} inputs in this batch; "
+                "check the checkpoint's weights, or use --dtype float32 if it runs in bfloat16."
+            )
+        heads = out.heads.tolist()
+        aggregates = out.aggregates.tolist()
+        stds = out.head_std.tolist() if out.head_std is not None else [None] * len(batch)
+        return [InputScores(h, s, a) for h, s, a in zip(heads, stds, aggregates, strict=True)]
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def special_texts(self) -> tuple[str | None, str | None]:
+        """The pad and EOS tokens' texts, for protocols that send padded texts (None for ensembles)."""
+        tokenizer = getattr(self.encoder, "tokenizer", None)
+        pad, eos = (getattr(tokenizer, name, None) for name in ("pad_token", "eos_token"))
+        return (pad if isinstance(pad, str) and pad else None, eos if isinstance(eos, str) and eos else None)
+
+    def start(self) -> None:
+        self.batcher.start()
+
+    async def close(self, timeout_s: float) -> None:
+        await self.batcher.close(timeout_s)
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def score(
+        self,
+        inputs: Sequence[RewardInput],
+        truncation: Truncation | None = None,
+        *,
+        params: AggregationParams | None = None,
+        aggregates: Sequence[AggregateName] = (),
+        return_heads: bool = False,
+        max_tokens: int | None = None,
+    ) -> ScoreOutcome:
+        """Score inputs through the batcher.
+
+        Args:
+            inputs: the inputs, in order.
+            truncation: over-long inputs' policy (default: the model's).
+            params: the lambdas (default: the model's).
+            aggregates: the aggregates to return besides ``rewards``.
+            return_heads: also return each head's reward (and sigma for brme).
+            max_tokens: a tighter per-input token limit for this request (truncation applies past it).
+
+        Raises:
+            InputError: an input cannot be encoded (422).
+            BatcherError: the queue refused the work or its batch failed.
+        """
+        params = params or self.info.defaults
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(
+            self._tokenizer_thread,
+            self.encoder.encode_many,
+            list(inputs),
+            truncation or self.truncation,
+            max_tokens,
+        )
+        tokenized = time.monotonic()
+        results = await self.batcher.submit([(QueuedInput(e, params), len(e)) for e in encoded])
+        inference = {r.batch_id: r.inference_s for r in results}
+        scores = [r.value for r in results]
+        reward_column = AGGREGATES.index(self.info.reward)
+        head_std = None
+        if return_heads and self.info.has_std:
+            head_std = [s.head_std or [] for s in scores]
+        return ScoreOutcome(
+            model=self.name,
+            rewards=[s.aggregates[reward_column] for s in scores],
+            aggregates={a: [s.aggregates[AGGREGATES.index(a)] for s in scores] for a in aggregates},
+            heads=[s.heads for s in scores] if return_heads else None,
+            head_std=head_std,
+            truncated=[e.truncated for e in encoded],
+            input_tokens=sum(len(e) for e in encoded),
+            tokenize_s=tokenized - start,
+            queue_s=max((r.queue_s for r in results), default=0.0),
+            inference_s=sum(inference.values()),
+        )
