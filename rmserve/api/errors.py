@@ -97,5 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = str(exc.detail)
         if exc.status_code == 404:
-            message = "no such route; the API is POST /v1/score, GET /v1/models, /health, /ready, /metrics."
+            message = (
+                "no such route; the API is POST /v1/score, GET /v1/models, /health, /ready, /metrics, and the "
+                "trainers' POST /get_reward (OpenRLHF), /classify and /pooling (vLLM, verl)."
+            )
         return error_response(exc.status_code, kind, message, dict(exc.headers or {}))

@@ -71,9 +71,9 @@ def build_moe_demos(cache_dir: Path, data: Path, *, progress: bool = True) -> tu
         if progress
         else (lambda _: None)
     )
+    train_index, held_index = split_indices(len(load_pairs(data)))  # a bad file fails before any work
     say(f"building {MOE_NAME} and {MERGED_NAME} (about four minutes on 2 cores) ...")
     demo = build_demo_model(cache_dir, progress=progress)
-    train_index, held_index = split_indices(len(load_pairs(data)))
     examples = hh_examples(train_index[: RECIPE["train_pairs"]], data)
     progress_pairs = hh_examples(held_index[:PROGRESS_PAIRS], data)  # a glance per epoch; --evaluate: all
     memo: PrefixMemo = {}  # layers 0-27 are the demo's in both runs: their output is computed once

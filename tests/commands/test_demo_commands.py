@@ -1,0 +1,33 @@
+"""The ``rmserve demo`` commands: every demo builder and recipe is a subcommand of the one CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from rmserve.cli import app
+
+
+def test_every_demo_builder_and_recipe_is_a_demo_subcommand():
+    result = CliRunner().invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    for command in ("build", "build-moe", "train-head", "train-heads"):
+        assert command in result.output
+
+
+def test_build_moe_without_its_data_file_says_which_file_it_needs(tmp_path: Path):
+    missing = tmp_path / "hh.jsonl.gz"
+    result = CliRunner().invoke(
+        app, ["demo", "build-moe", "--data", str(missing), "--cache-dir", str(tmp_path / "cache")]
+    )
+    assert result.exit_code == 2
+    assert str(missing) in result.output
+
+
+def test_recipes_need_no_module_entry_point():
+    """The recipes are library code: no argparse mains beside the CLI."""
+    recipes = Path(__file__).resolve().parents[2] / "rmserve" / "training" / "recipes"
+    for file in recipes.glob("*.py"):
+        text = file.read_text()
+        assert "argparse" not in text and '__name__ == "__main__"' not in text, file.name
