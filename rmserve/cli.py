@@ -321,20 +321,33 @@ def upcycle(
         list[int] | None, typer.Option(help="A layer to upcycle; repeat (default: all).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seeds the routers' initial weights.")] = 0,
+    routing: Annotated[
+        str,
+        typer.Option(
+            help="How the K - 1 selected affinities become weights: xft (UMM-RM eq. 7, as XFT's code: a "
+            "softmax over them times s_max) or renorm (renormalised, times s_max); equal when K = 2."
+        ),
+    ] = "xft",
 ) -> None:
     """Upcycle a dense reward model into a shared-expert MoE (every expert a copy of the FFN)."""
     from rmserve.training.upcycle import upcycle as run_upcycle
+    from rmserve_kernels.routing import ROUTING_RULES
 
+    if routing not in ROUTING_RULES:
+        raise _fail(ValueError(f"--routing must be one of {', '.join(ROUTING_RULES)}, got {routing!r}."))
     started = time.perf_counter()
     try:
-        config = run_upcycle(source, out, experts=experts, top_k=top_k, layers=layer, last=last, seed=seed)
+        config = run_upcycle(
+            source, out, experts=experts, top_k=top_k, layers=layer, last=last, seed=seed,
+            routing=routing,  # narrowed to RoutingRule by the check above
+        )  # fmt: skip
     except (ValueError, OSError) as exc:
         raise _fail(exc) from None
     from rmserve.models.moe import load_moe_classifier
 
     params = sum(p.numel() for p in load_moe_classifier(out).parameters())
     typer.echo(
-        f"upcycled layers {list(config.layers)} into {experts} experts (top-{top_k}): {params / 1e6:.1f}M parameters, "
+        f"upcycled layers {list(config.layers)} into {experts} experts (top-{top_k}, {routing} routing): {params / 1e6:.1f}M parameters, "
         f"in {time.perf_counter() - started:.1f}s; wrote {out}",
         err=True,
     )

@@ -33,7 +33,7 @@ from rmserve_kernels.experts import (
     validate_experts,
 )
 from rmserve_kernels.routing import JIT_KERNELS as ROUTE_JIT_KERNELS
-from rmserve_kernels.routing import Routing, route_reference, route_triton, validate_route
+from rmserve_kernels.routing import Routing, RoutingRule, route_reference, route_triton, validate_route
 from rmserve_kernels.selection import use_triton
 
 __all__ = [
@@ -86,6 +86,7 @@ def moe_layer_reference(
     up: torch.Tensor,
     down: torch.Tensor,
     top_k: int,
+    rule: RoutingRule = "xft",
 ) -> torch.Tensor:
     """One UMM-RM MoE layer (the FFN's replacement, residual not included), in plain torch and float32.
 
@@ -97,15 +98,17 @@ def moe_layer_reference(
         up: their up projections, (N-1, F, H).
         down: their down projections, (N-1, H, F).
         top_k: K-1, the normal experts per token.
+        rule: the routing rule, ``xft`` or ``renorm`` (``rmserve_kernels.routing``).
 
     Returns:
         (T, H) in x.dtype: ``(1 - s_max) * shared(x_t) + sum_i g_i * expert_i(x_t)``.
 
     Raises:
-        ValueError: shapes that do not fit, ``top_k`` out of range, or tensors on other devices.
+        ValueError: shapes that do not fit, ``top_k`` out of range, an unknown rule, or tensors on other
+            devices.
     """
     _validate_layer(x, router_weight, shared, gate, up, down, top_k)
-    routing = route_reference(x, router_weight, top_k)
+    routing = route_reference(x, router_weight, top_k, rule)
     shared_out = swiglu_f32(x.float(), *shared)  # (T, H)
     routed = grouped_reference_f32(x, gate, up, down, routing)  # (T, H)
     return (routing.shared_weight[:, None] * shared_out + routed).to(x.dtype)
@@ -129,6 +132,7 @@ def moe_layer_triton(
     up: torch.Tensor,
     down: torch.Tensor,
     top_k: int,
+    rule: RoutingRule = "xft",
 ) -> torch.Tensor:
     """``moe_layer_reference`` with the Triton routing and grouped kernels; same arguments, within 1e-5.
 
@@ -142,7 +146,7 @@ def moe_layer_triton(
     """
     _validate_layer(x, router_weight, shared, gate, up, down, top_k)
     ready_for_kernels("moe_layer_triton", x.device, _JIT_KERNELS)
-    routing = route_triton(x, router_weight, top_k)
+    routing = route_triton(x, router_weight, top_k, rule)
     tokens, hidden = x.shape
     routed = grouped_rows_triton(x, gate, up, down, routing.expert_index, routing.expert_weight)  # (T*k, H)
     shared_gate, shared_up, shared_down = (w.unsqueeze(0) for w in shared)  # (1, F, H), (1, F, H), (1, H, F)
@@ -157,7 +161,9 @@ def moe_layer_triton(
 
 
 class _Route(Protocol):
-    def __call__(self, x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Routing: ...
+    def __call__(
+        self, x: torch.Tensor, router_weight: torch.Tensor, top_k: int, rule: RoutingRule = "xft"
+    ) -> Routing: ...
 
 
 class _GroupedSwiglu(Protocol):
@@ -176,6 +182,7 @@ class _MoeLayer(Protocol):
         up: torch.Tensor,
         down: torch.Tensor,
         top_k: int,
+        rule: RoutingRule = "xft",
     ) -> torch.Tensor: ...
 
 

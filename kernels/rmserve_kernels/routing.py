@@ -3,9 +3,14 @@
 This module owns the routing of one MoE layer that replaces a decoder layer's FFN (UMM-RM, section 3.1,
 eq. 6-7), on the flattened tokens of a batch, x (T, H): router logits ``r = x @ router_weight.T`` (T, N-1)
 in float32, affinities ``s = softmax(r)`` over the N-1 normal experts, the top-(K-1) of them (ties: lowest
-index first; a NaN affinity counts as the largest, as in ``torch.sort``), ``g_i = s_i / sum_selected(s) *
-s_max`` and the shared expert's ``1 - s_max``; the K weights of a token sum to 1. The result is a
-``Routing``, which the routed experts (``rmserve_kernels.experts``) take; ``rmserve_kernels.moe_layer``
+index first; a NaN affinity counts as the largest, as in ``torch.sort``), their weights ``g_i`` by one of
+two rules, and the shared expert's ``1 - s_max``; the K weights of a token sum to 1:
+
+- ``xft`` (UMM-RM eq. 7, as XFT's code computes it): ``g_i = softmax over the selected (s)_i * s_max``, a
+  softmax of the selected affinities themselves, times the largest affinity;
+- ``renorm``: ``g_i = s_i / sum_selected(s) * s_max``, the selected affinities renormalised.
+
+With K - 1 = 1 both give ``g = s_max``. The result is a ``Routing``, which the routed experts (``rmserve_kernels.experts``) take; ``rmserve_kernels.moe_layer``
 composes the layer and chooses the implementation.
 
 ``route_reference`` defines the semantics in plain torch, all math in float32, and is differentiable (the
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -51,7 +57,19 @@ except ImportError:  # CPU-only installs: the reference is all there is
     triton = None
     tl = None
 
-__all__ = ["MAX_KERNEL_EXPERTS", "MAX_KERNEL_TOP_K", "Routing", "route_reference", "route_triton"]
+__all__ = [
+    "MAX_KERNEL_EXPERTS",
+    "MAX_KERNEL_TOP_K",
+    "ROUTING_RULES",
+    "Routing",
+    "RoutingRule",
+    "route_reference",
+    "route_triton",
+]
+
+RoutingRule = Literal["xft", "renorm"]
+"""How the selected experts' affinities become weights (see the module docstring)."""
+ROUTING_RULES: tuple[RoutingRule, ...] = ("xft", "renorm")
 
 MAX_KERNEL_EXPERTS = 64
 """The most normal experts (N-1) the routing kernel takes: a program holds (16, next_pow2(N-1)) tiles."""
@@ -77,7 +95,9 @@ class Routing:
     shared_weight: torch.Tensor
 
 
-def validate_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> None:
+def validate_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, rule: str = "xft") -> None:
+    if rule not in ROUTING_RULES:
+        raise ValueError(f"routing rule {rule!r} is unknown; use one of {', '.join(ROUTING_RULES)}.")
     if x.ndim != 2 or not x.is_floating_point():
         raise ValueError(
             f"x must be a (T, H) floating tensor, one row per token, got shape {tuple(x.shape)} and dtype "
@@ -95,27 +115,34 @@ def validate_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> 
     check_devices(x, {"router_weight": router_weight})
 
 
-def route_reference(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Routing:
+def route_reference(
+    x: torch.Tensor, router_weight: torch.Tensor, top_k: int, rule: RoutingRule = "xft"
+) -> Routing:
     """Route every token to its top-``top_k`` normal experts, in plain torch and float32 (the definition).
 
     Args:
         x: the tokens' hidden states, (T, H), any float dtype.
         router_weight: the router, (N-1, H), one row per normal expert (no bias).
         top_k: K-1, how many normal experts each token uses, 1..N-1.
+        rule: ``xft`` or ``renorm``, how the selected affinities become weights.
 
     Returns:
         ``Routing`` on ``x``'s device.
 
     Raises:
-        ValueError: shapes that do not fit, ``top_k`` out of range, or tensors on another device than x.
+        ValueError: shapes that do not fit, ``top_k`` out of range, an unknown rule, or tensors on another
+            device than x.
     """
-    validate_route(x, router_weight, top_k)
+    validate_route(x, router_weight, top_k, rule)
     logits = x.float() @ router_weight.float().T  # (T, N-1)
     affinity = torch.softmax(logits, dim=-1)  # (T, N-1)
     ranked, order = torch.sort(affinity, dim=-1, descending=True, stable=True)  # (T, N-1) both
     top = ranked[:, :top_k]  # (T, K-1)
     s_max = ranked[:, 0]  # (T,)
-    weight = top / top.sum(dim=-1, keepdim=True) * s_max[:, None]  # (T, K-1)
+    if rule == "xft":
+        weight = torch.softmax(top, dim=-1) * s_max[:, None]  # (T, K-1)
+    else:
+        weight = top / top.sum(dim=-1, keepdim=True) * s_max[:, None]  # (T, K-1)
     return Routing(order[:, :top_k].contiguous(), weight, 1.0 - s_max)
 
 
@@ -163,6 +190,7 @@ if triton is not None:
         stride_re,
         stride_rh,
         TOP_K: tl.constexpr,
+        XFT: tl.constexpr,  # the xft rule (else renorm)
         FP32_DOT: tl.constexpr,
         BLOCK_E: tl.constexpr,
         BLOCK_T: tl.constexpr,  # tuned
@@ -218,9 +246,13 @@ if triton is not None:
             key = tl.where(chosen, -1.0, key)
 
         selected = rank >= 0  # (BLOCK_T, BLOCK_E)
-        total = tl.sum(tl.where(selected, prob, 0.0), axis=1)  # (BLOCK_T,)
         s_max = tl.sum(tl.where(rank == 0, prob, 0.0), axis=1)  # (BLOCK_T,) the first pick
-        weight = prob / total[:, None] * s_max[:, None]  # (BLOCK_T, BLOCK_E)
+        if XFT:  # softmax over the selected affinities; s_max is their largest, so exp(.) <= 1
+            share = tl.where(selected, tl.exp(prob - s_max[:, None]), 0.0)  # (BLOCK_T, BLOCK_E)
+        else:
+            share = tl.where(selected, prob, 0.0)  # (BLOCK_T, BLOCK_E)
+        total = tl.sum(share, axis=1)  # (BLOCK_T,)
+        weight = share / total[:, None] * s_max[:, None]  # (BLOCK_T, BLOCK_E)
         out = rows[:, None] * TOP_K + rank  # (BLOCK_T, BLOCK_E)
         out_mask = row_ok[:, None] & selected  # (BLOCK_T, BLOCK_E)
         expert = tl.broadcast_to(cols[None, :], (BLOCK_T, BLOCK_E)).to(tl.int64)  # (BLOCK_T, BLOCK_E)
@@ -236,7 +268,9 @@ JIT_KERNELS = (_route_kernel,) if triton is not None else None
 
 
 @torch.no_grad()
-def route_triton(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Routing:
+def route_triton(
+    x: torch.Tensor, router_weight: torch.Tensor, top_k: int, rule: RoutingRule = "xft"
+) -> Routing:
     """``route_reference`` in one Triton kernel launch; same arguments, weights within 1e-5.
 
     The selected experts are the reference's, except where two affinities are closer than float32
@@ -247,7 +281,7 @@ def route_triton(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Ro
             ``top_k`` above ``MAX_KERNEL_TOP_K``; Triton not installed; tensors neither on CUDA nor on the
             CPU under ``TRITON_INTERPRET=1``.
     """
-    validate_route(x, router_weight, top_k)
+    validate_route(x, router_weight, top_k, rule)
     tokens, hidden = x.shape
     experts = router_weight.shape[0]
     if experts > MAX_KERNEL_EXPERTS or top_k > MAX_KERNEL_TOP_K:
@@ -279,6 +313,7 @@ def route_triton(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Ro
             router_weight.stride(0),
             router_weight.stride(1),
             TOP_K=top_k,
+            XFT=rule == "xft",
             FP32_DOT=needs_fp32_dot(x, router_weight),
             BLOCK_E=max(MIN_BLOCK, triton.next_power_of_2(experts)),
         )

@@ -7,9 +7,11 @@ without bias), and every expert starts as a copy of the dense FFN. Routing weigh
 
 - affinities ``s = softmax(router(x))`` over the N-1 normal experts (float32);
 - the top-(K-1) normal experts by affinity (ties: the lower index);
-- ``g_i = s_i / sum_{j selected} s_j * s_max`` for the selected experts: the selected
-  probabilities renormalised, as the public XFT code does (the paper writes ``Softmax(s_i) * s_max``;
-  with K - 1 = 1 both give ``s_max``), and ``g_shared = 1 - s_max``, so the weights sum to 1.
+- for the selected experts, ``routing: xft`` (the default; UMM-RM eq. 7 as XFT's code computes it):
+  ``g_i = softmax over the selected (s)_i * s_max``; ``routing: renorm``: ``g_i = s_i / sum_{j selected}
+  s_j * s_max`` (the selected probabilities renormalised; folders written before the choice existed say
+  ``renormalised-top-k``, read as ``renorm``). With K - 1 = 1 both give ``s_max``;
+- ``g_shared = 1 - s_max``, so the weights sum to 1.
 
 Because the weights sum to 1 and every expert is the dense FFN, the upcycled model scores exactly as
 the dense one until training moves the experts apart (tested to 1e-5 in float32).
@@ -18,7 +20,7 @@ On disk a ``moe`` folder is the dense model's ``config.json`` and tokenizer, ``m
 holding the whole state dict (MoE layers as ``...mlp.shared.*``, ``...mlp.experts.{i}.*``,
 ``...mlp.router.weight``), and ``rmserve.json``::
 
-    {"kind": "moe", "experts": 4, "top_k": 2, "layers": [28, 29], "routing": "renormalised-top-k", ...}
+    {"kind": "moe", "experts": 4, "top_k": 2, "layers": [28, 29], "routing": "xft", ...}
 
 It is not loadable by vanilla transformers: ``rmserve merge`` turns it back into a dense folder that is.
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
@@ -45,10 +47,11 @@ from rmserve.models.descriptor import read_descriptor
 from rmserve.models.quantize import check_quantize, head_modules, quantize_linears
 from rmserve.names import Pooling
 from rmserve_kernels.moe_layer import REFERENCE_KERNELS, TRITON_KERNELS, MoeKernels, select_moe_kernels
-from rmserve_kernels.routing import route_reference
+from rmserve_kernels.routing import ROUTING_RULES, RoutingRule, route_reference
 
 WEIGHTS = "model.safetensors"
-ROUTING: Literal["renormalised-top-k"] = "renormalised-top-k"
+LEGACY_ROUTING = {"renormalised-top-k": "renorm"}
+"""Routing names of older folders and the rule they meant."""
 
 
 class MoeConfig(BaseModel):
@@ -60,12 +63,23 @@ class MoeConfig(BaseModel):
     experts: int = Field(ge=2, description="N: the shared expert plus N - 1 normal experts.")
     top_k: int = Field(ge=2, description="K: experts active per token (the shared one + K - 1 routed).")
     layers: tuple[int, ...] = Field(min_length=1, description="Decoder layers whose FFN is an MoE.")
-    routing: Literal["renormalised-top-k"] = ROUTING
+    routing: RoutingRule = Field(
+        "xft", description="How the selected affinities become weights: xft (UMM-RM eq. 7) or renorm."
+    )
     upcycled_from: str | None = None
     pooling: Pooling | None = Field(
         None, description="The token the score head reads (rmserve.models.pooling); unset: hf."
     )
     training: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("routing", mode="before")
+    @classmethod
+    def _legacy_routing(cls, value: object) -> object:
+        if isinstance(value, str) and value in LEGACY_ROUTING:
+            return LEGACY_ROUTING[value]
+        if isinstance(value, str) and value not in ROUTING_RULES:
+            raise ValueError(f"routing {value!r} is unknown; use one of {', '.join(ROUTING_RULES)}.")
+        return value
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -90,11 +104,18 @@ class UpcycledMoE(nn.Module):
         ffn: the dense FFN; it becomes the shared expert, and each normal expert starts as a copy.
         experts: N, the shared expert included.
         top_k: K, the shared expert included.
+        rule: the routing rule, ``xft`` or ``renorm``.
         generator: seeds the router's initial weights (normal, std 0.02).
     """
 
     def __init__(
-        self, ffn: nn.Module, *, experts: int, top_k: int, generator: torch.Generator | None = None
+        self,
+        ffn: nn.Module,
+        *,
+        experts: int,
+        top_k: int,
+        rule: RoutingRule = "xft",
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         if not 2 <= top_k <= experts:
@@ -103,6 +124,7 @@ class UpcycledMoE(nn.Module):
             )
         hidden = _hidden_size(ffn)
         self.top_k = top_k
+        self.rule: RoutingRule = rule
         self.shared = ffn
         self.experts = nn.ModuleList(copy.deepcopy(ffn) for _ in range(experts - 1))
         reference = next(ffn.parameters())
@@ -163,9 +185,11 @@ class UpcycledMoE(nn.Module):
                 self._stacked = self._stack_experts()  # the module was moved or cast since: stack again
             gate, up, down = (getattr(self.shared, n).weight for n in ("gate_proj", "up_proj", "down_proj"))
             shared = (gate, up, down)
-            out = self.kernels.moe_layer(x, self.router.weight, shared, *self._stacked, self.top_k - 1)
+            out = self.kernels.moe_layer(
+                x, self.router.weight, shared, *self._stacked, self.top_k - 1, self.rule
+            )
             return out.reshape(shape)
-        routing = route_reference(x, self.router.weight, self.top_k - 1)
+        routing = route_reference(x, self.router.weight, self.top_k - 1, self.rule)
         if self.training:
             self.last_router_probs = torch.softmax(self.router(x).float(), dim=-1)  # (T, N-1)
             self.last_expert_index = routing.expert_index
@@ -208,7 +232,15 @@ def _hidden_size(ffn: nn.Module) -> int:
     raise ValueError(f"cannot find the input projection of {type(ffn).__name__} to size the router.")
 
 
-def replace_ffns(model: nn.Module, layers: Sequence[int], *, experts: int, top_k: int, seed: int) -> None:
+def replace_ffns(
+    model: nn.Module,
+    layers: Sequence[int],
+    *,
+    experts: int,
+    top_k: int,
+    seed: int,
+    rule: RoutingRule = "xft",
+) -> None:
     """Replace the FFN of each listed decoder layer by an ``UpcycledMoE`` (in place)."""
     stack = decoder_layers(model)
     generator = torch.Generator().manual_seed(seed)
@@ -216,7 +248,9 @@ def replace_ffns(model: nn.Module, layers: Sequence[int], *, experts: int, top_k
         if not 0 <= index < len(stack):
             raise ValueError(f"layer {index} does not exist; the model has layers 0..{len(stack) - 1}.")
         layer = stack[index]
-        layer.mlp = UpcycledMoE(_module(layer.mlp), experts=experts, top_k=top_k, generator=generator)
+        layer.mlp = UpcycledMoE(
+            _module(layer.mlp), experts=experts, top_k=top_k, rule=rule, generator=generator
+        )
 
 
 def moe_layers(model: nn.Module) -> list[UpcycledMoE]:
@@ -238,7 +272,9 @@ def load_moe_classifier(path: Path, dtype: torch.dtype = torch.float32) -> PreTr
     dense_config = AutoConfig.from_pretrained(path)
     # built on the CPU, not on meta: non-persistent buffers (rotary frequencies) are not in the weights
     model = AutoModelForSequenceClassification.from_config(dense_config, dtype=dtype)
-    replace_ffns(model, config.layers, experts=config.experts, top_k=config.top_k, seed=0)
+    replace_ffns(
+        model, config.layers, experts=config.experts, top_k=config.top_k, seed=0, rule=config.routing
+    )
     state = load_file(path / WEIGHTS)
     missing = set(model.state_dict()) - set(state)
     unexpected = set(state) - set(model.state_dict())

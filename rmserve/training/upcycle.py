@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from rmserve.models.descriptor import DESCRIPTOR
 from rmserve.models.moe import WEIGHTS, MoeConfig, decoder_layers, replace_ffns
 from rmserve.models.pooling import declared_pooling
+from rmserve_kernels.routing import RoutingRule
 
 
 def resolve_layers(total: int, layers: Sequence[int] | None, last: int | None) -> tuple[int, ...]:
@@ -50,7 +51,7 @@ def save_moe(model: PreTrainedModel, tokenizer: Any, out: Path, config: MoeConfi
 
 def upcycle(
     dense: Path, out: Path, *, experts: int, top_k: int, layers: Sequence[int] | None = None,
-    last: int | None = None, seed: int = 0,
+    last: int | None = None, seed: int = 0, routing: RoutingRule = "xft",
 ) -> MoeConfig:  # fmt: skip
     """Upcycle a dense reward-model folder into a ``moe`` folder (every expert a copy of the FFN).
 
@@ -61,10 +62,11 @@ def upcycle(
     if model.config.num_labels != 1:
         raise ValueError(f"{dense} has num_labels={model.config.num_labels}; a reward model has exactly one.")
     chosen = resolve_layers(len(decoder_layers(model)), layers, last)
-    replace_ffns(model, chosen, experts=experts, top_k=top_k, seed=seed)
+    replace_ffns(model, chosen, experts=experts, top_k=top_k, seed=seed, rule=routing)
     config = MoeConfig(
         experts=experts,
         top_k=top_k,
+        routing=routing,
         layers=chosen,
         upcycled_from=str(dense.resolve()),
         pooling=declared_pooling(dense),  # it scores exactly as the dense model, on the same token

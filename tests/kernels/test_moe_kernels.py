@@ -92,7 +92,7 @@ def ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
     return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
-def naive_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Routing:
+def naive_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, rule: str = "xft") -> Routing:
     """The routing of eq. 6-7 token by token, in float64 and Python sorting (ties: lowest index)."""
     indices, weights, shared = [], [], []
     for row in x.double():
@@ -103,7 +103,11 @@ def naive_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> Rou
         chosen = sorted(range(len(s)), key=lambda e: (-s[e], e))[:top_k]
         s_max, total = s[chosen[0]], sum(s[e] for e in chosen)
         indices.append(chosen)
-        weights.append([s[e] / total * s_max for e in chosen])
+        if rule == "xft":  # softmax over the selected affinities, times s_max
+            exps = [math.exp(s[e]) for e in chosen]
+            weights.append([v / sum(exps) * s_max for v in exps])
+        else:
+            weights.append([s[e] / total * s_max for e in chosen])
         shared.append(1 - s_max)
     return Routing(torch.tensor(indices), torch.tensor(weights), torch.tensor(shared))
 
@@ -149,27 +153,62 @@ def test_route_reference_on_a_hand_computed_example():
     # Logits are the log-affinities: token 0 has s = (0.5, 0.3, 0.2), token 1 has s = (0.2, 0.7, 0.1).
     router_weight = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.7], [0.2, 0.1]]))  # (N-1=3, H=2)
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (T=2, H=2)
-    routing = route_reference(x, router_weight, 2)
+    routing = route_reference(x, router_weight, 2, "renorm")
     assert routing.expert_index.tolist() == [[0, 1], [1, 0]]
-    # g_i = s_i / (sum of the selected s) * s_max; g_shared = 1 - s_max.
+    # renorm: g_i = s_i / (sum of the selected s) * s_max; g_shared = 1 - s_max.
     want = [[0.5 / 0.8 * 0.5, 0.3 / 0.8 * 0.5], [0.7 / 0.9 * 0.7, 0.2 / 0.9 * 0.7]]
     torch.testing.assert_close(routing.expert_weight, torch.tensor(want))  # 0.3125, 0.1875 / 0.5444, 0.1556
     torch.testing.assert_close(routing.shared_weight, torch.tensor([0.5, 0.3]))
-    one = route_reference(x, router_weight, 1)  # K-1 = 1: the top expert gets s_max itself
-    assert one.expert_index.tolist() == [[0], [1]]
-    torch.testing.assert_close(one.expert_weight, torch.tensor([[0.5], [0.7]]))
-    torch.testing.assert_close(one.shared_weight, torch.tensor([0.5, 0.3]))
+    # xft (the default, eq. 7): g_i = exp(s_i) / (sum of the selected exp(s)) * s_max.
+    xft = route_reference(x, router_weight, 2)
+    e = math.exp
+    want = [
+        [e(0.5) / (e(0.5) + e(0.3)) * 0.5, e(0.3) / (e(0.5) + e(0.3)) * 0.5],  # 0.2750, 0.2250
+        [e(0.7) / (e(0.7) + e(0.2)) * 0.7, e(0.2) / (e(0.7) + e(0.2)) * 0.7],  # 0.4390, 0.2610
+    ]
+    torch.testing.assert_close(xft.expert_weight, torch.tensor(want))
+    torch.testing.assert_close(xft.shared_weight, torch.tensor([0.5, 0.3]))
+    for rule in ("xft", "renorm"):  # K-1 = 1: the top expert gets s_max itself under both rules
+        one = route_reference(x, router_weight, 1, rule)
+        assert one.expert_index.tolist() == [[0], [1]]
+        torch.testing.assert_close(one.expert_weight, torch.tensor([[0.5], [0.7]]))
+        torch.testing.assert_close(one.shared_weight, torch.tensor([0.5, 0.3]))
 
 
+@pytest.mark.parametrize("top_k", [1, 2, 5])
+def test_xft_routing_is_the_formula_of_eq_7(top_k):
+    # g_i = Softmax(s_i over the K-1 selected) * s_max, written out with the affinities s = softmax(logits).
+    inputs = make_layer(11, 16, 16, 7, seed=30 + top_k)
+    x, router_weight = inputs["x"], inputs["router_weight"] * 3  # (T, H), (N-1, H)
+    s = torch.softmax(x.double() @ router_weight.double().T, dim=-1)  # (T, N-1)
+    top, order = s.sort(dim=-1, descending=True, stable=True)  # (T, N-1)
+    selected = top[:, :top_k]  # (T, K-1)
+    want = selected.exp() / selected.exp().sum(dim=-1, keepdim=True) * top[:, :1]  # (T, K-1)
+    routing = route_reference(x, router_weight, top_k, "xft")
+    assert torch.equal(routing.expert_index, order[:, :top_k])
+    torch.testing.assert_close(routing.expert_weight, want.float())
+    torch.testing.assert_close(routing.shared_weight, (1 - top[:, 0]).float())
+    if top_k > 1:  # the two rules differ once more than one normal expert is selected
+        renorm = route_reference(x, router_weight, top_k, "renorm")
+        assert not torch.allclose(renorm.expert_weight, routing.expert_weight)
+
+
+def test_an_unknown_routing_rule_is_refused():
+    inputs = make_layer(2, 16, 16, 3, seed=1)
+    with pytest.raises(ValueError, match="routing rule 'softmax' is unknown; use one of xft, renorm"):
+        route_reference(inputs["x"], inputs["router_weight"], 1, "softmax")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("rule", ["xft", "renorm"])
 @pytest.mark.parametrize(("experts", "top_k"), [(3, 1), (3, 2), (7, 2), (15, 3), (4, 4)])
-def test_route_reference_weights_sum_to_one_and_match_a_naive_router(experts, top_k):
+def test_route_reference_weights_sum_to_one_and_match_a_naive_router(experts, top_k, rule):
     inputs = make_layer(23, 32, 16, experts, seed=experts + top_k)
-    routing = route_reference(inputs["x"], inputs["router_weight"], top_k)
+    routing = route_reference(inputs["x"], inputs["router_weight"], top_k, rule)
     total = routing.expert_weight.sum(dim=1) + routing.shared_weight  # (T,)
     torch.testing.assert_close(total, torch.ones(23), rtol=0, atol=1e-6)
     assert torch.all(routing.expert_weight >= 0) and torch.all(routing.shared_weight >= 0)
     assert torch.all(routing.expert_weight[:, :-1] >= routing.expert_weight[:, 1:])  # by decreasing affinity
-    naive = naive_route(inputs["x"], inputs["router_weight"], top_k)
+    naive = naive_route(inputs["x"], inputs["router_weight"], top_k, rule)
     assert torch.equal(routing.expert_index, naive.expert_index)
     torch.testing.assert_close(routing.expert_weight, naive.expert_weight.float())
     torch.testing.assert_close(routing.shared_weight, naive.shared_weight.float())
@@ -429,12 +468,15 @@ test_kernel_tests_in_the_triton_interpreter = rerun_in_the_interpreter
         (20, 32, MAX_KERNEL_EXPERTS, MAX_KERNEL_TOP_K),
     ],
 )
-def test_route_matches_reference(kernel_device, tokens, hidden, experts, top_k):
+@pytest.mark.parametrize("rule", ["xft", "renorm"])
+def test_route_matches_reference(kernel_device, tokens, hidden, experts, top_k, rule):
     # T = 37 is not a multiple of the 16-token block, H = 40 not one of the H block, N-1 = 3, 7, 15 pad
     # to 16 columns; (9, 40, 3, 3) selects every expert.
     inputs = to(kernel_device, make_layer(tokens, hidden, 16, experts, seed=20 + experts))
     x, router_weight = inputs["x"], inputs["router_weight"] * 3  # (T, H), (E, H) peaky and flat rows
-    assert_routing_matches(route_triton(x, router_weight, top_k), route_reference(x, router_weight, top_k))
+    assert_routing_matches(
+        route_triton(x, router_weight, top_k, rule), route_reference(x, router_weight, top_k, rule)
+    )
 
 
 def test_route_ties_pick_the_lowest_index(kernel_device):
@@ -514,11 +556,12 @@ def test_grouped_swiglu_one_token_and_strided_weights(kernel_device):
 @pytest.mark.parametrize(
     ("tokens", "ffn", "experts", "top_k"), [(37, 128, 7, 2), (37, 96, 3, 1), (1, 128, 15, 3), (0, 96, 3, 2)]
 )
-def test_moe_layer_matches_reference(kernel_device, tokens, ffn, experts, top_k):
+@pytest.mark.parametrize("rule", ["xft", "renorm"])
+def test_moe_layer_matches_reference(kernel_device, tokens, ffn, experts, top_k, rule):
     inputs = to(kernel_device, make_layer(tokens, 64, ffn, experts, seed=26 + experts, top_k=top_k))
-    out = moe_layer_triton(**inputs)
+    out = moe_layer_triton(**inputs, rule=rule)
     assert out.shape == (tokens, 64) and out.dtype == torch.float32
-    assert_outputs_match(out, moe_layer_reference(**inputs))
+    assert_outputs_match(out, moe_layer_reference(**inputs, rule=rule))
 
 
 def test_moe_layer_with_identical_experts_is_the_dense_ffn(kernel_device):

@@ -85,6 +85,29 @@ def test_upcycled_model_scores_exactly_as_the_dense_one(arch, tiny_model_dirs, t
     )
 
 
+def test_routing_rule_is_xft_by_default_renorm_on_request_and_legacy_folders_keep_theirs(
+    tiny_model_dirs, tmp_path
+):
+    assert upcycle(tiny_model_dirs["llama"], tmp_path / "xft", experts=5, top_k=3, seed=1).routing == "xft"
+    perturb(tmp_path / "xft")
+    renorm = tmp_path / "renorm"
+    shutil.copytree(tmp_path / "xft", renorm)
+    descriptor = json.loads((renorm / "rmserve.json").read_text())
+    descriptor["routing"] = "renormalised-top-k"  # what folders written before the choice existed say
+    (renorm / "rmserve.json").write_text(json.dumps(descriptor))
+    assert read_moe_config(renorm).routing == "renorm"
+    assert {m.rule for m in moe_layers(load_moe_classifier(renorm))} == {"renorm"}
+    options = LoadOptions(dtype="float32", device="cpu")
+    xft_model, renorm_model = (MoERewardModel(n, tmp_path / n, options) for n in ("xft", "renorm"))
+    encoded = xft_model.new_encoder().encode_many(INPUTS)
+    # same weights, K - 1 = 2 routed experts: the two rules weigh them differently
+    assert reward_values(xft_model, encoded) != pytest.approx(reward_values(renorm_model, encoded), abs=1e-6)
+    descriptor["routing"] = "softmax"
+    (renorm / "rmserve.json").write_text(json.dumps(descriptor))
+    with pytest.raises(ValueError, match="routing 'softmax' is unknown; use one of xft, renorm"):
+        read_moe_config(renorm)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
 def test_served_moe_equals_an_offline_forward_of_the_same_module(arch, tiny_model_dirs, tmp_path):
     upcycle(tiny_model_dirs[arch], tmp_path / "moe", experts=5, top_k=3, last=1, seed=1)
@@ -232,7 +255,7 @@ def test_train_experts_then_learned_merge(tiny_model_dirs, tmp_path, pairs_file)
         ],
     )
     assert up.exit_code == 0, up.output
-    assert "upcycled layers [1] into 3 experts (top-2)" in up.output
+    assert "upcycled layers [1] into 3 experts (top-2, xft routing)" in up.output
     trained = runner.invoke(
         app,
         ["train", "--model", str(tmp_path / "moe"), "--data", str(pairs_file), "--out", str(tmp_path / "trained"),
