@@ -14,6 +14,15 @@ Pure tensor functions; every aggregate is computed in float32 from the head rewa
 - ``tradeoff``: ``tradeoff_lambda * nominal + (1 - tradeoff_lambda) * min`` (BRME eq. 7).
 
 With k = 1 every aggregate equals the reward, and ``std`` is 0.
+
+Two request-level forms (``request_aggregates``), applied to one request's inputs after the batch:
+
+- ``tradeoff_scope="request"``: BRME's robust term is ``min_r E[reward]``, the minimum outside the
+  expectation. Over the N inputs of one request (one PPO batch), ``k* = argmin_k mean_n r[n, k]``, and
+  each input's trade-off is ``lambda * nominal[n] + (1 - lambda) * r[n, k*]``;
+- ``sample_seed``: BRME's reward is a sample: every head reward becomes ``mu + a * sigma`` with
+  ``a ~ N(0, 1)`` drawn from a generator seeded with the seed (reparameterisation), in input order, and
+  every aggregate is computed from the samples (the nominal head stays the smallest sigma).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rmserve.names import AGGREGATES
+from rmserve.names import AGGREGATES, TradeoffScope
 
 
 @dataclass(frozen=True)
@@ -120,3 +129,57 @@ def aggregate(
         torch.full((rows,), params.tradeoff_lambda),
     )  # (B, 7)
     return {name: table[:, AGGREGATES.index(name)] for name in names}
+
+
+def request_aggregates(
+    heads: torch.Tensor,
+    table: torch.Tensor,
+    params: AggregationParams,
+    *,
+    scope: TradeoffScope = "input",
+    head_std: torch.Tensor | None = None,
+    sample_seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's aggregates with the request-level forms (see the module docstring).
+
+    Args:
+        heads: the inputs' head rewards (BRME: the means), (N, k).
+        table: their per-input aggregates from the forward, (N, len(AGGREGATES)).
+        params: the request's lambdas.
+        scope: ``input`` (the trade-off's worst case per input) or ``request`` (head k*).
+        head_std: the heads' sigmas, (N, k); needed with ``sample_seed``.
+        sample_seed: draw the head rewards ``mu + a * sigma`` with this seed; the nominal head of each
+            input stays the one with the smallest sigma.
+
+    Returns:
+        The head rewards used (the samples when sampling), (N, k) float32, and the aggregates,
+        (N, len(AGGREGATES)) float32 in ``AGGREGATES`` order.
+
+    Raises:
+        ValueError: sampling without sigmas, or shapes that do not match.
+    """
+    r = heads.float()  # (N, k)
+    table = table.float().clone()  # (N, 7)
+    if r.ndim != 2 or table.shape != (r.shape[0], len(AGGREGATES)):
+        raise ValueError(f"heads must be (N, k) and table (N, {len(AGGREGATES)}), got {tuple(r.shape)} and {tuple(table.shape)}.")  # fmt: skip
+    rows = r.shape[0]
+    if sample_seed is not None:
+        if head_std is None or head_std.shape != r.shape:
+            raise ValueError(
+                "sampling rewards needs each head's sigma (a brme model), shaped like the heads."
+            )
+        generator = torch.Generator().manual_seed(sample_seed)
+        noise = torch.randn(r.shape, generator=generator, dtype=torch.float32)  # (N, k)
+        r = r + noise.to(r.device) * head_std.float()  # (N, k)
+        table = aggregate_rows(
+            r,
+            brme_nominal_index(head_std),
+            torch.full((rows,), params.uwo_lambda),
+            torch.full((rows,), params.tradeoff_lambda),
+        )  # (N, 7)
+    if scope == "request" and rows:
+        worst_head = int(r.mean(dim=0).argmin())  # k*: the lowest mean reward over the request
+        nominal = table[:, AGGREGATES.index("nominal")]  # (N,)
+        lam = params.tradeoff_lambda
+        table[:, AGGREGATES.index("tradeoff")] = lam * nominal + (1 - lam) * r[:, worst_head]
+    return r, table

@@ -43,6 +43,10 @@ HeadKind = Literal["multihead", "brme"]
 AggregateName = Literal["mean", "min", "max", "std", "uwo", "nominal", "tradeoff"]
 """The robust aggregates of k head rewards (``rmserve.aggregation``)."""
 
+TradeoffScope = Literal["input", "request"]
+"""Where the trade-off's worst case is taken: per input (min over heads) or per request (BRME's min over
+heads of the request's mean reward)."""
+
 AGGREGATES: tuple[AggregateName, ...] = get_args(AggregateName)
 
 DEMO = "demo"

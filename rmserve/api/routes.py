@@ -5,12 +5,14 @@ Validate, hand the work to the served model (``api.deps``), answer. No logic of 
 
 from __future__ import annotations
 
+import secrets
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from rmserve.aggregation import AggregationParams
 from rmserve.api.deps import ERROR_RESPONSES, app_state, registry_of, resolve_model, score_request
-from rmserve.api.schemas import ModelCard, ModelList, ScoreRequest, ScoreResponse, Status, Usage
+from rmserve.api.schemas import MAX_SEED, ModelCard, ModelList, ScoreRequest, ScoreResponse, Status, Usage
 from rmserve.names import AGGREGATES
 
 router = APIRouter()
@@ -25,6 +27,9 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
         uwo_lambda=defaults.uwo_lambda if body.uwo_lambda is None else body.uwo_lambda,
         tradeoff_lambda=defaults.tradeoff_lambda if body.tradeoff_lambda is None else body.tradeoff_lambda,
     )
+    seed = body.brme_seed
+    if body.brme_sample and seed is None:
+        seed = secrets.randbelow(MAX_SEED + 1)
     outcome = await score_request(
         request,
         response,
@@ -34,6 +39,8 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
         params=params,
         aggregates=list(dict.fromkeys(body.aggregates)),
         return_heads=body.return_heads,
+        tradeoff_scope=body.tradeoff_scope,
+        sample_seed=seed,
     )
     return ScoreResponse(
         model=outcome.model,
@@ -43,6 +50,7 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
         heads=outcome.heads,
         head_std=outcome.head_std,
         truncated=outcome.truncated,
+        brme_seed=seed,
         usage=Usage(input_tokens=outcome.input_tokens),
     )
 

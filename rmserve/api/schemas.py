@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rmserve.models.inputs import INPUT_FORMS_HELP, ScoreInput
-from rmserve.names import AGGREGATES, AggregateName
+from rmserve.names import AGGREGATES, AggregateName, TradeoffScope
+
+MAX_SEED = 2**63 - 1
 
 
 class ScoreRequest(BaseModel):
@@ -39,9 +41,34 @@ class ScoreRequest(BaseModel):
         allow_inf_nan=False,
         description="Trade-off: lambda * nominal + (1 - lambda) * min (default: the model's).",
     )
+    tradeoff_scope: TradeoffScope = Field(
+        "input",
+        description="Trade-off's worst case: 'input' takes the min over heads per input; 'request' takes, for "
+        "every input, the head whose mean reward over this request's inputs is lowest (BRME's min over "
+        "reward functions of the expected reward; send one PPO batch per request).",
+    )
+    brme_sample: bool = Field(
+        False,
+        description="brme models: each head's reward is a sample mu + a * sigma, a ~ N(0, 1) (BRME's "
+        "reparameterised reward); every aggregate is computed from the samples.",
+    )
+    brme_seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seeds brme_sample's draws, in input order (default: a fresh seed, returned as brme_seed).",
+    )
     return_heads: bool = Field(
         False, description="Also return every head's reward (and sigma for brme models)."
     )
+
+    @model_validator(mode="after")
+    def _seed_needs_sampling(self) -> ScoreRequest:
+        if self.brme_seed is not None and not self.brme_sample:
+            raise ValueError(
+                'brme_seed seeds brme_sample\'s draws; add "brme_sample": true or drop brme_seed.'
+            )
+        return self
 
 
 class Usage(BaseModel):
@@ -57,11 +84,16 @@ class ScoreResponse(BaseModel):
     aggregates: dict[AggregateName, list[float]] = Field(
         default_factory=dict, description="The requested aggregates, columnar."
     )
-    heads: list[list[float]] | None = Field(None, description="With return_heads: each input's head rewards.")
+    heads: list[list[float]] | None = Field(
+        None, description="With return_heads: each input's head rewards (with brme_sample: the samples)."
+    )
     head_std: list[list[float]] | None = Field(
         None, description="With return_heads, brme models only: each input's head sigmas."
     )
     truncated: list[bool] = Field(description="Per input: whether tokens were dropped to fit max_length.")
+    brme_seed: int | None = Field(
+        None, description="With brme_sample: the seed of the draws (send it to repeat them)."
+    )
     usage: Usage
 
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rmserve.aggregation import AggregationParams
+from rmserve.aggregation import AggregationParams, request_aggregates
 from rmserve.batching.batcher import Batcher, BatchObserver
 from rmserve.batching.planning import BatchLimits
 from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel
-from rmserve.models.inputs import RewardInput
-from rmserve.names import AGGREGATES, AggregateName, Truncation
+from rmserve.models.inputs import InputError, RewardInput
+from rmserve.names import AGGREGATES, AggregateName, TradeoffScope, Truncation
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +171,8 @@ class ServedModel:
         aggregates: Sequence[AggregateName] = (),
         return_heads: bool = False,
         max_tokens: int | None = None,
+        tradeoff_scope: TradeoffScope = "input",
+        sample_seed: int | None = None,
     ) -> ScoreOutcome:
         """Score inputs through the batcher.
 
@@ -181,11 +183,19 @@ class ServedModel:
             aggregates: the aggregates to return besides ``rewards``.
             return_heads: also return each head's reward (and sigma for brme).
             max_tokens: a tighter per-input token limit for this request (truncation applies past it).
+            tradeoff_scope: the trade-off's worst case per ``input`` or per ``request``
+                (``rmserve.aggregation.request_aggregates``).
+            sample_seed: brme models: score samples ``mu + a * sigma`` drawn with this seed.
 
         Raises:
-            InputError: an input cannot be encoded (422).
+            InputError: an input cannot be encoded, or sampling asked of a model without sigmas (422).
             BatcherError: the queue refused the work or its batch failed.
         """
+        if sample_seed is not None and not self.info.has_std:
+            raise InputError(
+                f"brme_sample draws mu + a * sigma from each head, but {self.name!r} is a {self.info.kind} model "
+                "without sigmas; drop brme_sample or ask a brme model."
+            )
         params = params or self.info.defaults
         start = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -200,15 +210,28 @@ class ServedModel:
         results = await self.batcher.submit([(QueuedInput(e, params), len(e)) for e in encoded])
         inference = {r.batch_id: r.inference_s for r in results}
         scores = [r.value for r in results]
+        heads = [s.heads for s in scores]
+        table = [s.aggregates for s in scores]
+        if tradeoff_scope == "request" or sample_seed is not None:
+            stds = torch.tensor([s.head_std for s in scores]) if self.info.has_std else None
+            used, recomputed = request_aggregates(
+                torch.tensor(heads),
+                torch.tensor(table),
+                params,
+                scope=tradeoff_scope,
+                head_std=stds,
+                sample_seed=sample_seed,
+            )
+            heads, table = used.tolist(), recomputed.tolist()
         reward_column = AGGREGATES.index(self.info.reward)
         head_std = None
         if return_heads and self.info.has_std:
             head_std = [s.head_std or [] for s in scores]
         return ScoreOutcome(
             model=self.name,
-            rewards=[s.aggregates[reward_column] for s in scores],
-            aggregates={a: [s.aggregates[AGGREGATES.index(a)] for s in scores] for a in aggregates},
-            heads=[s.heads for s in scores] if return_heads else None,
+            rewards=[row[reward_column] for row in table],
+            aggregates={a: [row[AGGREGATES.index(a)] for row in table] for a in aggregates},
+            heads=heads if return_heads else None,
             head_std=head_std,
             truncated=[e.truncated for e in encoded],
             input_tokens=sum(len(e) for e in encoded),

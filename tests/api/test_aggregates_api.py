@@ -203,3 +203,53 @@ async def test_models_list_heads_aggregates_and_config_overrides(brme, multihead
     assert cards["tiny-multi"]["tradeoff_lambda"] == 0.9
     assert got["reward"] == "min" and got["rewards"] == got["aggregates"]["min"]
     assert all(math.isfinite(x) for x in got["rewards"])
+
+
+async def test_request_level_tradeoff_uses_the_head_with_the_lowest_mean_over_the_request(multihead):
+    body = {
+        "model": "tiny-multi",
+        "inputs": INPUTS,
+        "aggregates": ["nominal", "tradeoff"],
+        "return_heads": True,
+    }
+    async with serve([multihead]) as client:
+        per_input = (await client.post("/v1/score", json=body)).json()
+        r = await client.post("/v1/score", json=body | {"tradeoff_scope": "request", "tradeoff_lambda": 0.4})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    heads = torch.tensor(got["heads"])  # (N, k)
+    worst = int(heads.mean(dim=0).argmin())
+    want = [0.4 * n + 0.6 * h[worst] for n, h in zip(got["aggregates"]["nominal"], got["heads"], strict=True)]
+    assert got["aggregates"]["tradeoff"] == pytest.approx(want, abs=1e-6)
+    assert (
+        got["heads"] == per_input["heads"]
+        and got["aggregates"]["nominal"] == per_input["aggregates"]["nominal"]
+    )
+
+
+async def test_brme_sample_is_seeded_returns_its_seed_and_is_refused_for_models_without_sigmas(brme, dense):
+    body = {"model": "tiny-brme", "inputs": INPUTS, "aggregates": ["mean", "tradeoff"], "return_heads": True}
+    async with serve([brme, dense]) as client:
+        plain = (await client.post("/v1/score", json=body)).json()
+        seeded = await client.post("/v1/score", json=body | {"brme_sample": True, "brme_seed": 7})
+        again = (await client.post("/v1/score", json=body | {"brme_sample": True, "brme_seed": 7})).json()
+        fresh = (await client.post("/v1/score", json=body | {"brme_sample": True})).json()
+        no_sigma = await client.post(
+            "/v1/score", json={"model": "tiny-llama", "inputs": INPUTS, "brme_sample": True}
+        )
+        seed_alone = await client.post("/v1/score", json=body | {"brme_seed": 7})
+    assert seeded.status_code == 200, seeded.text
+    got = seeded.json()
+    assert got["brme_seed"] == 7 and plain["brme_seed"] is None
+    mu, sigma = torch.tensor(plain["heads"]), torch.tensor(plain["head_std"])
+    a = torch.randn(mu.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(torch.tensor(got["heads"]), mu + a * sigma, atol=1e-5, rtol=1e-5)
+    assert got["aggregates"]["mean"] == pytest.approx(
+        torch.tensor(got["heads"]).mean(dim=1).tolist(), abs=1e-5
+    )
+    assert again["heads"] == got["heads"] and again["rewards"] == got["rewards"]
+    assert isinstance(fresh["brme_seed"], int) and fresh["heads"] != got["heads"]
+    assert no_sigma.status_code == 422
+    assert "without sigmas; drop brme_sample or ask a brme model" in no_sigma.json()["error"]["message"]
+    assert seed_alone.status_code == 422
+    assert 'add "brme_sample": true or drop brme_seed' in seed_alone.json()["error"]["message"]
