@@ -29,12 +29,12 @@ Pooling = Literal["hf", "last"]
 
 DEFAULT_POOLING: Pooling = "hf"
 
-ModelKind = Literal["dense", "multihead", "brme", "ensemble", "moe"]
+ModelKind = Literal["dense", "multihead", "brme", "ensemble", "moe", "lora"]
 """The kinds of model folder rmserve serves (``rmserve.models.loader``)."""
 
 KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
 
-KindName = Literal["auto", "dense", "multihead", "brme", "ensemble", "moe"]
+KindName = Literal["auto", "dense", "multihead", "brme", "ensemble", "moe", "lora"]
 """A configured kind: ``auto`` follows the folder's ``rmserve.json``."""
 
 HeadKind = Literal["multihead", "brme"]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import BUILDERS, HEAD_MODELS, build_head_model
+from rmserve.training.hh import dialogue_to_messages
+from tests.tiny_models import BUILDERS, DATA, HEAD_MODELS, build_head_model
+
+PAIRS = 40
 
 TIERS = {"unit", "kernels", "models", "commands", "api", "e2e"}
 # The kernel_device fixture of the Triton kernel tests.
@@ -39,3 +44,17 @@ def tiny_head_model_dirs(
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 40 HH pairs as TRL conversational pairs (implicit prompt)."""
+    if not DATA.is_file():
+        pytest.skip(f"{DATA} is missing")
+    out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    with gzip.open(DATA, "rt") as f, out.open("w") as w:
+        for _, line in zip(range(PAIRS), f, strict=False):
+            row = json.loads(line)
+            chosen, rejected = (dialogue_to_messages(row[k]) for k in ("chosen", "rejected"))
+            w.write(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n")
+    return out

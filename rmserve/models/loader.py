@@ -1,6 +1,7 @@
 """Loads a model folder as the backend of its kind.
 
-A folder with an ``rmserve.json`` names its kind there (``multihead``, ``brme``, ``ensemble``, ``moe``, or
+A folder with an ``rmserve.json`` names its kind there (``multihead``, ``brme``, ``ensemble``, ``moe``,
+``lora``, or
 ``dense`` for a plain checkpoint that declares its pooling rule); any other Hugging Face folder is
 ``dense``. ``kind="auto"`` follows the folder; an explicit kind must match it.
 """
@@ -17,6 +18,7 @@ from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR
 from rmserve.models.ensemble import EnsembleRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
+from rmserve.models.lora import LoraRewardModel
 from rmserve.models.moe import MoERewardModel
 from rmserve.names import KINDS, ModelKind
 
@@ -51,6 +53,7 @@ BACKENDS = cast(
         "brme": MultiHeadRewardModel,
         "ensemble": EnsembleRewardModel,
         "moe": MoERewardModel,
+        "lora": LoraRewardModel,
     },
 )
 

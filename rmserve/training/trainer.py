@@ -2,17 +2,23 @@
 
 Loss per batch of B pairs: ``-log sigmoid(r_chosen - r_rejected)`` (mean), plus optionally
 
-- the BSR regulariser ``bsr * mean(r)^2`` over the batch's 2B rewards (BSR paper eq. 25, default
-  1e-3), which keeps the reward scale centred;
+- the BSR regulariser (BSR paper), ``strength * penalty`` over the batch's 2B rewards, where
+  ``penalty`` is ``mean(r)^2`` (``square-of-mean``, eq. 25, the default) or ``mean(r^2)``
+  (``mean-of-squares``, whose gradient ``r / B`` per reward is the paper's eq. 28), and ``strength``
+  is ``bsr`` (``bsr_scaling="none"``) or ``bsr * B`` (``"batch"``: the authors' code multiplies lambda
+  by the per-device batch size, so their lambda 1e-3 on 16 pairs a device is 1.6e-2 here);
 - a load-balancing loss for MoE routers (Switch-Transformer form, per MoE layer:
   ``(N - 1) * sum_i f_i * P_i``, f_i the share of routed slots sent to normal expert i and P_i its
   mean router probability), weighted by ``aux``.
 
-Which parameters train: ``all``; ``experts`` (the MoE layers' experts and routers, the final norm and
-the score head); ``head`` (the score head only). When every layer below some layer L stays frozen,
-the hidden states entering L are computed once per sequence and cached, and each step runs only
-layers L.. (``models.moe.frozen_prefix``): on a CPU this is what makes training a few upcycled
-top layers of a 135M model take minutes rather than hours.
+Which parameters train: ``all``; ``top:N`` (the top N decoder layers, the final norm and the score
+head); ``experts`` (the MoE layers' experts and routers, the final norm and the score head); ``head``
+(the score head only). With a ``LoraSpec`` the chosen layers (``top:N`` or ``all``) get peft LoRA
+adapters instead of full training, plus the score head (``training.lora``), and the output is a peft
+adapter folder (kind ``lora``). When every layer below some layer L stays frozen, the hidden states
+entering L are computed once per sequence and cached, and each step runs only layers L..
+(``training.prefix.frozen_prefix``): on a CPU this is what makes training a few top layers of a
+135M model take minutes rather than hours.
 
 Inputs are encoded by the served model's own encoder (chat template, left truncation), so the
 trained model scores exactly what it was trained on.
@@ -23,9 +29,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,32 +39,74 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from rmserve.models.decoder import base_of, embeddings_of, pad_token_id, score_head_of
+from rmserve.models.decoder import base_of, config_of, embeddings_of, pad_token_id, score_head_of
 from rmserve.models.inputs import InputEncoder
 from rmserve.models.loader import folder_kind
 from rmserve.models.moe import MoeConfig, decoder_layers, load_moe_classifier, moe_layers, read_moe_config
 from rmserve.models.pooling import write_dense_descriptor
 from rmserve.names import Pooling
 from rmserve.training.fitting import binomial_interval
+from rmserve.training.lora import LoraSpec, add_lora, save_adapter
 from rmserve.training.pairs import PreferenceExample
 from rmserve.training.prefix import final_norm, frozen_prefix, prefix_states
+from rmserve.training.record import data_record, plain, write_record
 from rmserve.training.upcycle import save_moe
 
-Trainable = Literal["all", "experts", "head"]
+BsrForm = Literal["square-of-mean", "mean-of-squares"]
+BsrScaling = Literal["none", "batch"]
+BSR_FORMS: tuple[BsrForm, ...] = get_args(BsrForm)
+BSR_SCALINGS: tuple[BsrScaling, ...] = get_args(BsrScaling)
+TRAINABLE_HELP = "all, top:N (the top N decoder layers, final norm and head), experts (MoE) or head"
 
 
 @dataclass
 class TrainOptions:
-    """Hyperparameters of ``train``."""
+    """Hyperparameters of ``train``.
 
-    trainable: Trainable = "experts"
+    ``trainable``: ``all``, ``top:N``, ``experts`` or ``head`` (see the module docstring).
+    """
+
+    trainable: str = "experts"
     epochs: int = 1
     lr: float = 1e-4
     batch_size: int = 8
     bsr: float = 1e-3
+    bsr_form: BsrForm = "square-of-mean"
+    bsr_scaling: BsrScaling = "none"
     aux: float = 1e-2
     max_length: int = 512
     seed: int = 0
+    lora: LoraSpec | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.bsr_form not in BSR_FORMS:
+            raise ValueError(f"bsr form must be one of {', '.join(BSR_FORMS)}, got {self.bsr_form!r}.")
+        if self.bsr_scaling not in BSR_SCALINGS:
+            raise ValueError(
+                f"bsr scaling must be one of {', '.join(BSR_SCALINGS)}, got {self.bsr_scaling!r}."
+            )
+        if self.bsr < 0 or not math.isfinite(self.bsr):
+            raise ValueError(f"--bsr must be a finite number >= 0, got {self.bsr}.")
+        top_layers(self.trainable)  # a malformed top:N fails here, before any work
+
+    @property
+    def bsr_strength(self) -> float:
+        """The weight on the BSR penalty: ``bsr``, times the pairs per step with ``bsr_scaling="batch"``."""
+        return self.bsr * (self.batch_size if self.bsr_scaling == "batch" else 1)
+
+
+def top_layers(trainable: str) -> int | None:
+    """N of ``top:N`` (None for the other choices).
+
+    Raises:
+        ValueError: not one of all, top:N, experts, head; or N not a positive integer.
+    """
+    if trainable in ("all", "experts", "head"):
+        return None
+    kind, _, count = trainable.partition(":")
+    if kind != "top" or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"--train must be {TRAINABLE_HELP}; got {trainable!r}.")
+    return int(count)
 
 
 class PairData:
@@ -99,8 +147,12 @@ def encode_pairs(encoder: InputEncoder, pairs: Sequence[PreferenceExample]) -> P
     return PairData(ids)
 
 
-def select_trainable(model: nn.Module, trainable: Trainable) -> int:
-    """Freeze all but the chosen parameters; return the first decoder layer that trains (or the layer count)."""
+def select_trainable(model: nn.Module, trainable: str) -> int:
+    """Freeze all but the chosen parameters; return the first decoder layer that trains (or the layer count).
+
+    Raises:
+        ValueError: ``top:N`` with N above the layer count, or ``experts`` on a model without MoE layers.
+    """
     layers = decoder_layers(model)
     for p in model.parameters():
         p.requires_grad_(trainable == "all")
@@ -108,6 +160,14 @@ def select_trainable(model: nn.Module, trainable: Trainable) -> int:
     if trainable == "all":
         return 0
     base = base_of(model)
+    top = top_layers(trainable)
+    if top is not None:
+        if top > len(layers):
+            raise ValueError(f"--train top:{top} asks for more layers than the model's {len(layers)}.")
+        for layer in layers[len(layers) - top :]:
+            layer.requires_grad_(True)
+        final_norm(base).requires_grad_(True)
+        return len(layers) - top
     if trainable == "experts":
         moes = moe_layers(model)
         if not moes:
@@ -135,7 +195,7 @@ def rewards(
 ) -> torch.Tensor:
     """Rewards of the chosen and rejected sides of pairs ``indices``: (2B,), chosen first."""
     base = base_of(model)
-    head = score_head_of(model)
+    head = trained_head(model)
     if data.prefix is not None:
         rows = [data.prefix[i][0] for i in indices] + [data.prefix[i][1] for i in indices]
         states, lengths = _pad(rows, 0.0)  # (2B, T, H): padding sits right of every real token, never read
@@ -149,6 +209,14 @@ def rewards(
         hidden = base(input_ids=ids, use_cache=False).last_hidden_state  # (2B, T, H)
     last = hidden[torch.arange(len(rows)), lengths - 1]  # (2B, H)
     return head(last)[:, 0].float()  # (2B,)
+
+
+def trained_head(model: nn.Module) -> nn.Module:
+    """The module that computes the reward from the pooled state: ``score`` (under LoRA, peft's trained copy)."""
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"{type(model).__name__} is not a decoder reward model with a 'score' head.")
+    return head
 
 
 TRAINED_POOLING: Pooling = "last"
@@ -181,11 +249,18 @@ def cache_prefix(
     data.prefix = [(states(chosen), states(rejected)) for chosen, rejected in bar]
 
 
-def pair_loss(rewards_2b: torch.Tensor, bsr: float) -> torch.Tensor:
-    """Bradley-Terry loss of B pairs (rewards (2B,), chosen first) plus ``bsr * mean(rewards)^2``."""
+def bsr_penalty(rewards_2b: torch.Tensor, form: BsrForm = "square-of-mean") -> torch.Tensor:
+    """BSR's penalty on a batch's rewards (2B,): ``mean(r)^2`` (eq. 25) or ``mean(r^2)`` (eq. 28's)."""
+    if form == "square-of-mean":
+        return rewards_2b.mean() ** 2
+    return rewards_2b.pow(2).mean()
+
+
+def pair_loss(rewards_2b: torch.Tensor, bsr: float, form: BsrForm = "square-of-mean") -> torch.Tensor:
+    """Bradley-Terry loss of B pairs (rewards (2B,), chosen first) plus ``bsr * bsr_penalty(rewards)``."""
     pairs = rewards_2b.shape[0] // 2
     margin = rewards_2b[:pairs] - rewards_2b[pairs:]  # (B,)
-    return -F.logsigmoid(margin).mean() + bsr * rewards_2b.mean() ** 2
+    return -F.logsigmoid(margin).mean() + bsr * bsr_penalty(rewards_2b, form)
 
 
 def balance_loss(model: nn.Module) -> torch.Tensor:
@@ -223,21 +298,41 @@ def train(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     memo: PrefixMemo | None = None,
+    data_source: str = "",
 ) -> dict[str, Any]:
     """Train a dense or moe reward model; report held-out accuracy per epoch; write checkpoints and ``out``.
 
-    ``memo`` shares cached prefix states with other runs on the same frozen layers.
+    ``out`` gets the trained model (a dense folder, a moe folder, or with ``options.lora`` a peft adapter
+    folder of kind ``lora``) and its training record (``training.json``); each epoch's model also goes to
+    ``out/checkpoint-epoch-N``. ``memo`` shares cached prefix states with other runs on the same frozen
+    layers.
+
+    Raises:
+        ValueError: the options do not fit the model (see ``select_trainable``; LoRA on a moe model, or
+            with ``--train experts`` or ``head``).
     """
-    torch.manual_seed(options.seed)
-    model, moe_config = load_classifier(model_dir)
-    first_layer = select_trainable(model, options.trainable)
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    echo(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-         f"{trained / 1e6:.2f}M trained ({options.trainable}); layers below {first_layer} frozen and cached")  # fmt: skip
-    encoder = encoder_for(model_dir, model, options.max_length)
-    pad_id = pad_token_id(encoder.tokenizer, model.config)
-    train_data, eval_data = encode_pairs(encoder, train_pairs), encode_pairs(encoder, eval_pairs)
     started = time.monotonic()
+    torch.manual_seed(options.seed)
+    classifier, moe_config = load_classifier(model_dir)
+    model: nn.Module = classifier
+    first_layer = select_trainable(model, options.trainable)
+    adapter = None
+    if options.lora is not None:
+        if moe_config is not None or options.trainable in ("experts", "head"):
+            raise ValueError(
+                "--lora-rank adapts the layers --train names on a dense model: use --train top:N or all "
+                f"(got --train {options.trainable} on a {'moe' if moe_config else 'dense'} model)."
+            )
+        model.requires_grad_(False)
+        layers = range(first_layer, len(decoder_layers(model)))
+        adapter, model = add_lora(model, options.lora, layers)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = options.trainable + (f", LoRA rank {options.lora.rank}" if options.lora else "")
+    echo(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+         f"{trained / 1e6:.2f}M trained ({what}); layers below {first_layer} frozen and cached")  # fmt: skip
+    encoder = encoder_for(model_dir, model, options.max_length)
+    pad_id = pad_token_id(encoder.tokenizer, config_of(model))
+    train_data, eval_data = encode_pairs(encoder, train_pairs), encode_pairs(encoder, eval_pairs)
     cache_prefix(model, train_data, first_layer, progress, memo)
     cache_prefix(model, eval_data, first_layer, progress, memo)
     history = [
@@ -248,6 +343,7 @@ def train(
         [p for p in model.parameters() if p.requires_grad], lr=options.lr, weight_decay=0.0
     )
     generator = torch.Generator().manual_seed(options.seed)
+    saver = _Saver(model_dir, model, adapter, encoder, moe_config, options)
     for epoch in range(1, options.epochs + 1):
         model.train()
         order = torch.randperm(len(train_data), generator=generator).tolist()
@@ -256,7 +352,7 @@ def train(
         for step in bar:
             indices = order[step * options.batch_size : (step + 1) * options.batch_size]
             r = rewards(model, train_data, indices, first_layer, pad_id)  # (2B,)
-            loss = pair_loss(r, options.bsr) + options.aux * balance_loss(model)
+            loss = pair_loss(r, options.bsr_strength, options.bsr_form) + options.aux * balance_loss(model)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -264,34 +360,46 @@ def train(
         held = accuracy(model, eval_data, first_layer, pad_id, options.batch_size)
         history.append({"epoch": epoch, "held_out_accuracy": held})
         echo(f"epoch {epoch}: held-out accuracy {held:.4f}")
-        _save(
-            model, encoder, moe_config, out / f"checkpoint-epoch-{epoch}", options, history, len(train_pairs)
-        )
+        saver.save(out / f"checkpoint-epoch-{epoch}", {"history": history})
     interval = binomial_interval(round(history[-1]["held_out_accuracy"] * len(eval_data)), len(eval_data))
-    record = {
-        "data_pairs": len(train_pairs),
-        "held_out_pairs": len(eval_pairs),
+    results = {
         "history": history,
+        "held_out_accuracy": history[-1]["held_out_accuracy"],
         "held_out_standard_error": round(interval.standard_error, 4),
-        "seconds": round(time.monotonic() - started, 1),
-        "options": options.__dict__,
         "trained_parameters": trained,
+        "first_trained_layer": first_layer,
     }
-    _save(model, encoder, moe_config, out, options, history, len(train_pairs), record)
+    saver.save(out, results)
+    data = data_record(train_pairs, eval_pairs, data_source)
+    record = write_record(
+        out, command="rmserve train", data=data, options=options, results=results, started=started
+    )
     echo(f"wrote {out} in {record['seconds']:.0f}s")
     return record
 
 
-def _save(
-    model: PreTrainedModel, encoder: InputEncoder, moe_config: MoeConfig | None, out: Path, options: TrainOptions,
-    history: list[dict[str, Any]], pairs: int, record: dict[str, Any] | None = None,
-) -> None:  # fmt: skip
-    model.eval()
-    if moe_config is None:
-        model.save_pretrained(out)
-        encoder.tokenizer.save_pretrained(out)
-        write_dense_descriptor(out, TRAINED_POOLING)
-        return
-    training = record or {"history": history, "data_pairs": pairs, "options": options.__dict__}
-    update = {"training": training, "pooling": TRAINED_POOLING}
-    save_moe(model, encoder.tokenizer, out, moe_config.model_copy(update=update))
+class _Saver:
+    """Writes the model being trained in its folder format: dense, moe, or a peft adapter (lora)."""
+
+    def __init__(
+        self, model_dir: Path, model: nn.Module, adapter: Any, encoder: InputEncoder,
+        moe_config: MoeConfig | None, options: TrainOptions,
+    ) -> None:  # fmt: skip
+        self.model_dir, self.model, self.adapter, self.encoder = model_dir, model, adapter, encoder
+        self.moe_config, self.options = moe_config, options
+
+    def save(self, out: Path, results: dict[str, Any]) -> None:
+        self.model.eval()
+        if self.adapter is not None:
+            save_adapter(self.adapter, self.model_dir, self.encoder.tokenizer, out, TRAINED_POOLING)
+            return
+        if not isinstance(self.model, PreTrainedModel):
+            raise TypeError(f"cannot save a {type(self.model).__name__}; expected a transformers model.")
+        if self.moe_config is None:
+            self.model.save_pretrained(out)
+            self.encoder.tokenizer.save_pretrained(out)
+            write_dense_descriptor(out, TRAINED_POOLING)
+            return
+        training = {"results": results, "options": plain(self.options)}
+        update = {"training": training, "pooling": TRAINED_POOLING}
+        save_moe(self.model, self.encoder.tokenizer, out, self.moe_config.model_copy(update=update))

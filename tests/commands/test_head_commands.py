@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import pytest
@@ -18,25 +16,7 @@ from rmserve.models.dense import DenseRewardModel
 from rmserve.models.ensemble import EnsembleRewardModel, read_ensemble_config
 from rmserve.models.heads import MultiHeadRewardModel, read_head_config
 from rmserve.training.heads import BrmeWeights, apply_brme
-from rmserve.training.hh import dialogue_to_messages
 from rmserve.training.pairs import read_preference_pairs
-from tests.tiny_models import DATA
-
-PAIRS = 40
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    """The first HH pairs as TRL conversational pairs (implicit prompt)."""
-    if not DATA.is_file():
-        pytest.skip(f"{DATA} is missing")
-    out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    with gzip.open(DATA, "rt") as f, out.open("w") as w:
-        for _, line in zip(range(PAIRS), f, strict=False):
-            row = json.loads(line)
-            chosen, rejected = (dialogue_to_messages(row[k]) for k in ("chosen", "rejected"))
-            w.write(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n")
-    return out
 
 
 def test_train_heads_writes_a_model_that_serves_the_trained_heads(pairs_file, tiny_model_dirs, tmp_path):

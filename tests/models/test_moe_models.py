@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -29,12 +28,10 @@ from rmserve.models.moe import (
     read_moe_config,
 )
 from rmserve.models.pooling import write_dense_descriptor
-from rmserve.training.hh import dialogue_to_messages
 from rmserve.training.pairs import read_preference_pairs
 from rmserve.training.trainer import balance_loss, cache_prefix, encode_pairs, encoder_for, pair_loss, rewards
 from rmserve.training.upcycle import save_moe, upcycle
 from rmserve_kernels.routing import route_reference
-from tests.tiny_models import DATA
 
 INPUTS = [
     PromptResponse(prompt="How do I bake bread?", response="Mix flour, water, yeast and salt, then bake."),
@@ -144,18 +141,6 @@ def test_upcycle_refuses_bad_options(tiny_model_dirs, tmp_path):
         upcycle(tiny_model_dirs["llama"], tmp_path / "b", experts=3, top_k=2, layers=[5])
     with pytest.raises(ValueError, match="no decoder layers"):
         upcycle(tiny_model_dirs["bert"], tmp_path / "c", experts=3, top_k=2)
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory) -> Path:
-    if not DATA.is_file():
-        pytest.skip(f"{DATA} is missing")
-    out = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    with gzip.open(DATA, "rt") as f, out.open("w") as w:
-        for _, line in zip(range(24), f, strict=False):
-            row = json.loads(line)
-            w.write(json.dumps({k: dialogue_to_messages(row[k]) for k in ("chosen", "rejected")}) + "\n")
-    return out
 
 
 def test_cached_prefix_rewards_equal_the_full_forward(tiny_model_dirs, tmp_path, pairs_file):
@@ -271,7 +256,7 @@ def test_train_experts_then_learned_merge(tiny_model_dirs, tmp_path, pairs_file)
         assert fragment in trained.output
     assert (tmp_path / "trained" / "checkpoint-epoch-1" / "rmserve.json").is_file()
     config = read_moe_config(tmp_path / "trained")
-    assert len(config.training["history"]) == 3
+    assert len(config.training["results"]["history"]) == 3
     assert config.pooling == "last"  # the trainer reads each sequence's final token, and says so
     # training moved the experts apart, and the frozen layer 0 did not move
     before, after = load_moe_classifier(tmp_path / "moe"), load_moe_classifier(tmp_path / "trained")
@@ -294,18 +279,16 @@ def test_train_experts_then_learned_merge(tiny_model_dirs, tmp_path, pairs_file)
 
 def test_train_and_merge_refuse_bad_arguments(tiny_model_dirs, tmp_path, pairs_file):
     runner = CliRunner()
-    dense_experts = runner.invoke(
-        app,
-        [
-            "train",
-            "--model",
-            str(tiny_model_dirs["llama"]),
-            "--data",
-            str(pairs_file),
-            "--out",
-            str(tmp_path / "x"),
-        ],
-    )
+    args = [
+        "train",
+        "--model",
+        str(tiny_model_dirs["llama"]),
+        "--data",
+        str(pairs_file),
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    dense_experts = runner.invoke(app, args)
     assert dense_experts.exit_code == 2 and "needs a moe model" in dense_experts.output
     upcycle(tiny_model_dirs["llama"], tmp_path / "moe", experts=3, top_k=2, last=1)
     rate = runner.invoke(
