@@ -178,6 +178,66 @@ def train_model(
         raise _fail(exc) from None
 
 
+@training.command("train-branches")
+def train_branches(
+    model: Annotated[
+        Path, typer.Option(help="A dense decoder reward-model folder: the trunk and every branch's start.")
+    ],
+    data: Annotated[Path, typer.Option(help="Preference pairs, JSONL(.gz), TRL convention.")],
+    out: Annotated[Path, typer.Option(help="The branched folder to write.")],
+    trainable: Annotated[
+        str, typer.Option("--train", help="top:N: each branch's own copy of the top N layers.")
+    ],
+    kind: Annotated[
+        str, typer.Option(help="multihead (a reward per branch) or brme (a mean and a sigma per branch).")
+    ] = "multihead",
+    branches: Annotated[int, typer.Option(min=1, help="k: how many branches.")] = 4,
+    share: Annotated[
+        float, typer.Option(help="Each branch trains on its own random share of the pairs, this big.")
+    ] = 0.5,
+    lora_rank: Annotated[
+        int | None,
+        typer.Option(min=1, help="Branches as LoRA adapters of this rank (peft) instead of full copies."),
+    ] = None,
+    lora_targets: Annotated[
+        str, typer.Option(help="The projections LoRA adapts, comma-separated.")
+    ] = "q_proj,v_proj",
+    lora_alpha: Annotated[int | None, typer.Option(min=1, help="LoRA alpha (default 2 x rank).")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 1,
+    lr: Annotated[float, typer.Option()] = 1e-4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per step.")] = 8,
+    bsr: Annotated[float, typer.Option(help="BSR lambda, square-of-mean form (0 disables).")] = 1e-3,
+    max_length: Annotated[int, typer.Option(help="Tokens per input (left truncation).")] = 512,
+    eval_data: Annotated[
+        Path | None, typer.Option(help="Held-out pairs (default: hold out --eval-fraction).")
+    ] = None,
+    eval_fraction: Annotated[float, typer.Option()] = 0.2,
+    seed: Annotated[int, typer.Option(help="Branch i uses seed + i (share, order, initialisation).")] = 0,
+) -> None:
+    """Train a branched model: a shared trunk, k branches of top layers each on its own share of the pairs;
+    held-out accuracy per branch and per aggregate."""
+    from rmserve.training.branches import BranchOptions
+    from rmserve.training.branches import train_branches as run_train_branches
+    from rmserve.training.lora import LoraSpec
+    from rmserve.training.trainer import TrainOptions
+
+    _configure_logging("warning")
+    try:
+        lora = None
+        if lora_rank is not None:
+            targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+            lora = LoraSpec(rank=lora_rank, alpha=lora_alpha, targets=targets)
+        options = TrainOptions(
+            trainable=trainable, epochs=epochs, lr=lr, batch_size=batch_size, bsr=bsr, max_length=max_length,
+            seed=seed, lora=lora,
+        )  # fmt: skip
+        branch = BranchOptions(kind=cast("HeadKind", kind), branches=branches, share=share)  # checked there
+        train_pairs, held = _pairs_split(data, eval_data, eval_fraction, seed)
+        run_train_branches(model, train_pairs, held, out, options, branch, echo=_echo, data_source=str(data))
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+
+
 @training.command("merge-lora")
 def merge_lora(
     adapter: Annotated[Path, typer.Option(help="A lora folder (rmserve train --lora-rank).")],

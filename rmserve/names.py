@@ -29,12 +29,12 @@ Pooling = Literal["hf", "last"]
 
 DEFAULT_POOLING: Pooling = "hf"
 
-ModelKind = Literal["dense", "multihead", "brme", "ensemble", "moe", "lora"]
+ModelKind = Literal["dense", "multihead", "brme", "ensemble", "moe", "lora", "branched"]
 """The kinds of model folder rmserve serves (``rmserve.models.loader``)."""
 
 KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
 
-KindName = Literal["auto", "dense", "multihead", "brme", "ensemble", "moe", "lora"]
+KindName = Literal["auto", "dense", "multihead", "brme", "ensemble", "moe", "lora", "branched"]
 """A configured kind: ``auto`` follows the folder's ``rmserve.json``."""
 
 HeadKind = Literal["multihead", "brme"]

@@ -1,7 +1,7 @@
 """Loads a model folder as the backend of its kind.
 
 A folder with an ``rmserve.json`` names its kind there (``multihead``, ``brme``, ``ensemble``, ``moe``,
-``lora``, or
+``lora``, ``branched``, or
 ``dense`` for a plain checkpoint that declares its pooling rule); any other Hugging Face folder is
 ``dense``. ``kind="auto"`` follows the folder; an explicit kind must match it.
 """
@@ -14,6 +14,7 @@ from typing import cast
 
 from rmserve.config import LoadOptions
 from rmserve.models.base import Backend, RewardModel
+from rmserve.models.branched import BranchedRewardModel
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR
 from rmserve.models.ensemble import EnsembleRewardModel
@@ -54,6 +55,7 @@ BACKENDS = cast(
         "ensemble": EnsembleRewardModel,
         "moe": MoERewardModel,
         "lora": LoraRewardModel,
+        "branched": BranchedRewardModel,
     },
 )
 

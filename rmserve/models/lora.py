@@ -82,19 +82,26 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
-def load_adapted(path: Path, dtype: torch.dtype = torch.float32) -> Any:
-    """The base classifier with the folder's adapter applied, unmerged: peft's own ``PeftModel``."""
+def load_adapted(path: Path, dtype: torch.dtype = torch.float32, base: Path | None = None) -> Any:
+    """The base classifier with the folder's adapter applied, unmerged: peft's own ``PeftModel``.
+
+    Args:
+        base: the base folder, for adapter folders without a ``lora`` descriptor (a branched model's
+            branches); None: the descriptor's.
+    """
     from peft import PeftModel
 
-    descriptor = read_lora_descriptor(path)
-    base = AutoModelForSequenceClassification.from_pretrained(descriptor.base, dtype=dtype)
+    base = base if base is not None else Path(read_lora_descriptor(path).base)
+    classifier = AutoModelForSequenceClassification.from_pretrained(base, dtype=dtype)
     with quiet_peft():
-        return PeftModel.from_pretrained(base, path).eval()
+        return PeftModel.from_pretrained(classifier, path).eval()
 
 
-def load_merged_classifier(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_merged_classifier(
+    path: Path, dtype: torch.dtype = torch.float32, base: Path | None = None
+) -> PreTrainedModel:
     """The base classifier with the folder's adapter merged into its weights (a plain transformers model)."""
-    merged = load_adapted(path, torch.float32).merge_and_unload()  # merged in float32, then cast once
+    merged = load_adapted(path, torch.float32, base).merge_and_unload()  # merged in float32, then cast once
     if not isinstance(merged, PreTrainedModel):
         raise TypeError(f"merging {path} gave a {type(merged).__name__}, not a transformers model.")
     module: nn.Module = merged

@@ -268,11 +268,14 @@ def train_brme(
     lr: float = DEFAULT_LR,
     batch_size: int = DEFAULT_BATCH_SIZE,
     l2: float = DEFAULT_L2,
+    stage_one: torch.Tensor | None = None,
+    bsr: float = 0.0,
     progress: bool = True,
 ) -> BrmeWeights:
     """BRME heads by the paper's two-stage recipe (appendix B.1).
 
-    Stage 1: one Bradley-Terry head ``r1`` on all pairs (``demo_head.fit_head``, L2 ``l2``);
+    Stage 1: one Bradley-Terry head ``r1`` on all pairs (``demo_head.fit_head``, L2 ``l2``), or the
+    given ``stage_one`` head (a reward model trained beforehand, read on these features);
     ``p_hat = sigmoid(r1(chosen) - r1(rejected))`` per pair.
 
     Stage 2: pairs are assigned to heads by ``partition_pairs`` (the generator seeded by ``seed``,
@@ -303,6 +306,8 @@ def train_brme(
         lr: Adam's learning rate on standardised features (> 0).
         batch_size: pairs per step (>= 1).
         l2: the stage-1 L2 penalty (> 0).
+        stage_one: the stage-1 head's weights on raw features, (H,); None: fit one.
+        bsr: BSR's weight on ``mean(mu)^2`` over each step's 2B responses (eq. 25; 0: none).
         progress: show a progress bar over epochs on stderr.
 
     Returns:
@@ -319,8 +324,18 @@ def train_brme(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}.")
     n, hidden = chosen.shape
-    # stage 1: one Bradley-Terry head on every pair
-    w1 = fit_head(chosen.double() - rejected.double(), l2, "bt").double()  # (H,)
+    if bsr < 0 or not math.isfinite(bsr):
+        raise ValueError(f"bsr must be a finite number >= 0, got {bsr}.")
+    if stage_one is not None and stage_one.shape != (hidden,):
+        raise ValueError(
+            f"stage_one must be one head on the features, ({hidden},), got {tuple(stage_one.shape)}."
+        )
+    # stage 1: one Bradley-Terry head on every pair (or the given one)
+    w1 = (
+        stage_one.double()
+        if stage_one is not None
+        else fit_head(chosen.double() - rejected.double(), l2, "bt").double()
+    )  # (H,)
     p_hat = torch.sigmoid((chosen.double() - rejected.double()) @ w1).float()  # (N,)
     target_rms = (alpha * (p_hat.double() - 0.5)).pow(2).mean().sqrt().item()
     sigma_init = max(target_rms, eps)  # the softplus part of every sigma at the start
@@ -359,6 +374,8 @@ def train_brme(
             sigma_r = F.softplus((zr @ std_w.T + std_b).gather(1, pick)[:, 0]) + eps  # (B,)
             noise = torch.randn(2, len(idx), generator=generator)  # (2, B)
             loss = brme_loss(mu_c, sigma_c, mu_r, sigma_r, p_hat[idx], alpha, noise[0], noise[1]).mean()
+            if bsr:
+                loss = loss + bsr * torch.cat([mu_c, mu_r]).mean() ** 2
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()

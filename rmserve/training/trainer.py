@@ -194,8 +194,15 @@ def rewards(
     model: nn.Module, data: PairData, indices: Sequence[int], first_layer: int, pad_id: int
 ) -> torch.Tensor:
     """Rewards of the chosen and rejected sides of pairs ``indices``: (2B,), chosen first."""
+    last = pooled_states(model, data, indices, first_layer, pad_id)  # (2B, H)
+    return trained_head(model)(last)[:, 0].float()  # (2B,)
+
+
+def pooled_states(
+    model: nn.Module, data: PairData, indices: Sequence[int], first_layer: int, pad_id: int
+) -> torch.Tensor:
+    """The final hidden state at each sequence's last token, chosen sides then rejected: (2B, H)."""
     base = base_of(model)
-    head = trained_head(model)
     if data.prefix is not None:
         rows = [data.prefix[i][0] for i in indices] + [data.prefix[i][1] for i in indices]
         states, lengths = _pad(rows, 0.0)  # (2B, T, H): padding sits right of every real token, never read
@@ -207,8 +214,7 @@ def rewards(
         ]
         ids, lengths = _pad(rows, pad_id)  # (2B, T)
         hidden = base(input_ids=ids, use_cache=False).last_hidden_state  # (2B, T, H)
-    last = hidden[torch.arange(len(rows)), lengths - 1]  # (2B, H)
-    return head(last)[:, 0].float()  # (2B,)
+    return hidden[torch.arange(len(rows)), lengths - 1]  # (2B, H)
 
 
 def trained_head(model: nn.Module) -> nn.Module:
@@ -288,30 +294,44 @@ def accuracy(model: nn.Module, data: PairData, first_layer: int, pad_id: int, ba
     return wins / len(data)
 
 
-def train(
+@dataclass
+class Fitted:
+    """A trained model and what was measured: ``fit``'s result.
+
+    ``model`` is the classifier (under LoRA, the one inside ``adapter``, peft's model); ``eval_data`` the
+    encoded held-out pairs, prefix states cached from ``first_layer``.
+    """
+
+    model: nn.Module
+    adapter: Any
+    encoder: InputEncoder
+    moe_config: MoeConfig | None
+    first_layer: int
+    pad_id: int
+    eval_data: PairData
+    results: dict[str, Any]
+
+
+def fit(
     model_dir: Path,
     train_pairs: Sequence[PreferenceExample],
     eval_pairs: Sequence[PreferenceExample],
-    out: Path,
     options: TrainOptions,
     *,
     progress: bool = True,
     echo: Callable[[str], None] = print,
     memo: PrefixMemo | None = None,
-    data_source: str = "",
-) -> dict[str, Any]:
-    """Train a dense or moe reward model; report held-out accuracy per epoch; write checkpoints and ``out``.
+    on_epoch: Callable[[int, Fitted], None] | None = None,
+) -> Fitted:
+    """Train a dense or moe reward model in memory; report held-out accuracy per epoch.
 
-    ``out`` gets the trained model (a dense folder, a moe folder, or with ``options.lora`` a peft adapter
-    folder of kind ``lora``) and its training record (``training.json``); each epoch's model also goes to
-    ``out/checkpoint-epoch-N``. ``memo`` shares cached prefix states with other runs on the same frozen
-    layers.
+    ``memo`` shares cached prefix states with other runs on the same frozen layers; ``on_epoch`` is called
+    after each epoch (``train`` writes checkpoints with it).
 
     Raises:
         ValueError: the options do not fit the model (see ``select_trainable``; LoRA on a moe model, or
             with ``--train experts`` or ``head``).
     """
-    started = time.monotonic()
     torch.manual_seed(options.seed)
     classifier, moe_config = load_classifier(model_dir)
     model: nn.Module = classifier
@@ -324,8 +344,7 @@ def train(
                 f"(got --train {options.trainable} on a {'moe' if moe_config else 'dense'} model)."
             )
         model.requires_grad_(False)
-        layers = range(first_layer, len(decoder_layers(model)))
-        adapter, model = add_lora(model, options.lora, layers)
+        adapter, model = add_lora(model, options.lora, range(first_layer, len(decoder_layers(model))))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     what = options.trainable + (f", LoRA rank {options.lora.rank}" if options.lora else "")
     echo(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -339,11 +358,11 @@ def train(
         {"epoch": 0, "held_out_accuracy": accuracy(model, eval_data, first_layer, pad_id, options.batch_size)}
     ]
     echo(f"epoch 0: held-out accuracy {history[0]['held_out_accuracy']:.4f} ({len(eval_data)} pairs)")
+    fitted = Fitted(model, adapter, encoder, moe_config, first_layer, pad_id, eval_data, {"history": history})
     optimiser = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=options.lr, weight_decay=0.0
     )
     generator = torch.Generator().manual_seed(options.seed)
-    saver = _Saver(model_dir, model, adapter, encoder, moe_config, options)
     for epoch in range(1, options.epochs + 1):
         model.train()
         order = torch.randperm(len(train_data), generator=generator).tolist()
@@ -360,20 +379,45 @@ def train(
         held = accuracy(model, eval_data, first_layer, pad_id, options.batch_size)
         history.append({"epoch": epoch, "held_out_accuracy": held})
         echo(f"epoch {epoch}: held-out accuracy {held:.4f}")
-        saver.save(out / f"checkpoint-epoch-{epoch}", {"history": history})
+        if on_epoch is not None:
+            on_epoch(epoch, fitted)
+    model.eval()
     interval = binomial_interval(round(history[-1]["held_out_accuracy"] * len(eval_data)), len(eval_data))
-    results = {
-        "history": history,
-        "held_out_accuracy": history[-1]["held_out_accuracy"],
-        "held_out_standard_error": round(interval.standard_error, 4),
-        "trained_parameters": trained,
-        "first_trained_layer": first_layer,
-    }
-    saver.save(out, results)
-    data = data_record(train_pairs, eval_pairs, data_source)
-    record = write_record(
-        out, command="rmserve train", data=data, options=options, results=results, started=started
+    fitted.results.update(
+        held_out_accuracy=history[-1]["held_out_accuracy"],
+        held_out_standard_error=round(interval.standard_error, 4),
+        trained_parameters=trained,
+        first_trained_layer=first_layer,
     )
+    return fitted
+
+
+def train(
+    model_dir: Path,
+    train_pairs: Sequence[PreferenceExample],
+    eval_pairs: Sequence[PreferenceExample],
+    out: Path,
+    options: TrainOptions,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    memo: PrefixMemo | None = None,
+    data_source: str = "",
+) -> dict[str, Any]:
+    """``fit``, then write ``out``: the trained model and its training record (``training.json``).
+
+    ``out`` gets a dense folder, a moe folder, or with ``options.lora`` a peft adapter folder (kind
+    ``lora``); each epoch's model also goes to ``out/checkpoint-epoch-N``.
+    """
+    started = time.monotonic()
+
+    def checkpoint(epoch: int, fitted: Fitted) -> None:
+        _Saver(model_dir, fitted, options).save(out / f"checkpoint-epoch-{epoch}", fitted.results)
+
+    fitted = fit(model_dir, train_pairs, eval_pairs, options, progress=progress, echo=echo, memo=memo, on_epoch=checkpoint)  # fmt: skip
+    _Saver(model_dir, fitted, options).save(out, fitted.results)
+    data = data_record(train_pairs, eval_pairs, data_source)
+    record = write_record(out, command="rmserve train", data=data, options=options, results=fitted.results, started=started)  # fmt: skip
     echo(f"wrote {out} in {record['seconds']:.0f}s")
     return record
 
@@ -381,12 +425,14 @@ def train(
 class _Saver:
     """Writes the model being trained in its folder format: dense, moe, or a peft adapter (lora)."""
 
-    def __init__(
-        self, model_dir: Path, model: nn.Module, adapter: Any, encoder: InputEncoder,
-        moe_config: MoeConfig | None, options: TrainOptions,
-    ) -> None:  # fmt: skip
-        self.model_dir, self.model, self.adapter, self.encoder = model_dir, model, adapter, encoder
-        self.moe_config, self.options = moe_config, options
+    def __init__(self, model_dir: Path, fitted: Fitted, options: TrainOptions) -> None:
+        self.model_dir, self.model, self.adapter, self.encoder = (
+            model_dir,
+            fitted.model,
+            fitted.adapter,
+            fitted.encoder,
+        )
+        self.moe_config, self.options = fitted.moe_config, options
 
     def save(self, out: Path, results: dict[str, Any]) -> None:
         self.model.eval()
