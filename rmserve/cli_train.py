@@ -43,6 +43,9 @@ def train_heads(
     ] = None,
     eval_fraction: Annotated[float, typer.Option(help="Share of --data held out when no --eval-data.")] = 0.2,
     max_length: Annotated[int, typer.Option(help="Tokens per input (left truncation).")] = 1024,
+    bsr: Annotated[
+        float, typer.Option(help="brme: BSR's weight on mean(mu)^2 per stage-2 step (eq. 25; 0: none).")
+    ] = 0.0,
     dtype: Annotated[str | None, typer.Option(help=_help("dtype"))] = None,
     device: Annotated[str | None, typer.Option(help=_help("device"))] = None,
 ) -> None:
@@ -57,7 +60,7 @@ def train_heads(
         train, held = _pairs_split(data, eval_data, eval_fraction, seed)
         train_head_model(
             backbone=backbone, train_pairs=train, eval_pairs=held, kind=cast(HeadKind, kind), heads=heads, seed=seed,
-            out=out, data_name=data.name, max_length=max_length, dtype=settings.dtype, device=settings.device,
+            out=out, data_name=data.name, max_length=max_length, bsr=bsr, dtype=settings.dtype, device=settings.device,
             echo=lambda text: typer.echo(text, err=True),
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
@@ -158,15 +161,12 @@ def train_model(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train a dense or moe reward model with Bradley-Terry loss (+ BSR); held-out accuracy per epoch."""
-    from rmserve.training.lora import LoraSpec
+    from rmserve.training.lora import lora_spec
     from rmserve.training.trainer import TrainOptions, train
 
     _configure_logging("warning")
     try:
-        lora = None
-        if lora_rank is not None:
-            targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-            lora = LoraSpec(rank=lora_rank, alpha=lora_alpha, targets=targets)
+        lora = lora_spec(lora_rank, lora_targets, lora_alpha)
         options = TrainOptions(
             trainable=trainable, epochs=epochs, lr=lr, batch_size=batch_size, bsr=bsr,
             bsr_form=cast("BsrForm", bsr_form), bsr_scaling=cast("BsrScaling", bsr_scaling),  # checked by TrainOptions
@@ -218,15 +218,12 @@ def train_branches(
     held-out accuracy per branch and per aggregate."""
     from rmserve.training.branches import BranchOptions
     from rmserve.training.branches import train_branches as run_train_branches
-    from rmserve.training.lora import LoraSpec
+    from rmserve.training.lora import lora_spec
     from rmserve.training.trainer import TrainOptions
 
     _configure_logging("warning")
     try:
-        lora = None
-        if lora_rank is not None:
-            targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-            lora = LoraSpec(rank=lora_rank, alpha=lora_alpha, targets=targets)
+        lora = lora_spec(lora_rank, lora_targets, lora_alpha)
         options = TrainOptions(
             trainable=trainable, epochs=epochs, lr=lr, batch_size=batch_size, bsr=bsr, max_length=max_length,
             seed=seed, lora=lora,
@@ -287,6 +284,7 @@ def merge(
         record = run_merge(
             moe, out, shared_rate=shared_rate, train_pairs=train_pairs, eval_pairs=held, epochs=epochs, lr=lr,
             max_length=max_length, seed=seed, echo=lambda text: typer.echo(text, err=True),
+            data_source=str(data) if data else "",
         )  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None

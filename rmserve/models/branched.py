@@ -69,6 +69,7 @@ from rmserve.models.decoder import (
     score_head_of,
 )
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
+from rmserve.models.heads import check_nominal_head, default_reward
 from rmserve.models.inputs import EncodedInput, InputEncoder
 from rmserve.models.lora import load_merged_classifier
 from rmserve.models.moe import decoder_layers
@@ -109,17 +110,12 @@ class BranchedConfig(BaseModel):
 
     @model_validator(mode="after")
     def _nominal(self) -> BranchedConfig:
-        if self.head_kind == "brme" and self.nominal_head is not None:
-            raise ValueError("a brme branched model picks its nominal branch per input by sigma; set nominal_head to null.")  # fmt: skip
-        if self.head_kind == "multihead" and (
-            self.nominal_head is None or self.nominal_head >= len(self.branches)
-        ):
-            raise ValueError(f"nominal_head must index one of the {len(self.branches)} branches.")
+        check_nominal_head(self.head_kind, self.nominal_head, len(self.branches))
         return self
 
     @property
     def default_reward(self) -> AggregateName:
-        return self.reward or ("tradeoff" if self.head_kind == "brme" else "mean")
+        return default_reward(self.head_kind, self.reward)
 
 
 def read_branched_config(path: Path) -> BranchedConfig:

@@ -91,19 +91,31 @@ class HeadModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _nominal(self) -> HeadModelConfig:
-        if self.kind == "brme" and self.nominal_head is not None:
-            raise ValueError(
-                "a brme model picks its nominal head per input by sigma; set nominal_head to null."
-            )
-        if self.kind == "multihead" and self.nominal_head is None:
-            raise ValueError("a multihead model needs nominal_head (an index into heads).")
-        if self.nominal_head is not None and self.nominal_head >= len(self.heads):
-            raise ValueError(f"nominal_head={self.nominal_head} but there are only {len(self.heads)} heads.")
+        check_nominal_head(self.kind, self.nominal_head, len(self.heads))
         return self
 
     @property
     def default_reward(self) -> AggregateName:
-        return self.reward or ("tradeoff" if self.kind == "brme" else "mean")
+        return default_reward(self.kind, self.reward)
+
+
+def check_nominal_head(kind: HeadKind, nominal_head: int | None, heads: int) -> None:
+    """A brme model's nominal head is per input (null); a multihead model's indexes one of ``heads``.
+
+    Raises:
+        ValueError: the rule is broken (the message says how to fix it).
+    """
+    if kind == "brme" and nominal_head is not None:
+        raise ValueError("a brme model picks its nominal head per input by sigma; set nominal_head to null.")
+    if kind == "multihead" and nominal_head is None:
+        raise ValueError("a multihead model needs nominal_head (an index into heads).")
+    if nominal_head is not None and nominal_head >= heads:
+        raise ValueError(f"nominal_head={nominal_head} but there are only {heads} heads.")
+
+
+def default_reward(kind: HeadKind, reward: AggregateName | None) -> AggregateName:
+    """The aggregate ``rewards`` returns: the configured one, else tradeoff (brme) or mean (multihead)."""
+    return reward or ("tradeoff" if kind == "brme" else "mean")
 
 
 def read_head_config(path: Path) -> HeadModelConfig:

@@ -49,6 +49,13 @@ class LoraSpec:
             raise ValueError("--lora-targets needs module names, comma-separated, e.g. q_proj,v_proj.")
 
 
+def lora_spec(rank: int | None, targets: str, alpha: int | None) -> LoraSpec | None:
+    """The spec the ``--lora-rank``, ``--lora-targets`` (comma-separated) and ``--lora-alpha`` flags give."""
+    if rank is None:
+        return None
+    return LoraSpec(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()))
+
+
 def add_lora(model: nn.Module, spec: LoraSpec, layers: Sequence[int]) -> tuple[PeftModel, nn.Module]:
     """Wrap ``model`` for LoRA training on ``layers``; return peft's model and the classifier inside it.
 

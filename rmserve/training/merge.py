@@ -33,6 +33,7 @@ from rmserve.models.decoder import pad_token_id
 from rmserve.models.moe import UpcycledMoE, decoder_layers, load_moe_classifier, read_moe_config
 from rmserve.models.pooling import write_dense_descriptor
 from rmserve.training.pairs import PreferenceExample
+from rmserve.training.record import data_record, write_record
 from rmserve.training.trainer import (
     TRAINED_POOLING,
     PrefixMemo,
@@ -110,8 +111,11 @@ def merge(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     memo: PrefixMemo | None = None,
+    data_source: str = "",
 ) -> dict[str, Any]:
     """Merge ``moe_dir`` into a dense folder ``out`` (learning alpha on ``train_pairs`` if given).
+
+    ``out`` also gets the training record (``training.json``).
 
     ``memo`` shares cached prefix states with runs on the same frozen layers (e.g. ``rmserve train``).
 
@@ -183,6 +187,10 @@ def merge(
     pooling = TRAINED_POOLING if train_pairs else config.pooling  # merging weights learned on that token
     if pooling is not None:
         write_dense_descriptor(out, pooling)
+    options = {"moe": str(moe_dir), "shared_rate": shared_rate, "epochs": epochs, "lr": lr,
+               "batch_size": batch_size, "max_length": max_length, "seed": seed}  # fmt: skip
+    write_record(out, command="rmserve merge", data=data_record(train_pairs, eval_pairs, data_source),
+                 options=options, results=record, started=started)  # fmt: skip
     echo(
         f"wrote {out}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
     )

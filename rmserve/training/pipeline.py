@@ -39,6 +39,7 @@ from rmserve.training.heads import (
     train_multihead,
 )
 from rmserve.training.pairs import PreferenceExample
+from rmserve.training.record import data_record, write_record
 
 
 @dataclass(frozen=True)
@@ -169,10 +170,25 @@ def train_head_model(
     device: str = "auto",
     params: AggregationParams = AggregationParams(),
     eps: float = 0.01,
+    bsr: float = 0.0,
     progress: bool = True,
     echo: Any = print,
 ) -> HeadEvaluation:
-    """The whole pipeline; prints the held-out report through ``echo`` and writes the model folder."""
+    """The whole pipeline; prints the held-out report through ``echo`` and writes the model folder.
+
+    ``bsr`` (brme only): BSR's weight on the squared mean of each step's mean rewards in stage 2. Multihead
+    heads are fitted full-batch with a free offset that centres each head's training rewards at 0, which
+    is where eq. 25's penalty is already 0, so it has no ``bsr``.
+
+    Raises:
+        ValueError: ``bsr`` with ``multihead``, or what the trainers refuse.
+    """
+    if bsr and kind == "multihead":
+        raise ValueError(
+            "--bsr applies to brme heads (trained in mini-batches); multihead heads are centred on their "
+            "training rewards, where BSR's penalty (eq. 25) is already 0: drop --bsr."
+        )
+    run_started = time.monotonic()
     model = DecoderBackbone(backbone.resolve(), dtype=dtype, device=device)
     echo(f"backbone {backbone}: {type(model.base).__name__}, hidden size {model.hidden_size}, {model.dtype}")
     train = pair_features(model, train_pairs, max_length=max_length, progress=progress)
@@ -184,7 +200,7 @@ def train_head_model(
         f"{train.truncated + held.truncated} truncated to {max_length}"
     )
     started = time.monotonic()
-    options = {"eps": eps} if kind == "brme" else {}
+    options = {"eps": eps, "bsr": bsr} if kind == "brme" else {}
     weights = fit_heads(kind, train, heads=heads, seed=seed, progress=progress, **options)
     echo(f"trained {heads} {kind} heads on {len(train_pairs)} pairs in {time.monotonic() - started:.1f}s")
     nominal = None if kind == "brme" else 0
@@ -204,8 +220,13 @@ def train_head_model(
             "train_pairs": len(train_pairs),
             "seed": seed,
             "max_length": max_length,
+            "bsr": bsr,
             "held_out": evaluation_record(evaluation),
         },
     )
+    run_options = {"backbone": str(backbone), "kind": kind, "heads": heads, "seed": seed, "max_length": max_length,
+                   "dtype": dtype, "device": device, "eps": eps, "bsr": bsr, "params": params}  # fmt: skip
+    write_record(out, command="rmserve train-heads", data=data_record(train_pairs, eval_pairs, data_name),
+                 options=run_options, results=evaluation_record(evaluation), started=run_started)  # fmt: skip
     echo(f"wrote {out}")
     return evaluation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,14 @@ def test_train_heads_writes_a_model_that_serves_the_trained_heads(pairs_file, ti
         [
             "train-heads", "--backbone", str(tiny_model_dirs["llama"]), "--data", str(pairs_file), "--out", str(out),
             "--kind", "brme", "--heads", "3", "--eval-fraction", "0.25", "--max-length", "128", "--device", "cpu",
+            "--bsr", "1e-3",
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    record = json.loads((out / "training.json").read_text())
+    assert record["command"] == "rmserve train-heads" and record["options"]["bsr"] == 1e-3
+    assert record["data"]["train_pairs"] == 30 and len(record["data"]["train_sha256"]) == 64
+    assert record["results"]["pairs"] == 10
     for fragment in (
         "held-out (10 pairs)",
         "head 2",
@@ -67,6 +73,10 @@ def test_train_heads_refuses_bad_arguments(pairs_file, tiny_model_dirs, tmp_path
     assert encoder.exit_code == 2 and "encoder" in encoder.output
     kind = CliRunner().invoke(app, [*base, "--backbone", str(tiny_model_dirs["llama"]), "--kind", "moe"])
     assert kind.exit_code == 2 and "--kind must be multihead or brme" in kind.output
+    bsr = CliRunner().invoke(
+        app, [*base, "--backbone", str(tiny_model_dirs["llama"]), "--kind", "multihead", "--bsr", "0.01"]
+    )
+    assert bsr.exit_code == 2 and "--bsr applies to brme heads" in bsr.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"chosen": "a"}\n')
     data = CliRunner().invoke(

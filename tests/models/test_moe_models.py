@@ -274,6 +274,9 @@ def test_train_experts_then_learned_merge(tiny_model_dirs, tmp_path, pairs_file)
     assert merged.exit_code == 0, merged.output
     assert "merge epoch 1: held-out accuracy" in merged.output
     merged_model = DenseRewardModel("m", tmp_path / "merged", LoadOptions(device="cpu"))
+    record = json.loads((tmp_path / "merged" / "training.json").read_text())
+    assert record["command"] == "rmserve merge" and record["options"]["shared_rate"] == 0.3
+    assert record["data"]["source"] == str(pairs_file) and record["results"]["learned"] is True
     assert (merged_model.info.kind, merged_model.info.pooling) == ("dense", "last")
 
 
