@@ -210,8 +210,11 @@ def train_branches(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     data_source: str = "",
+    memo: PrefixMemo | None = None,
 ) -> dict[str, Any]:
     """Train every branch, report, and write the ``branched`` folder ``out`` with its training record.
+
+    ``memo`` shares cached prefix states with other runs on the same base (the branches always share one).
 
     Raises:
         ValueError: ``--train`` is not ``top:N``, the share is empty, or ``fit`` refuses the options.
@@ -224,7 +227,7 @@ def train_branches(
             f"for LoRA branches), got --train {options.trainable}."
         )
     shares = branch_shares(len(train_pairs), branch.branches, branch.share, options.seed)
-    memo: PrefixMemo = {}
+    memo = {} if memo is None else memo
     results: list[_BranchResult] = []
     first: Fitted | None = None
     if out.exists():
