@@ -115,9 +115,22 @@ class AsyncRewardClient:
         uwo_lambda: float | None = None,
         tradeoff_lambda: float | None = None,
         truncation: str | None = None,
+        tradeoff_scope: str | None = None,
+        brme_sample: bool = False,
+        brme_seed: int | None = None,
     ) -> ScoreResult:
         """Score each response to its prompt; see ``RewardClient.score``."""
-        options = self._options(model, aggregates, return_heads, uwo_lambda, tradeoff_lambda, truncation)
+        options = self._options(
+            model,
+            aggregates,
+            return_heads,
+            uwo_lambda,
+            tradeoff_lambda,
+            truncation,
+            tradeoff_scope,
+            brme_sample,
+            brme_seed,
+        )
         return await self._score(prompt_response_inputs(prompts, responses), options)
 
     async def score_messages(
@@ -130,9 +143,22 @@ class AsyncRewardClient:
         uwo_lambda: float | None = None,
         tradeoff_lambda: float | None = None,
         truncation: str | None = None,
+        tradeoff_scope: str | None = None,
+        brme_sample: bool = False,
+        brme_seed: int | None = None,
     ) -> ScoreResult:
         """Score whole conversations; see ``RewardClient.score_messages``."""
-        options = self._options(model, aggregates, return_heads, uwo_lambda, tradeoff_lambda, truncation)
+        options = self._options(
+            model,
+            aggregates,
+            return_heads,
+            uwo_lambda,
+            tradeoff_lambda,
+            truncation,
+            tradeoff_scope,
+            brme_sample,
+            brme_seed,
+        )
         return await self._score(message_inputs(conversations), options)
 
     async def score_texts(
@@ -145,10 +171,23 @@ class AsyncRewardClient:
         uwo_lambda: float | None = None,
         tradeoff_lambda: float | None = None,
         truncation: str | None = None,
+        tradeoff_scope: str | None = None,
+        brme_sample: bool = False,
+        brme_seed: int | None = None,
         add_special_tokens: bool | None = None,
     ) -> ScoreResult:
         """Score already formatted texts; see ``RewardClient.score_texts``."""
-        options = self._options(model, aggregates, return_heads, uwo_lambda, tradeoff_lambda, truncation)
+        options = self._options(
+            model,
+            aggregates,
+            return_heads,
+            uwo_lambda,
+            tradeoff_lambda,
+            truncation,
+            tradeoff_scope,
+            brme_sample,
+            brme_seed,
+        )
         return await self._score(text_inputs(texts, add_special_tokens), options)
 
     async def score_ids(
@@ -161,9 +200,22 @@ class AsyncRewardClient:
         uwo_lambda: float | None = None,
         tradeoff_lambda: float | None = None,
         truncation: str | None = None,
+        tradeoff_scope: str | None = None,
+        brme_sample: bool = False,
+        brme_seed: int | None = None,
     ) -> ScoreResult:
         """Score token id lists; see ``RewardClient.score_ids``."""
-        options = self._options(model, aggregates, return_heads, uwo_lambda, tradeoff_lambda, truncation)
+        options = self._options(
+            model,
+            aggregates,
+            return_heads,
+            uwo_lambda,
+            tradeoff_lambda,
+            truncation,
+            tradeoff_scope,
+            brme_sample,
+            brme_seed,
+        )
         return await self._score(id_inputs(token_id_lists), options)
 
     async def models(self) -> list[ModelInfo]:
@@ -210,6 +262,9 @@ class AsyncRewardClient:
         uwo_lambda: float | None,
         tradeoff_lambda: float | None,
         truncation: str | None,
+        tradeoff_scope: str | None,
+        brme_sample: bool,
+        brme_seed: int | None,
     ) -> ScoreOptions:
         return ScoreOptions.create(
             self._settings,
@@ -219,6 +274,9 @@ class AsyncRewardClient:
             uwo_lambda=uwo_lambda,
             tradeoff_lambda=tradeoff_lambda,
             truncation=truncation,
+            tradeoff_scope=tradeoff_scope,
+            brme_sample=brme_sample,
+            brme_seed=brme_seed,
         )
 
     async def _score(self, inputs: list[JsonInput], options: ScoreOptions) -> ScoreResult:

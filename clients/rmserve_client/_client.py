@@ -137,6 +137,9 @@ class RewardClient:
         uwo_lambda: float | None = None,
         tradeoff_lambda: float | None = None,
         truncation: str | None = None,
+        tradeoff_scope: str | None = None,
+        brme_sample: bool = False,
+        brme_seed: int | None = None,
     ) -> ScoreResult:
         """Score each response to its prompt (a user turn and the assistant's reply).
 
@@ -151,6 +154,10 @@ class RewardClient:
             tradeoff_lambda: the trade-off aggregate's lambda (default: the model's).
             truncation: over-long inputs: ``left`` keeps the end, ``right`` the start, ``error``
                 refuses them (default: the model's policy).
+            tradeoff_scope: ``input`` (default) or ``request``: the trade-off's worst case is the head
+                with the lowest mean reward over this call's inputs (BRME); the call goes as one request.
+            brme_sample: brme models: score samples ``mu + a * sigma`` (the call goes as one request).
+            brme_seed: seeds ``brme_sample`` (default: the server draws one; ``result.brme_seed``).
 
         Returns:
             The rewards in input order; an empty result, without a request, for empty lists.
@@ -160,7 +167,17 @@ class RewardClient:
             RewardServerError: the server refused or failed a request (a subclass says how).
             RewardConnectionError: the server could not be reached after the retries.
         """
-        options = self._options(model, aggregates, return_heads, uwo_lambda, tradeoff_lambda, truncation)
+        options = self._options(
+            model,
+            aggregates,
+            return_heads,
+            uwo_lambda,
+            tradeoff_lambda,
+            truncation,
+            tradeoff_scope,
+            brme_sample,
+            brme_seed,
+        )
         return self._score(prompt_response_inputs(prompts, responses), options)
 
     def score_messages(
@@ -173,12 +190,25 @@ class RewardClient:
         uwo_lambda: float | None = None,
         tradeoff_lambda: float | None = None,
         truncation: str | None = None,
+        tradeoff_scope: str | None = None,
+        brme_sample: bool = False,
+        brme_seed: int | None = None,
     ) -> ScoreResult:
         """Score whole conversations (lists of ``{"role", "content"}``; the last turn is normally scored).
 
         The server formats each with the model's chat template. Options, result and errors as in ``score``.
         """
-        options = self._options(model, aggregates, return_heads, uwo_lambda, tradeoff_lambda, truncation)
+        options = self._options(
+            model,
+            aggregates,
+            return_heads,
+            uwo_lambda,
+            tradeoff_lambda,
+            truncation,
+            tradeoff_scope,
+            brme_sample,
+            brme_seed,
+        )
         return self._score(message_inputs(conversations), options)
 
     def score_texts(
@@ -191,6 +221,9 @@ class RewardClient:
         uwo_lambda: float | None = None,
         tradeoff_lambda: float | None = None,
         truncation: str | None = None,
+        tradeoff_scope: str | None = None,
+        brme_sample: bool = False,
+        brme_seed: int | None = None,
         add_special_tokens: bool | None = None,
     ) -> ScoreResult:
         """Score already formatted texts (e.g. chat-templated strings), as they are.
@@ -199,7 +232,17 @@ class RewardClient:
         text; None: the tokenizer's default (a BOS the text already starts with is never doubled). Other
         options, result and errors as in ``score``.
         """
-        options = self._options(model, aggregates, return_heads, uwo_lambda, tradeoff_lambda, truncation)
+        options = self._options(
+            model,
+            aggregates,
+            return_heads,
+            uwo_lambda,
+            tradeoff_lambda,
+            truncation,
+            tradeoff_scope,
+            brme_sample,
+            brme_seed,
+        )
         return self._score(text_inputs(texts, add_special_tokens), options)
 
     def score_ids(
@@ -212,12 +255,25 @@ class RewardClient:
         uwo_lambda: float | None = None,
         tradeoff_lambda: float | None = None,
         truncation: str | None = None,
+        tradeoff_scope: str | None = None,
+        brme_sample: bool = False,
+        brme_seed: int | None = None,
     ) -> ScoreResult:
         """Score token id lists of the model's tokenizer, used exactly as given.
 
         Options, result and errors as in ``score``.
         """
-        options = self._options(model, aggregates, return_heads, uwo_lambda, tradeoff_lambda, truncation)
+        options = self._options(
+            model,
+            aggregates,
+            return_heads,
+            uwo_lambda,
+            tradeoff_lambda,
+            truncation,
+            tradeoff_scope,
+            brme_sample,
+            brme_seed,
+        )
         return self._score(id_inputs(token_id_lists), options)
 
     def models(self) -> list[ModelInfo]:
@@ -270,6 +326,9 @@ class RewardClient:
         uwo_lambda: float | None,
         tradeoff_lambda: float | None,
         truncation: str | None,
+        tradeoff_scope: str | None,
+        brme_sample: bool,
+        brme_seed: int | None,
     ) -> ScoreOptions:
         return ScoreOptions.create(
             self._settings,
@@ -279,6 +338,9 @@ class RewardClient:
             uwo_lambda=uwo_lambda,
             tradeoff_lambda=tradeoff_lambda,
             truncation=truncation,
+            tradeoff_scope=tradeoff_scope,
+            brme_sample=brme_sample,
+            brme_seed=brme_seed,
         )
 
     def _score(self, inputs: list[JsonInput], options: ScoreOptions) -> ScoreResult:

@@ -168,6 +168,14 @@ class ScoreOptions:
     uwo_lambda: float | None
     tradeoff_lambda: float | None
     truncation: str | None
+    tradeoff_scope: str | None = None
+    brme_sample: bool = False
+    brme_seed: int | None = None
+
+    @property
+    def whole_call(self) -> bool:
+        """Whether the call must go as one request: its forms are computed over a request's inputs."""
+        return self.tradeoff_scope == "request" or self.brme_sample
 
     @classmethod
     def create(
@@ -180,12 +188,20 @@ class ScoreOptions:
         uwo_lambda: float | None,
         tradeoff_lambda: float | None,
         truncation: str | None,
+        tradeoff_scope: str | None = None,
+        brme_sample: bool = False,
+        brme_seed: int | None = None,
     ) -> ScoreOptions:
         """Check the options (aggregate names are left to the server, which lists the valid ones).
 
         Raises:
-            ValueError: a lambda is not finite, or truncation is not left, right or error.
+            ValueError: a lambda is not finite, truncation is not left, right or error, tradeoff_scope
+                is not input or request, or brme_seed is given without brme_sample or is negative.
         """
+        if tradeoff_scope is not None and tradeoff_scope not in ("input", "request"):
+            raise ValueError(f"tradeoff_scope must be 'input', 'request' or None, got {tradeoff_scope!r}.")
+        if brme_seed is not None and (not brme_sample or brme_seed < 0):
+            raise ValueError("brme_seed seeds brme_sample's draws: give brme_sample=True and a seed >= 0.")
         if isinstance(aggregates, str):
             aggregates = [aggregates]
         for name, value in (("uwo_lambda", uwo_lambda), ("tradeoff_lambda", tradeoff_lambda)):
@@ -202,6 +218,9 @@ class ScoreOptions:
             uwo_lambda=uwo_lambda,
             tradeoff_lambda=tradeoff_lambda,
             truncation=truncation,
+            tradeoff_scope=tradeoff_scope,
+            brme_sample=bool(brme_sample),
+            brme_seed=brme_seed,
         )
 
     def body(self, inputs: list[JsonInput]) -> bytes:
@@ -217,6 +236,12 @@ class ScoreOptions:
         if self.tradeoff_lambda is not None:
             payload["tradeoff_lambda"] = self.tradeoff_lambda
         payload["return_heads"] = self.return_heads
+        if self.tradeoff_scope is not None:
+            payload["tradeoff_scope"] = self.tradeoff_scope
+        if self.brme_sample:
+            payload["brme_sample"] = True
+        if self.brme_seed is not None:
+            payload["brme_seed"] = self.brme_seed
         return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -233,7 +258,12 @@ class Chunk:
 
 
 def plan_chunks(inputs: list[JsonInput], options: ScoreOptions, chunk_size: int) -> list[Chunk]:
-    """Split ``inputs`` into requests of at most ``chunk_size`` inputs, bodies encoded once (retries reuse them)."""
+    """Split ``inputs`` into requests of at most ``chunk_size`` inputs, bodies encoded once (retries reuse them).
+
+    A call whose options are computed over a request's inputs (``ScoreOptions.whole_call``) is one request.
+    """
+    if options.whole_call:
+        chunk_size = max(1, len(inputs))
     starts = range(0, len(inputs), chunk_size)
     return [
         Chunk(
@@ -391,6 +421,7 @@ def assemble(bodies: Sequence[ScoreBody], requests: int) -> ScoreResult:
         truncated=[t for body in bodies for t in body.truncated],
         input_tokens=sum(body.usage.input_tokens for body in bodies),
         requests=requests,
+        brme_seed=first.brme_seed,
     )
 
 

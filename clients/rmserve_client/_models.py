@@ -21,6 +21,7 @@ class ScoreResult(BaseModel):
         truncated: per input, whether tokens were dropped to fit the model's max_length.
         input_tokens: tokens scored, after truncation, summed over the call.
         requests: HTTP requests the call took (chunks plus retries).
+        brme_seed: with ``brme_sample``: the seed of the draws (pass it again to repeat them).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -34,6 +35,7 @@ class ScoreResult(BaseModel):
     truncated: list[bool]
     input_tokens: int
     requests: int
+    brme_seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -69,6 +71,7 @@ class ScoreBody(BaseModel):
     heads: list[list[float]] | None = None
     head_std: list[list[float]] | None = None
     truncated: list[bool]
+    brme_seed: int | None = None
     usage: _Usage
 
 

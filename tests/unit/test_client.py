@@ -334,6 +334,26 @@ def test_chunks_go_out_concurrently_and_come_back_in_input_order(make_client):
     assert server.finished != sorted(server.finished), "chunks were answered in input order"
 
 
+def test_request_level_forms_go_as_one_request_with_their_options(make_client):
+    server = FakeServer()
+    client = make_client(server, chunk_size=2)
+    result = client.score(*prompts(7), tradeoff_scope="request", brme_sample=True, brme_seed=5)
+    assert result.rewards == [float(i) for i in range(7)] and result.requests == 1
+    (body,) = server.bodies
+    assert (body["tradeoff_scope"], body["brme_sample"], body["brme_seed"], len(body["inputs"])) == (
+        "request",
+        True,
+        5,
+        7,
+    )
+    client.score(*prompts(4))
+    assert "tradeoff_scope" not in server.bodies[-1] and "brme_sample" not in server.bodies[-1]
+    with pytest.raises(ValueError, match="brme_seed seeds brme_sample's draws"):
+        client.score(*prompts(2), brme_seed=1)
+    with pytest.raises(ValueError, match="tradeoff_scope must be 'input', 'request' or None"):
+        client.score(*prompts(2), tradeoff_scope="batch")
+
+
 def test_chunks_are_spread_round_robin_over_the_base_urls(make_client):
     server = FakeServer()
     client = make_client(server, ["http://rm-0", "http://rm-1/"], chunk_size=2, max_concurrency=1)
