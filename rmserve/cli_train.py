@@ -21,6 +21,10 @@ from rmserve.names import HeadKind
 if TYPE_CHECKING:
     from rmserve.training.trainer import BsrForm, BsrScaling
 
+BSR_FORM_HELP = (
+    "square-of-mean: mean(r)^2 over the batch (eq. 25); mean-of-squares: mean(r^2) (eq. 28's gradient)."
+)
+BSR_SCALING_HELP = "none: the weight is --bsr; batch: --bsr x pairs per step, as the BSR authors' code."
 TRAINABLE = "all, top:N (the top N decoder layers, final norm and head), experts (MoE experts, routers, norm, head) or head"
 
 training = typer.Typer()
@@ -140,18 +144,8 @@ def train_model(
     bsr: Annotated[
         float, typer.Option(help="BSR lambda (0 disables; see --bsr-form, --bsr-scaling).")
     ] = 1e-3,
-    bsr_form: Annotated[
-        str,
-        typer.Option(
-            help="square-of-mean: mean(r)^2 over the batch (eq. 25); mean-of-squares: mean(r^2) (eq. 28's gradient)."
-        ),
-    ] = "square-of-mean",
-    bsr_scaling: Annotated[
-        str,
-        typer.Option(
-            help="none: the weight is --bsr; batch: --bsr x pairs per step, as the BSR authors' code."
-        ),
-    ] = "none",
+    bsr_form: Annotated[str, typer.Option(help=BSR_FORM_HELP)] = "square-of-mean",
+    bsr_scaling: Annotated[str, typer.Option(help=BSR_SCALING_HELP)] = "none",
     aux: Annotated[float, typer.Option(help="Load-balancing loss weight for MoE routers.")] = 1e-2,
     max_length: Annotated[int, typer.Option(help="Tokens per input (left truncation).")] = 512,
     eval_data: Annotated[
@@ -206,7 +200,11 @@ def train_branches(
     epochs: Annotated[int, typer.Option(min=1)] = 1,
     lr: Annotated[float, typer.Option()] = 1e-4,
     batch_size: Annotated[int, typer.Option(min=1, help="Pairs per step.")] = 8,
-    bsr: Annotated[float, typer.Option(help="BSR lambda, square-of-mean form (0 disables).")] = 1e-3,
+    bsr: Annotated[
+        float, typer.Option(help="BSR lambda (0 disables; see --bsr-form, --bsr-scaling).")
+    ] = 1e-3,
+    bsr_form: Annotated[str, typer.Option(help=BSR_FORM_HELP)] = "square-of-mean",
+    bsr_scaling: Annotated[str, typer.Option(help=BSR_SCALING_HELP)] = "none",
     max_length: Annotated[int, typer.Option(help="Tokens per input (left truncation).")] = 512,
     eval_data: Annotated[
         Path | None, typer.Option(help="Held-out pairs (default: hold out --eval-fraction).")
@@ -226,6 +224,7 @@ def train_branches(
         lora = lora_spec(lora_rank, lora_targets, lora_alpha)
         options = TrainOptions(
             trainable=trainable, epochs=epochs, lr=lr, batch_size=batch_size, bsr=bsr, max_length=max_length,
+            bsr_form=cast("BsrForm", bsr_form), bsr_scaling=cast("BsrScaling", bsr_scaling),  # checked by TrainOptions
             seed=seed, lora=lora,
         )  # fmt: skip
         branch = BranchOptions(kind=cast("HeadKind", kind), branches=branches, share=share)  # checked there
