@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,7 @@ def main() -> None:
             started = time.monotonic()
             print(f"== {name}", flush=True)
             spec = RUNS[name]
+            shutil.rmtree(out, ignore_errors=True)  # a run cut off before its training record starts again
             if "branches" in spec:
                 train_branches(
                     demo,

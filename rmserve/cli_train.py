@@ -16,7 +16,7 @@ from rmserve.cli_support import fail as _fail
 from rmserve.cli_support import load_settings as _settings
 from rmserve.cli_support import pairs_split as _pairs_split
 from rmserve.cli_support import setting_help as _help
-from rmserve.names import HeadKind
+from rmserve.names import TRAINABLE_HELP, HeadKind
 
 if TYPE_CHECKING:
     from rmserve.training.trainer import BsrForm, BsrScaling
@@ -25,7 +25,6 @@ BSR_FORM_HELP = (
     "square-of-mean: mean(r)^2 over the batch (eq. 25); mean-of-squares: mean(r^2) (eq. 28's gradient)."
 )
 BSR_SCALING_HELP = "none: the weight is --bsr; batch: --bsr x pairs per step, as the BSR authors' code."
-TRAINABLE = "all, top:N (the top N decoder layers, final norm and head), experts (MoE experts, routers, norm, head) or head"
 
 training = typer.Typer()
 
@@ -123,7 +122,7 @@ def train_model(
     model: Annotated[Path, typer.Option(help="A dense or moe reward-model folder.")],
     data: Annotated[Path, typer.Option(help="Preference pairs, JSONL(.gz), TRL convention.")],
     out: Annotated[Path, typer.Option(help="The folder to write (checkpoints in checkpoint-epoch-N/).")],
-    trainable: Annotated[str, typer.Option("--train", help=TRAINABLE + ".")] = "experts",
+    trainable: Annotated[str, typer.Option("--train", help=TRAINABLE_HELP + ".")] = "experts",
     lora_rank: Annotated[
         int | None,
         typer.Option(

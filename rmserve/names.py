@@ -29,6 +29,9 @@ Pooling = Literal["hf", "last"]
 
 DEFAULT_POOLING: Pooling = "hf"
 
+TRAINABLE_HELP = "all, top:N (the top N decoder layers, final norm and head), experts (MoE experts, routers, norm, head) or head"
+"""What ``rmserve train --train`` accepts (``rmserve.training.trainer.select_trainable``)."""
+
 ModelKind = Literal["dense", "multihead", "brme", "ensemble", "moe", "lora", "branched"]
 """The kinds of model folder rmserve serves (``rmserve.models.loader``)."""
 

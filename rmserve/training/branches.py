@@ -23,7 +23,6 @@ is a ``branched`` folder (``rmserve.models.branched``) with its training record.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -230,8 +229,10 @@ def train_branches(
     memo = {} if memo is None else memo
     results: list[_BranchResult] = []
     first: Fitted | None = None
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(
+            f"{out} exists and is not empty: choose a new --out folder or remove this one first."
+        )
     for i, share in enumerate(shares):
         echo(f"branch {i + 1} of {branch.branches}: {len(share)} pairs")
         pairs = [train_pairs[j] for j in share]

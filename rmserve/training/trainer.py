@@ -44,7 +44,7 @@ from rmserve.models.inputs import InputEncoder
 from rmserve.models.loader import folder_kind
 from rmserve.models.moe import MoeConfig, decoder_layers, load_moe_classifier, moe_layers, read_moe_config
 from rmserve.models.pooling import write_dense_descriptor
-from rmserve.names import Pooling
+from rmserve.names import TRAINABLE_HELP, Pooling
 from rmserve.training.fitting import binomial_interval
 from rmserve.training.lora import LoraSpec, add_lora, save_adapter
 from rmserve.training.pairs import PreferenceExample
@@ -56,7 +56,6 @@ BsrForm = Literal["square-of-mean", "mean-of-squares"]
 BsrScaling = Literal["none", "batch"]
 BSR_FORMS: tuple[BsrForm, ...] = get_args(BsrForm)
 BSR_SCALINGS: tuple[BsrScaling, ...] = get_args(BsrScaling)
-TRAINABLE_HELP = "all, top:N (the top N decoder layers, final norm and head), experts (MoE) or head"
 
 
 @dataclass

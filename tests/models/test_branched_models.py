@@ -177,3 +177,9 @@ def test_train_branches_refuses_what_it_cannot_do(tiny_model_dirs, pairs_file, t
     ):
         result = CliRunner().invoke(app, [*base, *extra])
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    # an existing, non-empty --out folder is never overwritten (stale branches would be served)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(app, [*base, "--train", "top:1"])
+    assert result.exit_code == 2 and "exists and is not empty" in result.output, result.output
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
