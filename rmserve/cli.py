@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from rmserve.cli_lab import lab
 from rmserve.cli_support import configure_logging as _configure_logging
 from rmserve.cli_support import fail as _fail
 from rmserve.cli_support import load_settings as _settings
@@ -235,6 +236,7 @@ def calibrate(
 
 
 app.add_typer(training)  # upcycle, train, merge, merge-lora, train-heads, train-branches
+app.add_typer(lab, name="lab")  # prompts, generate, train-proxies, bon
 
 demo_app = typer.Typer(help="The built-in demo reward model (SmolLM2-135M-Instruct with a trained head).")
 app.add_typer(demo_app, name="demo")
