@@ -86,7 +86,7 @@ def load_policy(policy: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTr
         # de-quantised in float32, then cast: transformers keeps a GGUF loaded in another dtype packed and
         # casts around every matmul (slower)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        model.to(dtype)  # in place
+        torch.nn.Module.to(model, dtype)  # in place
     else:
         path = Path(policy)
         if not (path / "config.json").is_file():
