@@ -10,6 +10,8 @@ import gzip
 import json
 
 import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
 from rmserve.cli import app
@@ -114,3 +116,60 @@ def test_bon_says_what_is_wrong(servers, candidates, tmp_path):
     ):
         code, output = bon(*base, *args)
         assert code == 2 and message in output, (args, output)
+
+
+@pytest.fixture(scope="module")
+def base4(tiny_model_dirs, tmp_path_factory):
+    """A 4-layer tiny llama reward model (the recipes fine-tune its top 2 layers)."""
+    out = tmp_path_factory.mktemp("base4")
+    config = AutoConfig.from_pretrained(tiny_model_dirs["llama"])
+    config.num_hidden_layers = 4
+    torch.manual_seed(4)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dirs["llama"]).save_pretrained(out)
+    return out
+
+
+def test_train_proxies_labels_pairs_with_the_gold_and_trains_every_recipe(servers, base4, tmp_path):
+    gold, _ = servers
+    folder = tmp_path / "candidates"
+    folder.mkdir()
+    records = [
+        Candidates(
+            f"t{i}", f"Question {i}?", [f"Reply {j} to {i}: " + "yes " * (j + i % 3) for j in range(4)]
+        )
+        for i in range(20)
+    ]
+    write_chunk(folder / chunk_name(0), records)
+    out = tmp_path / "proxies"
+    args = ["lab", "train-proxies", "--candidates", str(folder), "--gold", f"{gold.url}:llama", "--base", str(base4),
+            "--out", str(out), "--pairs", "30", "--held-out", "8", "--noise", "0.25", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "proxies.json").read_text())
+    assert record["pairs"] == 30 and record["held_out"] == 8 and 0 < record["flipped"] < 30
+    assert set(record["results"]) == {"dense", "dense-bsr", "ensemble", "brme", "moe", "merged"}
+    # the held-out pairs carry the gold's true preference
+    with RewardClient(gold.url) as client:
+        for line in (out / "held-out.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            chosen, rejected = client.score([row["prompt"]] * 2, [row["chosen"], row["rejected"]]).rewards
+            assert chosen > rejected
+    # every proxy is a folder the server loads, by kind
+    kinds = {
+        name: json.loads((out / name / "config.json").read_text()).get("architectures")
+        for name in ("dense", "merged")
+    }
+    assert kinds == {
+        "dense": ["LlamaForSequenceClassification"],
+        "merged": ["LlamaForSequenceClassification"],
+    }
+    for name, kind in (("ensemble", "branched"), ("brme", "branched"), ("moe", "moe")):
+        assert json.loads((out / name / "rmserve.json").read_text())["kind"] == kind
+    # a second run keeps every proxy (resumable) and refuses nothing
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "== proxy" not in again.output, again.output
+    bad = CliRunner().invoke(
+        app, [*args[:-7], "--out", str(tmp_path / "y"), "--pairs", "500", "--no-progress"]
+    )
+    assert bad.exit_code == 2 and "fewer than --pairs 500" in bad.output, bad.output
