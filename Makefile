@@ -52,7 +52,7 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --g
 
 lock: $(VENV)/bin/pip-compile
 	$(COMPILE) --extra quantize -o requirements/runtime.txt pyproject.toml requirements/torch.in
-	$(COMPILE) --extra dev --extra loadtest --extra quantize -o requirements/dev.txt \
+	$(COMPILE) --extra dev --extra lab --extra loadtest --extra quantize -o requirements/dev.txt \
 		pyproject.toml clients/pyproject.toml requirements/torch.in requirements/dev.in
 	$(COMPILE) -o requirements/pip.txt requirements/pip.in
 	$(PIP) install --quiet --dry-run --ignore-installed --no-deps --only-binary=:all: \

@@ -5,6 +5,7 @@ The lab's modules load torch, transformers, httpx or matplotlib: each command im
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,14 @@ lab = typer.Typer(
 
 def _echo(message: str) -> None:
     typer.echo(message, err=True)
+
+
+def _need_client() -> None:
+    """Exit with how to install the client when it is missing (the lab scores through it)."""
+    if importlib.util.find_spec("rmserve_client") is None:
+        raise _fail(
+            ImportError("rmserve lab scores through rmserve-client: pip install ./clients (in the checkout).")
+        )
 
 
 @lab.command("prompts")
@@ -112,6 +121,7 @@ def bon(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Best-of-n against a gold reward model: table, plot and raw scores of every proxy."""
+    _need_client()
     from rmserve.lab.evaluate import read_raw, report, run_bon
     from rmserve.lab.scoring import LabError
     from rmserve.lab.targets import parse_target
@@ -171,6 +181,7 @@ def train_proxies(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Label pairs of policy samples with the gold, add label noise, and train the proxy reward models."""
+    _need_client()
     from rmserve.lab.proxies import train_proxies as run_train_proxies
     from rmserve.lab.scoring import LabError
     from rmserve.lab.targets import parse_target

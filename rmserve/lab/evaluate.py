@@ -11,13 +11,12 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from rmserve.lab.bon import Curve, bon_curves
 from rmserve.lab.report import markdown_table, plot, write_curves
-from rmserve.lab.scoring import SCORES_DIR, collect_scores, score_all
+from rmserve.lab.scoring import SCORES_DIR, collect_scores, read_throughput, score_all
 from rmserve.lab.targets import Target, check_labels
 
 GOLD = "gold"
@@ -100,7 +99,7 @@ def run_bon(
     gold = Target(GOLD, gold.url, gold.model, gold.aggregate, gold.options)
     targets = [gold, *proxies]
     check_labels(targets)
-    stats = score_all(
+    score_all(
         targets,
         candidates,
         out / SCORES_DIR,
@@ -113,10 +112,7 @@ def run_bon(
     write_raw(out / RAW_FILE, records)
     extra = {
         "targets": {t.label: t.spec for t in targets},
-        "throughput": [
-            asdict(s) | {"inputs_per_second": s.inputs_per_second, "tokens_per_second": s.tokens_per_second}
-            for s in stats
-        ],
+        "throughput": read_throughput(out / SCORES_DIR),
     }
     curves = report(records, out, bootstrap=bootstrap, extra=extra)
     echo(f"wrote {out / TABLE_FILE}, {out / PLOT_FILE}, {out / CURVES_FILE} and {out / RAW_FILE}")

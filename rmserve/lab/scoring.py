@@ -16,7 +16,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from rmserve_client import (
 )
 
 SCORES_DIR = "scores"
+THROUGHPUT_FILE = "throughput.jsonl"  # one line a scoring run of a group: what it scored, in how long
 
 
 class LabError(RuntimeError):
@@ -279,6 +280,8 @@ def score_all(
             )
         )
         if result.prompts:
+            with (scores_dir / THROUGHPUT_FILE).open("a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(result)) + "\n")
             echo(
                 f"{', '.join(result.labels)}: {result.inputs} candidates of {result.prompts} prompts in "
                 f"{result.seconds:.0f}s ({result.inputs_per_second:.1f} candidates/s, "
@@ -286,6 +289,31 @@ def score_all(
             )
         stats.append(result)
     return stats
+
+
+def read_throughput(scores_dir: Path) -> list[dict[str, Any]]:
+    """Every group's scoring runs summed (a resumed group has several): prompts, inputs, tokens, seconds, rates."""
+    path = scores_dir / THROUGHPUT_FILE
+    totals: dict[tuple[str, ...], dict[str, Any]] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        run = json.loads(line)
+        total = totals.setdefault(
+            tuple(run["labels"]),
+            {
+                "labels": run["labels"],
+                "url": run["url"],
+                "prompts": 0,
+                "inputs": 0,
+                "input_tokens": 0,
+                "seconds": 0.0,
+            },
+        )
+        for key in ("prompts", "inputs", "input_tokens", "seconds"):
+            total[key] += run[key]
+    for total in totals.values():
+        total["inputs_per_second"] = total["inputs"] / total["seconds"] if total["seconds"] else 0.0
+        total["tokens_per_second"] = total["input_tokens"] / total["seconds"] if total["seconds"] else 0.0
+    return list(totals.values())
 
 
 def collect_scores(targets: Sequence[Target], candidates: Path, scores_dir: Path) -> list[dict[str, Any]]:

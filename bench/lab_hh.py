@@ -1,0 +1,130 @@
+"""The over-optimisation experiment on HH-RLHF, end to end and resumable: every step skips what is done.
+
+    python bench/lab_hh.py --data ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz
+
+1. ``rmserve lab prompts``: 200 eval and 1,000 proxy-training prompts (first user turns, split by prompt);
+2. ``rmserve lab generate``: 4 samples per training prompt from SmolLM2-135M-Instruct (ancestral,
+   temperature 1, at most 48 new tokens, bfloat16, seed 0);
+3. the gold: ``bench/training_hh.py``'s ``top-2`` (the demo with its top 2 layers fine-tuned on the 1,850
+   HH train pairs), served by ``rmserve serve`` (bfloat16);
+4. ``rmserve lab train-proxies`` for each condition (pairs, label noise) from the demo's backbone;
+5. ``rmserve lab generate``: 64 samples per eval prompt, with the same settings;
+6. ``rmserve lab bon``: gold and every proxy through the server; the report goes to ``docs/lab/<condition>/``
+   and the summary to ``docs/overoptimization.md``.
+
+Work (candidates, proxies, score caches) lives in ``~/.cache/rmserve/lab``; ``--conditions`` picks the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from rmserve.config import Settings
+from rmserve.demo.build import build_backbone
+from rmserve.launch import CLEAN_EXIT, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDITIONS = {
+    "2000-noise25": (2000, 0.25),
+    "2000-noise0": (2000, 0.0),
+    "500-noise25": (500, 0.25),
+    "500-noise0": (500, 0.0),
+}
+PROXIES = ("dense", "dense-bsr", "ensemble", "brme", "moe", "merged")
+
+
+def targets(url: str) -> list[str]:
+    """The proxies scored, cheapest groups first (targets that share model and options share requests)."""
+    brme = f"{url}:brme"
+    return [
+        f"dense={url}:dense",
+        f"ensemble-mean={url}:ensemble:mean",
+        f"ensemble-min={url}:ensemble:min",
+        f"ensemble-uwo={url}:ensemble:uwo",
+        f"brme-nominal={brme}:nominal?tradeoff_lambda=0.4",
+        f"brme-mean={brme}:mean?tradeoff_lambda=0.4",
+        f"brme-tradeoff-0.4={brme}:tradeoff?tradeoff_lambda=0.4",
+        f"moe={url}:moe",
+        f"merged={url}:merged",
+        f"dense-bsr={url}:dense-bsr",
+        f"brme-tradeoff-0.4-request={brme}:tradeoff?tradeoff_lambda=0.4&tradeoff_scope=request",
+        f"brme-tradeoff-0.6={brme}:tradeoff?tradeoff_lambda=0.6",
+        f"brme-tradeoff-0.6-request={brme}:tradeoff?tradeoff_lambda=0.6&tradeoff_scope=request",
+    ]
+
+
+def rmserve(*args: str) -> None:
+    command = [sys.executable, "-m", "rmserve", *args]
+    print("$ rmserve " + " ".join(args), flush=True)
+    subprocess.run(command, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="The HH-RLHF harmless-base test split.")
+    parser.add_argument("--work", type=Path, default=Settings().cache_dir / "lab")
+    parser.add_argument("--gold", type=Path, default=Settings().cache_dir / "training-hh" / "top-2")
+    parser.add_argument("--conditions", nargs="+", default=["2000-noise25"], choices=list(CONDITIONS))
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "lab")
+    args = parser.parse_args()
+    work: Path = args.work
+    if not (args.gold / "training.json").is_file():
+        sys.exit(
+            f"no gold at {args.gold}: run `python bench/training_hh.py --data {args.data} --only top-2` first."
+        )
+    if not (work / "prompts" / "eval.jsonl").is_file():
+        rmserve("lab", "prompts", "--data", str(args.data), "--out", str(work / "prompts"))
+    common = ["--max-new-tokens", "48", "--dtype", "bfloat16", "--seed", "0", "--no-progress"]
+
+    def generate(split: str, n: int) -> Path:
+        out = work / f"candidates-{split}"
+        rmserve("lab", "generate", "--prompts", str(work / "prompts" / f"{split}.jsonl"), "--out", str(out), "--n", str(n), *common)  # fmt: skip
+        return out
+
+    train_candidates = generate("train", 4)
+    base = build_backbone(Settings().cache_dir)
+    for condition in args.conditions:
+        pairs, noise = CONDITIONS[condition]
+        proxies = work / f"proxies-{condition}"
+        models = [{"name": "gold", "path": str(args.gold)}]
+        models += [{"name": name, "path": str(proxies / name)} for name in PROXIES]
+        config = work / f"serve-{condition}.yaml"
+        config.write_text(yaml.safe_dump({"dtype": "bfloat16", "models": models}))
+        gold_only = work / "serve-gold.yaml"
+        gold_only.write_text(yaml.safe_dump({"dtype": "bfloat16", "models": models[:1]}))
+        if not (proxies / "proxies.json").is_file():
+            server = start_server(["--config", str(gold_only)], work / "serve-gold.log")
+            try:
+                rmserve("lab", "train-proxies", "--candidates", str(train_candidates), "--gold", f"{server.url}:gold",
+                        "--base", str(base), "--out", str(proxies), "--pairs", str(pairs), "--noise", str(noise), "--no-progress")  # fmt: skip
+            finally:
+                assert server.stop() == CLEAN_EXIT
+        eval_candidates = generate("eval", 64)
+        report = work / f"bon-{condition}"
+        server = start_server(["--config", str(config)], work / f"serve-{condition}.log", ready_timeout=900)
+        started = time.monotonic()
+        try:
+            proxy_flags = [flag for target in targets(server.url) for flag in ("--proxy", target)]
+            rmserve("lab", "bon", "--candidates", str(eval_candidates), "--gold", f"{server.url}:gold",
+                    *proxy_flags, "--out", str(report), "--concurrency", "4", "--no-progress")  # fmt: skip
+        finally:
+            assert server.stop() == CLEAN_EXIT
+        docs = args.docs / condition
+        docs.mkdir(parents=True, exist_ok=True)
+        for name in ("bon.md", "bon.png", "bon.json", "raw-scores.jsonl.gz"):
+            shutil.copy(report / name, docs / name)
+        shutil.copy(proxies / "proxies.json", docs / "proxies.json")
+        print(f"{condition}: report in {docs} ({time.monotonic() - started:.0f}s of scoring)", flush=True)
+        print(json.dumps(json.loads((docs / "bon.json").read_text())["throughput"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
