@@ -24,8 +24,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
+from report import write_section  # bench/report.py: run as python bench/lab_hh.py
 
 from rmserve.config import Settings
 from rmserve.demo.build import build_backbone
@@ -33,8 +35,8 @@ from rmserve.launch import CLEAN_EXIT, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDITIONS = {
-    "2000-noise25": (2000, 0.25),
-    "2000-noise0": (2000, 0.0),
+    "1800-noise25": (1800, 0.25),
+    "1800-noise0": (1800, 0.0),
     "500-noise25": (500, 0.25),
     "500-noise0": (500, 0.0),
 }
@@ -61,6 +63,67 @@ def targets(url: str) -> list[str]:
     ]
 
 
+def accuracy(results: dict[str, Any]) -> str:
+    """A proxy's held-out accuracy against the gold, from its training record's results."""
+    if "held_out_accuracy" in results:
+        return f"{results['held_out_accuracy']:.1%}"
+    if "held_out" in results:  # branched: per aggregate
+        aggregates = results["held_out"]["aggregates"]
+        return ", ".join(
+            f"{name} {aggregates[name]:.1%}" for name in ("mean", "min", "uwo", "nominal", "tradeoff")
+        )
+    return f"{results['history'][-1]['held_out_accuracy']:.1%}"  # merged
+
+
+def section(condition: str, docs: Path, work: Path) -> str:
+    """The results of one condition, for docs/overoptimization.md."""
+    pairs, noise = CONDITIONS[condition]
+    proxies = json.loads((docs / "proxies.json").read_text())
+    curves = json.loads((docs / "bon.json").read_text())
+    lines = [f"### {pairs:,} gold-labelled pairs, {noise:.0%} label noise", ""]
+    lines += ["Held-out accuracy against the gold (200 pairs with the gold's true labels):", ""]
+    lines += ["| proxy | held-out accuracy | training seconds |", "| --- | --- | ---: |"]
+    for name in PROXIES:
+        record = json.loads((work / f"proxies-{condition}" / name / "training.json").read_text())
+        lines.append(f"| {name} | {accuracy(proxies['results'][name])} | {record['seconds']:.0f} |")
+    lines += [
+        "",
+        (docs / "bon.md").read_text().strip(),
+        "",
+        f"![best-of-n]({docs.relative_to(ROOT / 'docs')}/bon.png)",
+        "",
+    ]
+    generation = [
+        json.loads((work / f"candidates-{split}" / "generation.json").read_text())
+        for split in ("train", "eval")
+    ]
+    lines.append(
+        "Compute (2-core CPU): generation "
+        + "; ".join(
+            f"{g['prompts']} prompts x {g['settings']['sampling']['n']}: {g['tokens']:,} tokens in {g['seconds'] / 60:.0f} min ({g['tokens_per_second']:.0f} tokens/s)"
+            for g in generation
+        )
+        + f". Proxy training {sum(json.loads((work / f'proxies-{condition}' / n / 'training.json').read_text())['seconds'] for n in PROXIES) / 60:.0f} min."
+    )
+    lines += [
+        "",
+        "Scoring through the server (the lab as a load test; one request per prompt, 64 candidates, 4 in flight):",
+        "",
+    ]
+    lines += [
+        "| targets | candidates | seconds | candidates/s | tokens/s |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for group in curves["throughput"]:
+        lines.append(
+            f"| {', '.join(group['labels'])} | {group['inputs']:,} | {group['seconds']:.0f} | "
+            f"{group['inputs_per_second']:.1f} | {group['tokens_per_second']:.0f} |"
+        )
+    lines += ["", f"Raw scores: `{docs.relative_to(ROOT)}/raw-scores.jsonl.gz`; recompute the table with "
+              f"`rmserve lab bon --from-scores {docs.relative_to(ROOT)}/raw-scores.jsonl.gz --out /tmp/bon`."]  # fmt: skip
+    return "\n".join(lines)
+
+
 def rmserve(*args: str) -> None:
     command = [sys.executable, "-m", "rmserve", *args]
     print("$ rmserve " + " ".join(args), flush=True)
@@ -72,7 +135,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="The HH-RLHF harmless-base test split.")
     parser.add_argument("--work", type=Path, default=Settings().cache_dir / "lab")
     parser.add_argument("--gold", type=Path, default=Settings().cache_dir / "training-hh" / "top-2")
-    parser.add_argument("--conditions", nargs="+", default=["2000-noise25"], choices=list(CONDITIONS))
+    parser.add_argument("--conditions", nargs="+", default=["1800-noise25"], choices=list(CONDITIONS))
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "lab")
     args = parser.parse_args()
     work: Path = args.work
@@ -123,7 +186,11 @@ def main() -> None:
             shutil.copy(report / name, docs / name)
         shutil.copy(proxies / "proxies.json", docs / "proxies.json")
         print(f"{condition}: report in {docs} ({time.monotonic() - started:.0f}s of scoring)", flush=True)
-        print(json.dumps(json.loads((docs / "bon.json").read_text())["throughput"], indent=1))
+        write_section(
+            ROOT / "docs" / "overoptimization.md",
+            f"bench/lab_hh.py {condition}",
+            section(condition, docs, work),
+        )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ class Target:
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of ``spec`` (a cached score file must match it)."""
-        return hashlib.sha256(self.spec.encode()).hexdigest()[:12]
+        """A short hash of what is scored: model, aggregate and options, not the URL (a cached score file
+        must match it; a server that moved, or restarted on another port, still resumes)."""
+        what = f"{self.model or ''}:{self.aggregate or ''}?" + "&".join(f"{k}={v}" for k, v in self.options)
+        return hashlib.sha256(what.encode()).hexdigest()[:12]
 
 
 def parse_target(text: str, default_label: str | None = None) -> Target:

@@ -74,6 +74,9 @@ def test_targets_parse_labels_models_aggregates_and_options():
     assert (t.label, t.url, t.model, t.aggregate) == ("b", "http://h:8001", "brme", "tradeoff")
     assert t.options == (("tradeoff_lambda", 0.4), ("tradeoff_scope", "request"))
     assert t.spec == "http://h:8001:brme:tradeoff?tradeoff_lambda=0.4&tradeoff_scope=request"
+    # a cache follows the reward, not the address: a restarted or moved server still resumes
+    assert parse_target("a=http://h:1:m:min").fingerprint == parse_target("b=https://g:2:m:min").fingerprint
+    assert parse_target("http://h:1:m:min").fingerprint != parse_target("http://h:1:m:mean").fingerprint
     assert parse_target("https://rm.example.com::min").model is None
     assert parse_target("https://rm.example.com::min").label == "default-min"
     for bad, message in (
