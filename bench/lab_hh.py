@@ -43,10 +43,11 @@ CONDITIONS = {
 PROXIES = ("dense", "dense-bsr", "ensemble", "brme", "moe", "merged")
 
 
-def targets(url: str) -> list[str]:
-    """The proxies scored, cheapest groups first (targets that share model and options share requests)."""
+def targets(url: str, which: str) -> list[str]:
+    """The proxies scored (``core``: the first ten; ``all``), cheapest groups first; targets that share
+    model and options share requests, so every group past ``core`` costs a whole pass of one model."""
     brme = f"{url}:brme"
-    return [
+    every = [
         f"dense={url}:dense",
         f"ensemble-mean={url}:ensemble:mean",
         f"ensemble-min={url}:ensemble:min",
@@ -61,6 +62,7 @@ def targets(url: str) -> list[str]:
         f"brme-tradeoff-0.6={brme}:tradeoff?tradeoff_lambda=0.6",
         f"brme-tradeoff-0.6-request={brme}:tradeoff?tradeoff_lambda=0.6&tradeoff_scope=request",
     ]
+    return every[:10] if which == "core" else every
 
 
 def accuracy(results: dict[str, Any]) -> str:
@@ -137,6 +139,9 @@ def main() -> None:
     parser.add_argument("--gold", type=Path, default=Settings().cache_dir / "training-hh" / "top-2")
     parser.add_argument("--conditions", nargs="+", default=["1800-noise25"], choices=list(CONDITIONS))
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "lab")
+    parser.add_argument(
+        "--targets", choices=["core", "all"], default="all", help="core: all but brme's extra settings."
+    )
     args = parser.parse_args()
     work: Path = args.work
     if not (args.gold / "training.json").is_file():
@@ -175,7 +180,9 @@ def main() -> None:
         server = start_server(["--config", str(config)], work / f"serve-{condition}.log", ready_timeout=900)
         started = time.monotonic()
         try:
-            proxy_flags = [flag for target in targets(server.url) for flag in ("--proxy", target)]
+            proxy_flags = [
+                flag for target in targets(server.url, args.targets) for flag in ("--proxy", target)
+            ]
             rmserve("lab", "bon", "--candidates", str(eval_candidates), "--gold", f"{server.url}:gold",
                     *proxy_flags, "--out", str(report), "--concurrency", "4", "--no-progress")  # fmt: skip
         finally:
