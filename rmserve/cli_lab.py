@@ -94,6 +94,51 @@ def generate(
         raise _fail(exc) from None
 
 
+@lab.command("train-proxies")
+def train_proxies(
+    candidates: Annotated[
+        Path, typer.Option(help="Proxy-training candidates (rmserve lab generate --n 2 or more).")
+    ],
+    gold: Annotated[
+        str, typer.Option(help="The gold reward that labels the pairs: URL[:MODEL[:AGGREGATE]].")
+    ],
+    base: Annotated[Path, typer.Option(help="The dense reward-model folder every proxy starts from.")],
+    out: Annotated[
+        Path, typer.Option(help="The folder of the proxies (resumed: finished proxies are kept).")
+    ],
+    pairs: Annotated[int, typer.Option(help="Training pairs.")] = 2000,
+    held_out: Annotated[
+        int, typer.Option(help="Pairs kept aside, with true labels, for held-out accuracy.")
+    ] = 200,
+    noise: Annotated[
+        float, typer.Option(help="Chance that a training label is flipped (Coste et al.: 0.25).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the pairing shuffle and of the label noise.")] = 0,
+    only: Annotated[
+        str, typer.Option(help="Comma-separated proxies: dense, dense-bsr, ensemble, brme, moe, merged.")
+    ] = "dense,dense-bsr,ensemble,brme,moe,merged",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Label pairs of policy samples with the gold, add label noise, and train the proxy reward models."""
+    _need_client()
+    from rmserve.lab.proxies import train_proxies as run_train_proxies
+    from rmserve.lab.scoring import LabError
+    from rmserve.lab.targets import parse_target
+
+    _configure_logging("warning")
+    try:
+        if pairs < 1 or held_out < 1:
+            raise ValueError("--pairs and --held-out must be at least 1.")
+        names = [name.strip() for name in only.split(",") if name.strip()]
+        record = run_train_proxies(
+            candidates, parse_target(gold, "gold"), base, out, pairs=pairs, held_out=held_out, noise=noise,
+            seed=seed, only=names, progress=progress, echo=_echo,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, LabError) as exc:
+        raise _fail(exc) from None
+    _echo(f"wrote {len(record['results'])} proxies to {out}")
+
+
 @lab.command("bon")
 def bon(
     out: Annotated[
@@ -153,48 +198,3 @@ def bon(
         )
     except (ValueError, FileNotFoundError, LabError) as exc:
         raise _fail(exc) from None
-
-
-@lab.command("train-proxies")
-def train_proxies(
-    candidates: Annotated[
-        Path, typer.Option(help="Proxy-training candidates (rmserve lab generate --n 2 or more).")
-    ],
-    gold: Annotated[
-        str, typer.Option(help="The gold reward that labels the pairs: URL[:MODEL[:AGGREGATE]].")
-    ],
-    base: Annotated[Path, typer.Option(help="The dense reward-model folder every proxy starts from.")],
-    out: Annotated[
-        Path, typer.Option(help="The folder of the proxies (resumed: finished proxies are kept).")
-    ],
-    pairs: Annotated[int, typer.Option(help="Training pairs.")] = 2000,
-    held_out: Annotated[
-        int, typer.Option(help="Pairs kept aside, with true labels, for held-out accuracy.")
-    ] = 200,
-    noise: Annotated[
-        float, typer.Option(help="Chance that a training label is flipped (Coste et al.: 0.25).")
-    ] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of the pairing shuffle and of the label noise.")] = 0,
-    only: Annotated[
-        str, typer.Option(help="Comma-separated proxies: dense, dense-bsr, ensemble, brme, moe, merged.")
-    ] = "dense,dense-bsr,ensemble,brme,moe,merged",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-) -> None:
-    """Label pairs of policy samples with the gold, add label noise, and train the proxy reward models."""
-    _need_client()
-    from rmserve.lab.proxies import train_proxies as run_train_proxies
-    from rmserve.lab.scoring import LabError
-    from rmserve.lab.targets import parse_target
-
-    _configure_logging("warning")
-    try:
-        if pairs < 1 or held_out < 1:
-            raise ValueError("--pairs and --held-out must be at least 1.")
-        names = [name.strip() for name in only.split(",") if name.strip()]
-        record = run_train_proxies(
-            candidates, parse_target(gold, "gold"), base, out, pairs=pairs, held_out=held_out, noise=noise,
-            seed=seed, only=names, progress=progress, echo=_echo,
-        )  # fmt: skip
-    except (ValueError, FileNotFoundError, LabError) as exc:
-        raise _fail(exc) from None
-    _echo(f"wrote {len(record['results'])} proxies to {out}")
