@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from tqdm import tqdm
 
 from rmserve.lab.candidates import Candidates, iter_candidates
@@ -148,7 +149,9 @@ async def _served_models(client: AsyncRewardClient, url: str) -> list[ModelInfo]
         return None  # a /v1/score-compatible server without GET /v1/models: nothing to check up front
 
 
-async def check_group(targets: Sequence[Target], timeout: float) -> None:
+async def check_group(
+    targets: Sequence[Target], timeout: float, transport: httpx.AsyncBaseTransport | None = None
+) -> None:
     """Refuse an unreachable server, or a model or aggregate it does not serve.
 
     Raises:
@@ -156,7 +159,9 @@ async def check_group(targets: Sequence[Target], timeout: float) -> None:
     """
     url, model, _ = targets[0].group
     try:
-        async with AsyncRewardClient(url, model=model, timeout=timeout, max_retries=1) as client:
+        async with AsyncRewardClient(
+            url, model=model, timeout=timeout, max_retries=1, transport=transport
+        ) as client:
             served = await _served_models(client, url)
     except RewardClientError as exc:
         raise LabError(f"{url}: {exc}") from None
@@ -172,6 +177,7 @@ async def score_group(
     concurrency: int = 4,
     timeout: float = 600.0,
     progress: bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> GroupStats:
     """Score every candidate for targets of one group (same URL, model and options), resuming their files.
 
@@ -190,7 +196,12 @@ async def score_group(
     bar = tqdm(desc=", ".join(stats.labels), unit="prompt", disable=not progress)
     try:
         async with AsyncRewardClient(
-            url, model=model, timeout=timeout, max_concurrency=concurrency, chunk_size=4096
+            url,
+            model=model,
+            timeout=timeout,
+            max_concurrency=concurrency,
+            chunk_size=4096,
+            transport=transport,
         ) as client:
             served = await _served_models(client, url)
             if served is not None:
@@ -265,18 +276,26 @@ def score_all(
     timeout: float = 600.0,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> list[GroupStats]:
-    """Score every group of targets in turn (one server busy at a time)."""
+    """Score every group of targets in turn (one server busy at a time); ``transport``: an httpx transport
+    for every client (tests pass ``httpx.MockTransport``)."""
     groups: dict[Any, list[Target]] = defaultdict(list)
     for target in targets:
         groups[target.group].append(target)
     for members in groups.values():  # every server checked before any is kept busy
-        asyncio.run(check_group(members, timeout))
+        asyncio.run(check_group(members, timeout, transport))
     stats = []
     for members in groups.values():
         result = asyncio.run(
             score_group(
-                members, candidates, scores_dir, concurrency=concurrency, timeout=timeout, progress=progress
+                members,
+                candidates,
+                scores_dir,
+                concurrency=concurrency,
+                timeout=timeout,
+                progress=progress,
+                transport=transport,
             )
         )
         if result.prompts:
