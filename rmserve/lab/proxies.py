@@ -29,6 +29,7 @@ from rmserve.lab.candidates import iter_candidates
 from rmserve.lab.scoring import SCORES_DIR, read_scores, score_all, score_file
 from rmserve.lab.targets import Target
 from rmserve.models.inputs import PromptResponse
+from rmserve.names import HeadKind
 from rmserve.training.branches import BranchOptions, train_branches
 from rmserve.training.merge import merge
 from rmserve.training.pairs import PreferenceExample
@@ -117,79 +118,70 @@ def write_pairs(path: Path, examples: Sequence[PreferenceExample]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-Trainer = Callable[[Path, LabelledPairs, Path, PrefixMemo, bool, Callable[[str], None]], None]
+@dataclass(frozen=True)
+class Run:
+    """What every recipe trains with: the base, the labelled pairs, the shared prefix memo, reporting."""
+
+    base: Path
+    data: LabelledPairs
+    memo: PrefixMemo
+    progress: bool
+    echo: Callable[[str], None]
+
+    def train(self, model_dir: Path, out: Path, options: TrainOptions) -> None:
+        train(model_dir, self.data.train, self.data.held_out, out, options, progress=self.progress,
+              echo=self.echo, memo=self.memo)  # fmt: skip
 
 
-def _dense(options: TrainOptions) -> Trainer:
-    def run(
-        base: Path,
-        data: LabelledPairs,
-        out: Path,
-        memo: PrefixMemo,
-        progress: bool,
-        echo: Callable[[str], None],
-    ) -> None:
-        train(base, data.train, data.held_out, out, options, progress=progress, echo=echo, memo=memo)
-
-    return run
+def _dense(run: Run, out: Path) -> None:
+    run.train(run.base, out, DENSE)
 
 
-def _branched(kind: str) -> Trainer:
-    def run(
-        base: Path,
-        data: LabelledPairs,
-        out: Path,
-        memo: PrefixMemo,
-        progress: bool,
-        echo: Callable[[str], None],
-    ) -> None:
-        branch = BranchOptions(kind="brme" if kind == "brme" else "multihead", branches=BRANCHES, share=0.5)
-        train_branches(
-            base, data.train, data.held_out, out, DENSE, branch, progress=progress, echo=echo, memo=memo
-        )
-
-    return run
+def _dense_bsr(run: Run, out: Path) -> None:
+    run.train(run.base, out, DENSE_BSR)
 
 
-def _moe(
-    base: Path, data: LabelledPairs, out: Path, memo: PrefixMemo, progress: bool, echo: Callable[[str], None]
-) -> None:
+def _branches(run: Run, out: Path, kind: HeadKind) -> None:
+    branch = BranchOptions(kind=kind, branches=BRANCHES, share=0.5)
+    train_branches(run.base, run.data.train, run.data.held_out, out, DENSE, branch, progress=run.progress,
+                   echo=run.echo, memo=run.memo)  # fmt: skip
+
+
+def _ensemble(run: Run, out: Path) -> None:
+    _branches(run, out, "multihead")
+
+
+def _brme(run: Run, out: Path) -> None:
+    _branches(run, out, "brme")
+
+
+def _moe(run: Run, out: Path) -> None:
     upcycled = out.with_name(out.name + ".upcycled")
     shutil.rmtree(upcycled, ignore_errors=True)
-    upcycle(base, upcycled, experts=MOE["experts"], top_k=MOE["top_k"], last=MOE["last"], seed=MOE["seed"])
-    options = TrainOptions(trainable="experts", bsr=MOE["bsr"], aux=MOE["aux"], **COMMON)
-    train(upcycled, data.train, data.held_out, out, options, progress=progress, echo=echo, memo=memo)
+    upcycle(
+        run.base, upcycled, experts=MOE["experts"], top_k=MOE["top_k"], last=MOE["last"], seed=MOE["seed"]
+    )
+    run.train(upcycled, out, TrainOptions(trainable="experts", bsr=MOE["bsr"], aux=MOE["aux"], **COMMON))
     shutil.rmtree(upcycled)
 
 
-def _merged(moe_dir: Path) -> Trainer:
-    def run(
-        base: Path,
-        data: LabelledPairs,
-        out: Path,
-        memo: PrefixMemo,
-        progress: bool,
-        echo: Callable[[str], None],
-    ) -> None:
-        merge(moe_dir, out, shared_rate=MOE["shared_rate"], train_pairs=data.train, eval_pairs=data.held_out,
-              epochs=1, lr=0.05, max_length=COMMON["max_length"], progress=progress, echo=echo, memo=memo)  # fmt: skip
-
-    return run
+def _merged(run: Run, out: Path) -> None:  # merges the moe proxy beside it
+    merge(out.with_name("moe"), out, shared_rate=MOE["shared_rate"], train_pairs=run.data.train,
+          eval_pairs=run.data.held_out, epochs=1, lr=0.05, max_length=COMMON["max_length"],
+          progress=run.progress, echo=run.echo, memo=run.memo)  # fmt: skip
 
 
-def recipes(out: Path) -> dict[str, Trainer]:
-    """Every proxy recipe, by folder name (``merged`` merges the ``moe`` proxy, so it comes after it)."""
-    return {
-        "dense": _dense(DENSE),
-        "dense-bsr": _dense(DENSE_BSR),
-        "ensemble": _branched("multihead"),
-        "brme": _branched("brme"),
-        "moe": _moe,
-        "merged": _merged(out / "moe"),
-    }
+RECIPES: dict[str, Callable[[Run, Path], None]] = {
+    "dense": _dense,
+    "dense-bsr": _dense_bsr,
+    "ensemble": _ensemble,
+    "brme": _brme,
+    "moe": _moe,
+    "merged": _merged,  # after moe, which it merges
+}
 
 
-RECIPE_NAMES = ("dense", "dense-bsr", "ensemble", "brme", "moe", "merged")
+RECIPE_NAMES = tuple(RECIPES)
 
 
 def held_out_accuracy(folder: Path) -> Any:
@@ -237,8 +229,7 @@ def train_proxies(
     echo(
         f"{len(data.train)} training pairs ({data.flipped} labels flipped), {len(data.held_out)} held out, {data.ties} ties dropped"
     )
-    memo: PrefixMemo = {}
-    trainers = recipes(out)
+    run = Run(base, data, {}, progress, echo)
     results: dict[str, Any] = {}
     for name in RECIPE_NAMES:
         if name not in only:
@@ -247,7 +238,7 @@ def train_proxies(
         if not (folder / "training.json").is_file():
             echo(f"== proxy {name}")
             shutil.rmtree(folder, ignore_errors=True)  # a run cut off before its record starts again
-            trainers[name](base, data, folder, memo, progress, echo)
+            RECIPES[name](run, folder)
         results[name] = held_out_accuracy(folder)
     record = {
         "candidates": str(candidates),
