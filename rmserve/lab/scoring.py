@@ -169,7 +169,7 @@ async def check_group(
         check_served(served, targets)
 
 
-async def score_group(
+async def _score_group(
     targets: Sequence[Target],
     candidates: Path,
     scores_dir: Path,
@@ -179,7 +179,8 @@ async def score_group(
     progress: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> GroupStats:
-    """Score every candidate for targets of one group (same URL, model and options), resuming their files.
+    """Score every candidate for targets of one group (same URL, model and options), resuming their files;
+    ``score_all`` has checked the server (``check_group``) before.
 
     Raises:
         LabError: the server is unreachable, refuses a request, or answers with the wrong number of scores.
@@ -203,9 +204,6 @@ async def score_group(
             chunk_size=4096,
             transport=transport,
         ) as client:
-            served = await _served_models(client, url)
-            if served is not None:
-                check_served(served, targets)
             files.extend(_open_cache(score_file(scores_dir, t), t) for t in targets)
             slots = asyncio.Semaphore(concurrency)
             pending: set[asyncio.Task[None]] = set()
@@ -288,7 +286,7 @@ def score_all(
     stats = []
     for members in groups.values():
         result = asyncio.run(
-            score_group(
+            _score_group(
                 members,
                 candidates,
                 scores_dir,
@@ -313,26 +311,18 @@ def score_all(
 def read_throughput(scores_dir: Path) -> list[dict[str, Any]]:
     """Every group's scoring runs summed (a resumed group has several): prompts, inputs, tokens, seconds, rates."""
     path = scores_dir / THROUGHPUT_FILE
-    totals: dict[tuple[str, ...], dict[str, Any]] = {}
+    totals: dict[tuple[str, ...], GroupStats] = {}
     for line in path.read_text().splitlines() if path.is_file() else []:
-        run = json.loads(line)
-        total = totals.setdefault(
-            tuple(run["labels"]),
-            {
-                "labels": run["labels"],
-                "url": run["url"],
-                "prompts": 0,
-                "inputs": 0,
-                "input_tokens": 0,
-                "seconds": 0.0,
-            },
-        )
-        for key in ("prompts", "inputs", "input_tokens", "seconds"):
-            total[key] += run[key]
-    for total in totals.values():
-        total["inputs_per_second"] = total["inputs"] / total["seconds"] if total["seconds"] else 0.0
-        total["tokens_per_second"] = total["input_tokens"] / total["seconds"] if total["seconds"] else 0.0
-    return list(totals.values())
+        run = GroupStats(**json.loads(line))
+        total = totals.setdefault(tuple(run.labels), GroupStats(run.labels, run.url))
+        total.prompts += run.prompts
+        total.inputs += run.inputs
+        total.input_tokens += run.input_tokens
+        total.seconds += run.seconds
+    return [
+        asdict(t) | {"inputs_per_second": t.inputs_per_second, "tokens_per_second": t.tokens_per_second}
+        for t in totals.values()
+    ]
 
 
 def collect_scores(targets: Sequence[Target], candidates: Path, scores_dir: Path) -> list[dict[str, Any]]:
