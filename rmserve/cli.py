@@ -151,6 +151,8 @@ def score(
                 row.update(aggregates=result.aggregates, heads=result.heads)
                 if result.head_std is not None:
                     row.update(head_std=result.head_std)
+            if result.category is not None:
+                row.update(category=result.category)
             out.write(json.dumps(row) + "\n")
     finally:
         if output:

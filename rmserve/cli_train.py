@@ -1,5 +1,5 @@
-"""The ``rmserve`` commands that make models: ``upcycle``, ``train``, ``merge``, ``merge-lora``, ``train-heads``
-and ``train-branches``. Each reads preference pairs, reports held-out accuracy, and writes a model folder
+"""The ``rmserve`` commands that make models: ``upcycle``, ``train``, ``merge``, ``merge-lora``, ``train-heads``,
+``train-branches`` and ``train-dmoerm``. Each reads preference pairs, reports held-out accuracy, and writes a model folder
 with its training record; the heavy imports happen inside each command, so ``rmserve --help`` stays fast.
 """
 
@@ -229,6 +229,80 @@ def train_branches(
         branch = BranchOptions(kind=cast("HeadKind", kind), branches=branches, share=share)  # checked there
         train_pairs, held = _pairs_split(data, eval_data, eval_fraction, seed)
         run_train_branches(model, train_pairs, held, out, options, branch, echo=_echo, data_source=str(data))
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+
+
+@training.command("train-dmoerm")
+def train_dmoerm(
+    model: Annotated[
+        Path, typer.Option(help="A dense decoder reward-model folder: the trunk and every category's start.")
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Pairs or ranked lists, JSONL(.gz), with capability labels and optional categories "
+            "(docs/dmoerm.md)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="The dmoerm folder to write.")],
+    top: Annotated[
+        int, typer.Option(min=1, help="N: the top layers each category and expert owns (the rest is shared).")
+    ] = 2,
+    capability: Annotated[
+        list[str] | None,
+        typer.Option(help="A capability point to train an expert for; repeat (default: every labelled one)."),
+    ] = None,
+    category: Annotated[str, typer.Option(help="The one category's name when the data has none.")] = "all",
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs of phase 1 and of each expert.")] = 1,
+    phase1_share: Annotated[
+        float, typer.Option(help="Share of each category's items for phase 1; phase 3 gets the rest.")
+    ] = 0.6,
+    phase1_lr: Annotated[float, typer.Option(help="Phase 1 learning rate.")] = 1e-4,
+    expert_lr: Annotated[float, typer.Option(help="Phase 2 (LoRA experts) learning rate.")] = 5e-4,
+    lora_rank: Annotated[int, typer.Option(min=1, help="The experts' LoRA rank (the paper: 32).")] = 32,
+    lora_alpha: Annotated[int, typer.Option(min=1, help="LoRA alpha (the paper: 32).")] = 32,
+    lora_targets: Annotated[
+        str, typer.Option(help="The projections LoRA adapts, comma-separated.")
+    ] = "q_proj,v_proj",
+    lora_dropout: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="LoRA dropout (the paper: 0.05).")
+    ] = 0.05,
+    mlp_epochs: Annotated[int, typer.Option(min=1, help="Phase 3 (MLP) epochs.")] = 20,
+    mlp_lr: Annotated[float, typer.Option(help="Phase 3 learning rate.")] = 1e-3,
+    router_epochs: Annotated[int, typer.Option(min=1, help="Router epochs (full batch).")] = 100,
+    router_lr: Annotated[float, typer.Option(help="Router learning rate.")] = 1e-2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per step.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Tokens per input (left truncation).")] = 512,
+    eval_data: Annotated[
+        Path | None, typer.Option(help="Held-out items (default: hold out --eval-fraction of --data).")
+    ] = None,
+    eval_fraction: Annotated[float, typer.Option()] = 0.2,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train a DMoERM model: per category a base (phase 1), a LoRA expert per capability (phase 2) and an MLP
+    over the experts (phase 3), plus a router over categories; held-out accuracy per phase."""
+    from rmserve.training.dmoerm import DmoermOptions
+    from rmserve.training.dmoerm import train_dmoerm as run_train_dmoerm
+    from rmserve.training.lora import LoraSpec
+    from rmserve.training.pipeline import split_pairs
+    from rmserve.training.ranked import read_ranked
+
+    _configure_logging("warning")
+    try:
+        targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+        lora = LoraSpec(rank=lora_rank, alpha=lora_alpha, targets=targets, dropout=lora_dropout)
+        options = DmoermOptions(
+            top=top, epochs=epochs, phase1_share=phase1_share, phase1_lr=phase1_lr, expert_lr=expert_lr, lora=lora,
+            mlp_epochs=mlp_epochs, mlp_lr=mlp_lr, router_epochs=router_epochs, router_lr=router_lr,
+            batch_size=batch_size, max_length=max_length, seed=seed, capabilities=tuple(capability or ()),
+            category=category,
+        )  # fmt: skip
+        items = read_ranked(data)
+        train_items, held = (
+            (items, read_ranked(eval_data)) if eval_data else split_pairs(items, eval_fraction, seed)
+        )
+        run_train_dmoerm(model, train_items, held, out, options, echo=_echo, data_source=str(data))
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
 

@@ -32,12 +32,12 @@ from rmserve.names import (
     CPU_JOIN_PADDING,
     DEFAULT_DEMOS,
     DEMO_MODELS,
-    AggregateName,
     DTypeName,
     KernelsName,
     KindName,
     Pooling,
     QuantizeName,
+    RewardName,
     Truncation,
 )
 
@@ -118,8 +118,10 @@ class ModelSpec(BaseModel):
     kind: KindName = Field(
         "auto", description="Model kind; auto reads it from the folder (rmserve.json), else dense."
     )
-    reward: AggregateName | None = Field(
-        None, description="The aggregate returned as 'rewards' (default: tradeoff for brme, else mean)."
+    reward: RewardName | None = Field(
+        None,
+        description="What 'rewards' returns: an aggregate, or combined for dmoerm models (default: the model's "
+        "own: combined for dmoerm, tradeoff for brme, else mean).",
     )
     uwo_lambda: float | None = Field(None, ge=0, allow_inf_nan=False, description="Default UWO lambda.")
     tradeoff_lambda: float | None = Field(

@@ -32,12 +32,12 @@ DEFAULT_POOLING: Pooling = "hf"
 TRAINABLE_HELP = "all, top:N (the top N decoder layers, final norm and head), experts (MoE experts, routers, norm, head) or head"
 """What ``rmserve train --train`` accepts (``rmserve.training.trainer.select_trainable``)."""
 
-ModelKind = Literal["dense", "multihead", "brme", "ensemble", "moe", "lora", "branched"]
+ModelKind = Literal["dense", "multihead", "brme", "ensemble", "moe", "lora", "branched", "dmoerm"]
 """The kinds of model folder rmserve serves (``rmserve.models.loader``)."""
 
 KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
 
-KindName = Literal["auto", "dense", "multihead", "brme", "ensemble", "moe", "lora", "branched"]
+KindName = Literal["auto", "dense", "multihead", "brme", "ensemble", "moe", "lora", "branched", "dmoerm"]
 """A configured kind: ``auto`` follows the folder's ``rmserve.json``."""
 
 HeadKind = Literal["multihead", "brme"]
@@ -51,6 +51,12 @@ TradeoffScope = Literal["input", "request"]
 heads of the request's mean reward)."""
 
 AGGREGATES: tuple[AggregateName, ...] = get_args(AggregateName)
+
+RewardName = Literal["mean", "min", "max", "std", "uwo", "nominal", "tradeoff", "combined"]
+"""What ``rewards`` returns: an aggregate of the heads, or ``combined``, the model's own reward where it
+is not an aggregate of its heads (DMoERM's MLP over its experts' states)."""
+
+COMBINED: RewardName = "combined"
 
 DEMO = "demo"
 DEMO_BRME = "demo-brme"

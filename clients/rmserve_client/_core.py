@@ -361,6 +361,7 @@ def parse_score(response: httpx.Response, chunk: Chunk, url: str) -> ScoreBody:
         "truncated": body.truncated,
         "heads": body.heads,
         "head_std": body.head_std,
+        "categories": body.categories,
         **{f"aggregates.{k}": v for k, v in body.aggregates.items()},
     }
     for name, column in columns.items():
@@ -418,6 +419,7 @@ def assemble(bodies: Sequence[ScoreBody], requests: int) -> ScoreResult:
         aggregates={name: [v for body in bodies for v in body.aggregates[name]] for name in first.aggregates},
         heads=_concat([body.heads for body in bodies], "heads"),
         head_std=_concat([body.head_std for body in bodies], "head_std"),
+        categories=_concat([body.categories for body in bodies], "categories"),
         truncated=[t for body in bodies for t in body.truncated],
         input_tokens=sum(body.usage.input_tokens for body in bodies),
         requests=requests,
@@ -425,7 +427,10 @@ def assemble(bodies: Sequence[ScoreBody], requests: int) -> ScoreResult:
     )
 
 
-def _concat(parts: list[list[list[float]] | None], name: str) -> list[list[float]] | None:
+Row = TypeVar("Row")
+
+
+def _concat(parts: Sequence[list[Row] | None], name: str) -> list[Row] | None:
     if all(part is None for part in parts):
         return None
     if any(part is None for part in parts):

@@ -13,11 +13,13 @@ class ScoreResult(BaseModel):
 
     Attributes:
         model: the model that scored (empty for an empty batch that named no model: no request was made).
-        reward: which aggregate ``rewards`` holds (e.g. ``mean``); empty for an empty batch.
+        reward: what ``rewards`` holds: an aggregate (e.g. ``mean``), or ``combined`` (a dmoerm model's own
+            reward); empty for an empty batch.
         rewards: one reward per input (raw logits, no sigmoid).
         aggregates: the requested aggregates, columnar: name -> one value per input.
         heads: with ``return_heads``: each input's head rewards; None otherwise.
         head_std: with ``return_heads`` on brme models: each input's head sigmas; None otherwise.
+        categories: with ``return_heads`` on dmoerm models: each input's routed task category; None otherwise.
         truncated: per input, whether tokens were dropped to fit the model's max_length.
         input_tokens: tokens scored, after truncation, summed over the call.
         requests: HTTP requests the call took (chunks plus retries).
@@ -32,6 +34,7 @@ class ScoreResult(BaseModel):
     aggregates: dict[str, list[float]] = Field(default_factory=dict)
     heads: list[list[float]] | None = None
     head_std: list[list[float]] | None = None
+    categories: list[str] | None = None
     truncated: list[bool]
     input_tokens: int
     requests: int
@@ -49,7 +52,7 @@ class ModelInfo(BaseModel):
     id: str = Field(description="The model's name, as requests give it.")
     kind: str = Field(description="Model kind: dense, moe, ensemble, multihead, brme, ...")
     heads: list[str] = Field(default_factory=list, description="Head (or member) names, in 'heads' order.")
-    reward: str = Field("mean", description="The aggregate that 'rewards' returns.")
+    reward: str = Field("mean", description="What 'rewards' returns: an aggregate, or combined (dmoerm).")
     aggregates: list[str] = Field(default_factory=list, description="Aggregates a request may ask for.")
     uwo_lambda: float | None = Field(None, description="Default UWO lambda.")
     tradeoff_lambda: float | None = Field(None, description="Default trade-off lambda.")
@@ -70,6 +73,7 @@ class ScoreBody(BaseModel):
     aggregates: dict[str, list[float]] = Field(default_factory=dict)
     heads: list[list[float]] | None = None
     head_std: list[list[float]] | None = None
+    categories: list[str] | None = None
     truncated: list[bool]
     brme_seed: int | None = None
     usage: _Usage

@@ -90,11 +90,16 @@ class HeadOutputs:
         heads: head rewards mu, (B, k) float32.
         head_std: head standard deviations sigma, (B, k) float32; None unless std weights were given.
         aggregates: (B, len(AGGREGATES)) float32, columns in ``rmserve.names.AGGREGATES`` order.
+        combined: the model's own reward where it is not an aggregate of the heads (DMoERM), (B,)
+            float32; None for every other kind.
+        routes: the index of each input's routed category (DMoERM), (B,) long; None otherwise.
     """
 
     heads: torch.Tensor
     head_std: torch.Tensor | None
     aggregates: torch.Tensor
+    combined: torch.Tensor | None = None
+    routes: torch.Tensor | None = None
 
 
 HeadsAggregate = Callable[..., HeadOutputs]

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rmserve.models.inputs import INPUT_FORMS_HELP, ScoreInput
-from rmserve.names import AGGREGATES, AggregateName, TradeoffScope
+from rmserve.names import AGGREGATES, AggregateName, RewardName, TradeoffScope
 
 MAX_SEED = 2**63 - 1
 
@@ -79,7 +79,9 @@ class ScoreResponse(BaseModel):
     """Rewards in input order (raw logits, no sigmoid); every list has one entry per input."""
 
     model: str
-    reward: AggregateName = Field(description="Which aggregate 'rewards' holds.")
+    reward: RewardName = Field(
+        description="What 'rewards' holds: an aggregate, or combined (a dmoerm model's own reward)."
+    )
     rewards: list[float]
     aggregates: dict[AggregateName, list[float]] = Field(
         default_factory=dict, description="The requested aggregates, columnar."
@@ -89,6 +91,9 @@ class ScoreResponse(BaseModel):
     )
     head_std: list[list[float]] | None = Field(
         None, description="With return_heads, brme models only: each input's head sigmas."
+    )
+    categories: list[str] | None = Field(
+        None, description="With return_heads, dmoerm models only: each input's routed task category."
     )
     truncated: list[bool] = Field(description="Per input: whether tokens were dropped to fit max_length.")
     brme_seed: int | None = Field(
@@ -130,7 +135,12 @@ class ModelCard(BaseModel):
     heads: list[str] = Field(description="Head (or ensemble member) names, in the order 'heads' lists them.")
     head_std: bool = Field(description="Whether the model reports a sigma per head (brme).")
     nominal: str = Field(description="The nominal head of the nominal and tradeoff aggregates.")
-    reward: AggregateName = Field(description="The aggregate 'rewards' returns.")
+    reward: RewardName = Field(
+        description="What 'rewards' returns: an aggregate, or combined (a dmoerm model's own reward)."
+    )
+    categories: list[str] = Field(
+        default_factory=list, description="dmoerm models: the task categories its router picks from."
+    )
     aggregates: list[AggregateName] = Field(description="Aggregates a request may ask for.")
     uwo_lambda: float = Field(description="Default UWO lambda.")
     tradeoff_lambda: float = Field(description="Default trade-off lambda.")

@@ -18,7 +18,7 @@ from rmserve.aggregation import AggregationParams
 from rmserve.config import LoadOptions
 from rmserve.models.inputs import RewardInput
 from rmserve.models.quantize import original_numel, quantization_state_tensors
-from rmserve.names import AGGREGATES, AggregateName, DTypeName, QuantizeName, Truncation
+from rmserve.names import AGGREGATES, COMBINED, DTypeName, QuantizeName, RewardName, Truncation
 from rmserve_kernels.heads import HeadOutputs
 
 __all__ = ["HeadOutputs"]
@@ -65,8 +65,14 @@ class ModelInfo:
     heads: tuple[str, ...] = ("reward",)
     has_std: bool = False
     nominal_head: int | None = 0
-    reward: AggregateName = "mean"
+    reward: RewardName = "mean"
     defaults: AggregationParams = field(default_factory=AggregationParams)
+    categories: tuple[str, ...] = ()  # dmoerm: the task categories its router picks from
+
+    @property
+    def has_combined(self) -> bool:
+        """Whether the model computes its own ``combined`` reward beside the aggregates (DMoERM)."""
+        return self.kind == "dmoerm"
 
     @property
     def nominal(self) -> str:
@@ -190,10 +196,23 @@ def resolve_dtype(dtype: DTypeName, device: torch.device) -> torch.dtype:
     raise ValueError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16.")
 
 
+def reward_column(out: HeadOutputs, reward: RewardName) -> torch.Tensor:
+    """The rewards a batch's outputs give under ``reward``: that aggregate's column, or ``combined``, (B,).
+
+    Raises:
+        ForwardError: ``combined`` was asked of outputs that carry none.
+    """
+    if reward == COMBINED:
+        if out.combined is None:
+            raise ForwardError("this model computes no combined reward; ask for an aggregate instead.")
+        return out.combined
+    return out.aggregates[:, AGGREGATES.index(reward)]
+
+
 def reward_values(model: RewardModel, batch: Sequence[Encoded]) -> list[float]:
-    """The model's reward aggregate for a batch, with its default lambdas (offline use and tests)."""
+    """The model's reward for a batch, with its default lambdas (offline use and tests)."""
     out = model.score(batch, **lambdas_for(model.info.defaults, len(batch)))
-    return out.aggregates[:, AGGREGATES.index(model.info.reward)].tolist()
+    return reward_column(out, model.info.reward).tolist()
 
 
 def module_bytes(module: torch.nn.Module) -> int:

@@ -189,7 +189,7 @@ def running(base: nn.Module, layers: nn.ModuleList, norm: nn.Module) -> Iterator
         setattr(base, name, saved_norm)
 
 
-class _Branch(nn.Module):
+class BranchStack(nn.Module):
     """One branch: its top layers, final norm and score head."""
 
     def __init__(self, layers: nn.ModuleList, norm: nn.Module, score: nn.Linear) -> None:
@@ -224,12 +224,12 @@ class BranchedRewardModel:
         split = config.trunk_layers
         self.trunk_layers = nn.ModuleList(list(layers)[:split])
         norm = norm_name(base)
-        branches = [_Branch(nn.ModuleList(list(layers)[split:]), getattr(base, norm), score_head_of(first))]
+        branches = [BranchStack(nn.ModuleList(list(layers)[split:]), getattr(base, norm), score_head_of(first))]
         for branch in config.branches[1:]:
             other = load_branch_classifier(path, config, branch, self.dtype)
             top = nn.ModuleList(list(decoder_layers(other))[split:])
-            branches.append(_Branch(top, getattr(base_of(other), norm), score_head_of(other)))
-        self.branches: list[_Branch] = branches
+            branches.append(BranchStack(top, getattr(base_of(other), norm), score_head_of(other)))
+        self.branches: list[BranchStack] = branches
         self._branch_modules = nn.ModuleList(branches)
         base.layers = self.trunk_layers  # the first branch's own stack lives on in branches[0]
         self.base = base.to(self.device).eval()
@@ -302,7 +302,7 @@ class BranchedRewardModel:
         with running(self.base, self.trunk_layers, nn.Identity()):
             return self.base(input_ids=ids, use_cache=False).last_hidden_state
 
-    def _branch(self, branch: _Branch, states: torch.Tensor) -> torch.Tensor:
+    def _branch(self, branch: BranchStack, states: torch.Tensor) -> torch.Tensor:
         """One branch's final hidden states from the trunk's, (B, T, H)."""
         with running(self.base, branch.layers, branch.norm):
             return self.base(inputs_embeds=states, use_cache=False).last_hidden_state

@@ -25,7 +25,7 @@ scored end survives, keeping a leading special token (BOS/CLS) in place; ``right
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
@@ -139,11 +139,14 @@ class EncodedInput:
         token_ids: the ids to score, at most ``max_length`` of them, never empty.
         token_type_ids: segment ids for encoder text pairs, else ``None``.
         truncated: whether tokens were dropped to fit ``max_length``.
+        prompt_tokens: with an encoder made with ``prompt_spans``: how many of the leading ``token_ids``
+            are the prompt (see ``InputEncoder``); else ``None``.
     """
 
     token_ids: tuple[int, ...]
     token_type_ids: tuple[int, ...] | None
     truncated: bool
+    prompt_tokens: int | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -160,10 +163,21 @@ class InputEncoder:
         vocab_size: ids in ``TokenIds`` inputs must lie in ``[0, vocab_size)``.
         text_pairs: score ``PromptResponse`` as a text pair when there is no chat template
             (encoder cross-encoders).
+        prompt_spans: also give each encoding its ``prompt_tokens``: the leading tokens that are the
+            prompt (every turn before the scored reply: a ``PromptResponse``'s prompt, the turns before a
+            ``Messages``' final assistant turn), found as the common prefix of the input's tokens and the
+            prompt's own, counted after truncation (at least 1). Inputs without a reply to tell apart
+            (``Text``, ``TokenIds``, conversations not ending with an assistant turn) are all prompt.
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, *, max_length: int, vocab_size: int, text_pairs: bool
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_length: int,
+        vocab_size: int,
+        text_pairs: bool,
+        prompt_spans: bool = False,
     ) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}.")
@@ -171,6 +185,7 @@ class InputEncoder:
         self.max_length = max_length
         self.vocab_size = vocab_size
         self.text_pairs = text_pairs
+        self.prompt_spans = prompt_spans
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self._special_ids = frozenset(tokenizer.all_special_ids)
 
@@ -192,7 +207,30 @@ class InputEncoder:
         ids, types = self._tokenize(item)
         if not ids:
             raise InputError("the input has no tokens after tokenization; send a non-empty text.")
-        return self._truncate(ids, types, truncation, min(limit or self.max_length, self.max_length))
+        limit = min(limit or self.max_length, self.max_length)
+        encoded = self._truncate(ids, types, truncation, limit)
+        if not self.prompt_spans:
+            return encoded
+        prompt = self._prompt_length(item, ids)
+        keep = self._kept(ids, truncation, limit)
+        kept = prompt if keep is None else sum(1 for i in keep if i < prompt)
+        return replace(encoded, prompt_tokens=max(1, kept))
+
+    def _prompt_length(self, item: RewardInput, ids: list[int]) -> int:
+        """How many leading tokens of ``ids`` (the untruncated input) are its prompt."""
+        if isinstance(item, PromptResponse):
+            turns = [Message(role="user", content=item.prompt)]
+        elif isinstance(item, Messages) and len(item.messages) > 1 and item.messages[-1].role == "assistant":
+            turns = item.messages[:-1]
+        else:
+            return len(ids)
+        prompt = self._ids(self.render(turns), special=not self.has_chat_template)
+        same = 0
+        for a, b in zip(ids, prompt, strict=False):
+            if a != b:
+                break
+            same += 1
+        return same
 
     def encode_many(
         self, items: Sequence[RewardInput], truncation: Truncation = "left", limit: int | None = None
@@ -254,17 +292,23 @@ class InputEncoder:
         self, ids: list[int], types: list[int] | None, truncation: Truncation, max_length: int
     ) -> EncodedInput:
         n = len(ids)
-        if n <= max_length:
+        keep = self._kept(ids, truncation, max_length)
+        if keep is None:
             return EncodedInput(tuple(ids), None if types is None else tuple(types), truncated=False)
         if truncation == "error":
             raise InputError(
                 f"the input has {n} tokens, more than max_length={max_length}; shorten it, or send "
                 '"truncation": "left" (drop the oldest tokens) or "right" (drop the end).'
             )
-        if truncation == "right":
-            keep = list(range(max_length))
-        else:
-            head = 1 if ids[0] in self._special_ids else 0
-            keep = list(range(head)) + list(range(n - (max_length - head), n))
         new_types = None if types is None else tuple(types[i] for i in keep)
         return EncodedInput(tuple(ids[i] for i in keep), new_types, truncated=True)
+
+    def _kept(self, ids: list[int], truncation: Truncation, max_length: int) -> list[int] | None:
+        """The indices of ``ids`` truncation keeps, in order (None: all of them)."""
+        n = len(ids)
+        if n <= max_length or truncation == "error":
+            return None if n <= max_length else []
+        if truncation == "right":
+            return list(range(max_length))
+        head = 1 if ids[0] in self._special_ids else 0
+        return list(range(head)) + list(range(n - (max_length - head), n))

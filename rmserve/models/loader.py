@@ -1,7 +1,7 @@
 """Loads a model folder as the backend of its kind.
 
 A folder with an ``rmserve.json`` names its kind there (``multihead``, ``brme``, ``ensemble``, ``moe``,
-``lora``, ``branched``, or
+``lora``, ``branched``, ``dmoerm``, or
 ``dense`` for a plain checkpoint that declares its pooling rule); any other Hugging Face folder is
 ``dense``. ``kind="auto"`` follows the folder; an explicit kind must match it.
 """
@@ -17,6 +17,7 @@ from rmserve.models.base import Backend, RewardModel
 from rmserve.models.branched import BranchedRewardModel
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR
+from rmserve.models.dmoerm import DmoermRewardModel
 from rmserve.models.ensemble import EnsembleRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
 from rmserve.models.lora import LoraRewardModel
@@ -56,6 +57,7 @@ BACKENDS = cast(
         "moe": MoERewardModel,
         "lora": LoraRewardModel,
         "branched": BranchedRewardModel,
+        "dmoerm": DmoermRewardModel,
     },
 )
 

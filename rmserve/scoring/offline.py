@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from rmserve.batching.planning import plan_offline
 from rmserve.config import Settings
-from rmserve.models.base import RewardModel, lambdas_for
+from rmserve.models.base import RewardModel, lambdas_for, reward_column
 from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
 from rmserve.names import AGGREGATES
 from rmserve.scoring.registry import resolve_limits
@@ -20,7 +20,7 @@ from rmserve.scoring.registry import resolve_limits
 
 @dataclass(frozen=True)
 class OfflineResult:
-    """One input's scores: the model's reward aggregate, every aggregate, the heads (and sigmas)."""
+    """One input's scores: the model's reward, every aggregate, the heads (and sigmas; dmoerm: the category)."""
 
     reward: float
     aggregates: dict[str, float]
@@ -28,6 +28,7 @@ class OfflineResult:
     head_std: list[float] | None
     truncated: bool
     input_tokens: int
+    category: str | None = None
 
 
 def read_inputs(path: Path) -> tuple[list[RewardInput], list[object]]:
@@ -62,21 +63,23 @@ def score_model(
     limits, max_length, truncation = resolve_limits(settings, None, model.info)
     encoded = model.new_encoder(max_length).encode_many(inputs, truncation)
     results: list[OfflineResult | None] = [None] * len(encoded)
-    reward_column = AGGREGATES.index(model.info.reward)
     batches = plan_offline([len(e) for e in encoded], limits)
     with tqdm(total=sum(map(len, encoded)), unit="tok", disable=not progress, desc="scoring") as bar:
         for batch in batches:
             out = model.score([encoded[i] for i in batch], **lambdas_for(model.info.defaults, len(batch)))
             stds = out.head_std.tolist() if out.head_std is not None else [None] * len(batch)
-            rows = zip(batch, out.heads.tolist(), stds, out.aggregates.tolist(), strict=True)
-            for index, heads, std, aggregates in rows:
+            routes = out.routes.tolist() if out.routes is not None else [None] * len(batch)
+            rewards = reward_column(out, model.info.reward).tolist()
+            rows = zip(batch, rewards, out.heads.tolist(), stds, out.aggregates.tolist(), routes, strict=True)
+            for index, reward, heads, std, aggregates, route in rows:
                 results[index] = OfflineResult(
-                    reward=aggregates[reward_column],
+                    reward=reward,
                     aggregates=dict(zip(AGGREGATES, aggregates, strict=True)),
                     heads=heads,
                     head_std=std,
                     truncated=encoded[index].truncated,
                     input_tokens=len(encoded[index]),
+                    category=None if route is None else model.info.categories[route],
                 )
             bar.update(sum(len(encoded[i]) for i in batch))
     return [r for r in results if r is not None]

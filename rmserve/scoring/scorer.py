@@ -22,7 +22,7 @@ from rmserve.batching.batcher import Batcher, BatchObserver
 from rmserve.batching.planning import BatchLimits
 from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel
 from rmserve.models.inputs import InputError, RewardInput
-from rmserve.names import AGGREGATES, AggregateName, TradeoffScope, Truncation
+from rmserve.names import AGGREGATES, COMBINED, AggregateName, RewardName, TradeoffScope, Truncation
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,19 +35,23 @@ class QueuedInput:
 
 @dataclass(frozen=True, slots=True)
 class InputScores:
-    """One input's outputs: head rewards, sigmas (brme) and every aggregate (``AGGREGATES`` order)."""
+    """One input's outputs: head rewards, sigmas (brme), every aggregate (``AGGREGATES`` order), and for
+    dmoerm its combined reward and routed category."""
 
     heads: list[float]
     head_std: list[float] | None
     aggregates: list[float]
+    combined: float | None = None
+    route: int | None = None
 
 
 @dataclass(frozen=True)
 class ScoreOutcome:
     """The result of scoring one request's inputs, in input order.
 
-    ``rewards`` is the model's reward aggregate; ``aggregates`` holds the requested ones; ``heads`` and
-    ``head_std`` are ``None`` unless requested (``head_std`` only for brme models).
+    ``rewards`` is the model's reward (an aggregate, or dmoerm's combined reward); ``aggregates`` holds the
+    requested ones; ``heads`` and ``head_std`` are ``None`` unless requested (``head_std`` only for brme
+    models), as is ``categories`` (each input's routed category, dmoerm models only).
     """
 
     model: str
@@ -60,6 +64,7 @@ class ScoreOutcome:
     tokenize_s: float
     queue_s: float
     inference_s: float
+    categories: list[str] | None = None
 
 
 class ServedModel:
@@ -74,8 +79,12 @@ class ServedModel:
         max_wait_s: batch window.
         max_queue_tokens: queue bound.
         observer: receives batch and queue measurements.
-        reward: the aggregate returned as ``rewards`` (default: the model's own choice).
+        reward: what ``rewards`` returns (default: the model's own choice); ``combined`` only for
+            models that compute one (dmoerm).
         defaults: lambdas for requests that set none (default: the model's own).
+
+    Raises:
+        ValueError: ``max_length`` cannot fit a batch, or ``combined`` was asked of a model without one.
     """
 
     def __init__(
@@ -89,9 +98,16 @@ class ServedModel:
         max_wait_s: float,
         max_queue_tokens: int,
         observer: BatchObserver | None = None,
-        reward: AggregateName | None = None,
+        reward: RewardName | None = None,
         defaults: AggregationParams | None = None,
     ) -> None:
+        if reward == COMBINED and not model.info.has_combined:
+            raise ValueError(
+                f"model {model.info.name!r} is a {model.info.kind} model, whose rewards are aggregates of its heads; "
+                "reward: combined is a dmoerm model's own reward. Choose one of "
+                + ", ".join(AGGREGATES)
+                + "."
+            )
         if max_length > limits.max_batch_tokens:
             raise ValueError(
                 f"model {model.info.name!r}: max_length={max_length} exceeds max_batch_tokens="
@@ -131,7 +147,12 @@ class ServedModel:
                 [item.params.tradeoff_lambda for item in batch], dtype=torch.float32
             ),
         )
+        if self.model.info.has_combined and out.combined is None:
+            raise ForwardError(
+                f"the {self.model.info.kind} model returned no combined reward for this batch."
+            )
         tensors = [out.heads, out.aggregates] + ([] if out.head_std is None else [out.head_std])
+        tensors += [] if out.combined is None else [out.combined[:, None]]
         finite = torch.stack([t.isfinite().all(dim=-1) for t in tensors]).all(dim=0)  # (B,)
         bad = int((~finite).sum())
         if bad:
@@ -142,7 +163,10 @@ class ServedModel:
         heads = out.heads.tolist()
         aggregates = out.aggregates.tolist()
         stds = out.head_std.tolist() if out.head_std is not None else [None] * len(batch)
-        return [InputScores(h, s, a) for h, s, a in zip(heads, stds, aggregates, strict=True)]
+        combined = out.combined.tolist() if out.combined is not None else [None] * len(batch)
+        routes = out.routes.tolist() if out.routes is not None else [None] * len(batch)
+        rows = zip(heads, stds, aggregates, combined, routes, strict=True)
+        return [InputScores(h, s, a, c, r) for h, s, a, c, r in rows]
 
     @property
     def name(self) -> str:
@@ -223,13 +247,19 @@ class ServedModel:
                 sample_seed=sample_seed,
             )
             heads, table = used.tolist(), recomputed.tolist()
-        reward_column = AGGREGATES.index(self.info.reward)
+        if self.info.reward == COMBINED:
+            rewards = [s.combined for s in scores if s.combined is not None]  # _forward checked each is there
+        else:
+            rewards = [row[AGGREGATES.index(self.info.reward)] for row in table]
         head_std = None
         if return_heads and self.info.has_std:
             head_std = [s.head_std or [] for s in scores]
+        categories = None
+        if return_heads and self.info.categories:
+            categories = [self.info.categories[s.route or 0] for s in scores]
         return ScoreOutcome(
             model=self.name,
-            rewards=[row[reward_column] for row in table],
+            rewards=rewards,
             aggregates={a: [row[AGGREGATES.index(a)] for row in table] for a in aggregates},
             heads=heads if return_heads else None,
             head_std=head_std,
@@ -238,4 +268,5 @@ class ServedModel:
             tokenize_s=tokenized - start,
             queue_s=max((r.queue_s for r in results), default=0.0),
             inference_s=sum(inference.values()),
+            categories=categories,
         )

@@ -22,10 +22,15 @@ SHAPES_HELP = (
 
 @dataclass(frozen=True)
 class PreferenceExample:
-    """One preference pair: the labeller preferred ``chosen`` over ``rejected``."""
+    """One preference pair: the labeller preferred ``chosen`` over ``rejected``.
+
+    ``weight`` scales the pair's loss (a pair from a ranked list of k responses weighs ``1 / C(k, 2)``,
+    so each list counts as much as one pair).
+    """
 
     chosen: RewardInput
     rejected: RewardInput
+    weight: float = 1.0
 
 
 def _example(record: Any) -> PreferenceExample:
@@ -53,6 +58,25 @@ def _example(record: Any) -> PreferenceExample:
         return PreferenceExample(Messages(messages=chosen), Messages(messages=rejected))
     kinds = f"chosen {type(chosen).__name__}, rejected {type(rejected).__name__}"
     raise ValueError(f"chosen and rejected must be both strings or both message lists, got {kinds}")
+
+
+def response_input(prompt: Any, response: Any) -> RewardInput:
+    """The scored input of one response, in the pairs' conventions (``prompt`` None: the response alone).
+
+    Raises:
+        ValueError: the prompt and response shapes do not go together.
+    """
+    if prompt is None:
+        if isinstance(response, str):
+            return Text(text=response)
+        if isinstance(response, list):
+            return Messages(messages=response)
+    elif isinstance(prompt, str) and isinstance(response, str):
+        return PromptResponse(prompt=prompt, response=response)
+    elif isinstance(prompt, list) and isinstance(response, list):
+        return Messages(messages=prompt + response)
+    kinds = f"prompt {type(prompt).__name__}, response {type(response).__name__}"
+    raise ValueError(f"a prompt and its responses must be all strings or all message lists, got {kinds}")
 
 
 def read_preference_pairs(path: Path) -> list[PreferenceExample]:

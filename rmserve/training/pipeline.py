@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -40,6 +40,8 @@ from rmserve.training.heads import (
 )
 from rmserve.training.pairs import PreferenceExample
 from rmserve.training.record import data_record, write_record
+
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,8 @@ def pair_features(
     return PairFeatures(features[0::2], features[1::2], tokens, truncated, time.monotonic() - started)
 
 
-def split_pairs(
-    pairs: Sequence[PreferenceExample], fraction: float, seed: int
-) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
-    """(train, held-out): a seeded random ``fraction`` of the pairs is held out."""
+def split_pairs(pairs: Sequence[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """(train, held-out): a seeded random ``fraction`` of the pairs (or ranked items) is held out."""
     if not 0 < fraction < 1:
         raise ValueError(f"eval fraction must lie in (0, 1), got {fraction}.")
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()

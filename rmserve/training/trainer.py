@@ -109,10 +109,12 @@ def top_layers(trainable: str) -> int | None:
 
 
 class PairData:
-    """Encoded pairs of one model, with the cached prefix states when a frozen prefix is used."""
+    """Encoded pairs of one model and their loss weights, with the cached prefix states when a frozen
+    prefix is used."""
 
-    def __init__(self, ids: list[tuple[list[int], list[int]]]) -> None:
+    def __init__(self, ids: list[tuple[list[int], list[int]]], weights: list[float] | None = None) -> None:
         self.ids = ids
+        self.weights = torch.tensor(weights if weights is not None else [1.0] * len(ids))  # (N,)
         self.prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
@@ -143,7 +145,7 @@ def encode_pairs(encoder: InputEncoder, pairs: Sequence[PreferenceExample]) -> P
     for pair in pairs:
         chosen, rejected = encoder.encode_many([pair.chosen, pair.rejected], "left")
         ids.append((list(chosen.token_ids), list(rejected.token_ids)))
-    return PairData(ids)
+    return PairData(ids, [pair.weight for pair in pairs])
 
 
 def select_trainable(model: nn.Module, trainable: str) -> int:
@@ -261,11 +263,23 @@ def bsr_penalty(rewards_2b: torch.Tensor, form: BsrForm = "square-of-mean") -> t
     return rewards_2b.pow(2).mean()
 
 
-def pair_loss(rewards_2b: torch.Tensor, bsr: float, form: BsrForm = "square-of-mean") -> torch.Tensor:
-    """Bradley-Terry loss of B pairs (rewards (2B,), chosen first) plus ``bsr * bsr_penalty(rewards)``."""
+def pair_loss(
+    rewards_2b: torch.Tensor,
+    bsr: float,
+    form: BsrForm = "square-of-mean",
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bradley-Terry loss of B pairs (rewards (2B,), chosen first) plus ``bsr * bsr_penalty(rewards)``.
+
+    With ``weights`` (B,), the Bradley-Terry term is their weighted mean (a ranked list's pairs share one
+    unit of weight: DMoERM's listwise eq. 7).
+    """
     pairs = rewards_2b.shape[0] // 2
     margin = rewards_2b[:pairs] - rewards_2b[pairs:]  # (B,)
-    return -F.logsigmoid(margin).mean() + bsr * bsr_penalty(rewards_2b, form)
+    losses = -F.logsigmoid(margin)  # (B,)
+    equal = weights is None or bool((weights == weights[0]).all())
+    bt = losses.mean() if equal or weights is None else (losses * weights).sum() / weights.sum()
+    return bt + bsr * bsr_penalty(rewards_2b, form)
 
 
 def balance_loss(model: nn.Module) -> torch.Tensor:
@@ -370,7 +384,10 @@ def fit(
         for step in bar:
             indices = order[step * options.batch_size : (step + 1) * options.batch_size]
             r = rewards(model, train_data, indices, first_layer, pad_id)  # (2B,)
-            loss = pair_loss(r, options.bsr_strength, options.bsr_form) + options.aux * balance_loss(model)
+            weights = train_data.weights[indices]  # (B,)
+            loss = pair_loss(r, options.bsr_strength, options.bsr_form, weights) + options.aux * balance_loss(
+                model
+            )
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
