@@ -11,6 +11,7 @@ import gzip
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
@@ -24,6 +25,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForSequenceClassification,
 )
+
+from rmserve.training.hh import dialogue_to_messages
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 VOCAB = 384
@@ -187,3 +190,43 @@ def build_head_model(out: Path, backbone: Path, kind: str) -> Path:
         nominal_head=spec["nominal_head"],
         eps=spec["eps"],
     )
+
+
+DMOERM_ITEMS = 48
+PREFIXES = {
+    "cooking": "kitchen oven bread " * 8,
+    "pirate": "arr matey ship " * 8,
+}  # prompts a router can tell apart
+
+
+def write_dmoerm_data(out: Path, *, categories: bool) -> Path:
+    """HH pairs as prompt/chosen/rejected, labelled for two capabilities; with ``categories``, half of them
+    get a category whose prompts' last turn begins with its own words (left truncation keeps them); two ranked lists of three responses too."""
+    if not DATA.is_file():
+        pytest.skip(f"{DATA} is missing")
+    rows = []
+    with gzip.open(DATA, "rt") as f:
+        for i, line in zip(range(DMOERM_ITEMS), f, strict=False):
+            record = json.loads(line)
+            chosen, rejected = (dialogue_to_messages(record[k]) for k in ("chosen", "rejected"))
+            prompt, good, bad = chosen[:-1], chosen[-1:], rejected[-1:]
+            name = ("cooking", "pirate")[i % 2]
+            if categories:
+                prompt = [*prompt[:-1], {**prompt[-1], "content": PREFIXES[name] + prompt[-1]["content"]}]
+            short = len(good[0]["content"]) - len(bad[0]["content"])
+            row = {"prompt": prompt, "chosen": good, "rejected": bad}
+            row["capabilities"] = {
+                "helpful": "chosen" if i % 5 else "rejected",
+                "brief": "tie" if short == 0 else ("chosen" if short < 0 else "rejected"),
+            }
+            if categories:
+                row["category"] = name
+            rows.append(row)
+            if i < 2:
+                lists = {
+                    "prompt": prompt,
+                    "responses": [good, bad, [{"role": "assistant", "content": "No."}]],
+                }
+                rows.append(lists | ({"category": name} if categories else {}))
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out

@@ -10,7 +10,6 @@ in capability order. Served: one mixed batch whose inputs route to both categori
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -29,43 +28,10 @@ from rmserve.models.dmoerm import MLP_FILE, ROUTER_FILE, DmoermRewardModel, aggr
 from rmserve.models.inputs import Messages, PromptResponse, Text
 from rmserve.models.loader import load_model
 from rmserve.models.lora import quiet_peft
-from rmserve.training.hh import dialogue_to_messages
 from rmserve.training.ranked import read_ranked
-from tests.tiny_models import DATA
+from tests.tiny_models import DMOERM_ITEMS, PREFIXES, write_dmoerm_data
 
-ITEMS = 48
-PREFIXES = {"cooking": "kitchen oven bread " * 8, "pirate": "arr matey ship " * 8}  # prompts the router can tell apart
 FP32_HF = LoadOptions(dtype="float32", device="cpu", pooling="hf")
-
-
-def write_data(out: Path, *, categories: bool) -> Path:
-    """HH pairs as prompt/chosen/rejected, labelled for two capabilities; with ``categories``, half of them
-    get a category whose prompts' last turn begins with its own words (left truncation keeps them); two ranked lists of three responses too."""
-    if not DATA.is_file():
-        pytest.skip(f"{DATA} is missing")
-    rows = []
-    with gzip.open(DATA, "rt") as f:
-        for i, line in zip(range(ITEMS), f, strict=False):
-            record = json.loads(line)
-            chosen, rejected = (dialogue_to_messages(record[k]) for k in ("chosen", "rejected"))
-            prompt, good, bad = chosen[:-1], chosen[-1:], rejected[-1:]
-            name = ("cooking", "pirate")[i % 2]
-            if categories:
-                prompt = [*prompt[:-1], {**prompt[-1], "content": PREFIXES[name] + prompt[-1]["content"]}]
-            short = len(good[0]["content"]) - len(bad[0]["content"])
-            row = {"prompt": prompt, "chosen": good, "rejected": bad}
-            row["capabilities"] = {
-                "helpful": "chosen" if i % 5 else "rejected",
-                "brief": "tie" if short == 0 else ("chosen" if short < 0 else "rejected"),
-            }
-            if categories:
-                row["category"] = name
-            rows.append(row)
-            if i < 2:
-                lists = {"prompt": prompt, "responses": [good, bad, [{"role": "assistant", "content": "No."}]]}
-                rows.append(lists | ({"category": name} if categories else {}))
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
 
 
 def train(backbone: Path, data: Path, out: Path, *extra: str) -> str:
@@ -83,7 +49,7 @@ def train(backbone: Path, data: Path, out: Path, *extra: str) -> str:
 @pytest.fixture(scope="module")
 def two_categories(tiny_model_dirs, tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("dmoerm")
-    data = write_data(root / "data.jsonl", categories=True)
+    data = write_dmoerm_data(root / "data.jsonl", categories=True)
     out = root / "model"
     return out, train(tiny_model_dirs["llama"], data, out)
 
@@ -91,7 +57,7 @@ def two_categories(tiny_model_dirs, tmp_path_factory) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def one_category(tiny_model_dirs, tmp_path_factory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("dmoerm-one")
-    data = write_data(root / "data.jsonl", categories=False)
+    data = write_dmoerm_data(root / "data.jsonl", categories=False)
     out = root / "model"
     return out, train(tiny_model_dirs["llama"], data, out, "--capability", "helpful", "--category", "chat")
 
@@ -100,7 +66,9 @@ def inputs_of(categories: bool) -> list:
     ask = PREFIXES["cooking"] if categories else ""
     talk = PREFIXES["pirate"] if categories else ""
     return [
-        PromptResponse(prompt=ask + "How do I bake bread?", response="Mix flour, water, yeast and salt, then bake."),
+        PromptResponse(
+            prompt=ask + "How do I bake bread?", response="Mix flour, water, yeast and salt, then bake."
+        ),
         Messages(
             messages=[
                 {"role": "user", "content": talk + "Tell me about the sea."},
@@ -113,12 +81,16 @@ def inputs_of(categories: bool) -> list:
     ]
 
 
-def offline(folder: Path, served: DmoermRewardModel, items: list) -> tuple[list[int], list[list[float]], list[float]]:
+def offline(
+    folder: Path, served: DmoermRewardModel, items: list
+) -> tuple[list[int], list[list[float]], list[float]]:
     """Routes, expert scores and rewards composed with transformers + peft + the MLP, one input at a time."""
     config = json.loads((folder / "rmserve.json").read_text())
     split, categories, capabilities = config["trunk_layers"], config["categories"], config["capabilities"]
     bases = {c: folder / "categories" / c / "base" for c in categories}
-    first = AutoModelForSequenceClassification.from_pretrained(bases[categories[0]], dtype=torch.float32).eval()
+    first = AutoModelForSequenceClassification.from_pretrained(
+        bases[categories[0]], dtype=torch.float32
+    ).eval()
     router = load_file(folder / ROUTER_FILE) if len(categories) > 1 else None
     encoder = served.new_encoder()
     routes, heads, rewards = [], [], []
@@ -136,11 +108,15 @@ def offline(folder: Path, served: DmoermRewardModel, items: list) -> tuple[list[
         for capability in capabilities:
             model = AutoModelForSequenceClassification.from_pretrained(bases[category], dtype=torch.float32)
             with quiet_peft():
-                expert = PeftModel.from_pretrained(model, folder / "categories" / category / "experts" / capability)
+                expert = PeftModel.from_pretrained(
+                    model, folder / "categories" / category / "experts" / capability
+                )
             with torch.no_grad():
                 result = expert.eval()(input_ids=ids, output_hidden_states=True)
             position = served.pooling.positions(ids, torch.tensor([ids.shape[1]]))[0]
-            finals.append(result.hidden_states[-1][0, position])  # the final norm's output at the scored token
+            finals.append(
+                result.hidden_states[-1][0, position]
+            )  # the final norm's output at the scored token
             scores.append(float(result.logits[0, 0]))
         mlp = aggregation_mlp(len(capabilities), finals[0].shape[0])
         mlp.load_state_dict(load_file(folder / "categories" / category / MLP_FILE))
@@ -200,7 +176,9 @@ def test_the_folder_is_peft_and_transformers_formats_with_a_training_record(two_
     record = json.loads((folder / "training.json").read_text())
     assert record["command"] == "rmserve train-dmoerm"
     results = record["results"]
-    assert set(results["categories"]) == {"cooking", "pirate"} and 0 <= results["router_held_out_accuracy"] <= 1
+    assert (
+        set(results["categories"]) == {"cooking", "pirate"} and 0 <= results["router_held_out_accuracy"] <= 1
+    )
     cooking = results["categories"]["cooking"]
     assert {"phase_1", "phase_3", "experts", "items"} <= set(cooking)
     assert set(cooking["experts"]) == {"helpful", "brief"}
@@ -209,10 +187,10 @@ def test_the_folder_is_peft_and_transformers_formats_with_a_training_record(two_
 
 
 def test_ranked_lists_expand_to_weighted_pairs(tmp_path):
-    data = write_data(tmp_path / "d.jsonl", categories=True)
+    data = write_dmoerm_data(tmp_path / "d.jsonl", categories=True)
     items = read_ranked(data)
     lists = [item for item in items if len(item.responses) == 3]
-    assert len(lists) == 2 and len(items) == ITEMS + 2
+    assert len(lists) == 2 and len(items) == DMOERM_ITEMS + 2
     pairs = lists[0].pairs()
     assert len(pairs) == 3 and all(p.weight == pytest.approx(1 / 3) for p in pairs)
     assert pairs[0].chosen == lists[0].responses[0] and pairs[2].rejected == lists[0].responses[2]
@@ -226,26 +204,35 @@ def test_ranked_lists_expand_to_weighted_pairs(tmp_path):
     [
         ({"prompt": "p", "responses": ["a"]}, "two or more responses"),
         ({"prompt": "p", "responses": ["a", "b"], "capabilities": {"x": "chosen"}}, "give them on pairs"),
-        ({"prompt": "p", "chosen": "a", "rejected": "b", "capabilities": {"x": "better"}}, "chosen, rejected, tie"),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": "b", "capabilities": {"x": "better"}},
+            "chosen, rejected, tie",
+        ),
         ({"prompt": "p", "chosen": "a", "rejected": "b", "category": ""}, "non-empty string"),
         ({"prompt": "p", "chosen": ["a"], "rejected": "b"}, "all strings or all message lists"),
     ],
 )
 def test_bad_lines_are_refused_with_the_line_and_the_shapes(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(line) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(line) + "\n"
+    )
     with pytest.raises(ValueError, match=r"bad\.jsonl:2") as caught:
         read_ranked(path)
     assert message in str(caught.value)
 
 
 def test_train_dmoerm_refuses_what_it_cannot_do(tiny_model_dirs, tmp_path):
-    data = write_data(tmp_path / "d.jsonl", categories=False)
+    data = write_dmoerm_data(tmp_path / "d.jsonl", categories=False)
     unlabelled = tmp_path / "u.jsonl"
-    unlabelled.write_text("".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": f"b{i}"}) + "\n" for i in range(8)))
+    unlabelled.write_text(
+        "".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": f"b{i}"}) + "\n" for i in range(8))
+    )
     mixed = tmp_path / "m.jsonl"
     lines = data.read_text().splitlines()
-    mixed.write_text(json.dumps(json.loads(lines[0]) | {"category": "x"}) + "\n" + "\n".join(lines[1:]) + "\n")
+    mixed.write_text(
+        json.dumps(json.loads(lines[0]) | {"category": "x"}) + "\n" + "\n".join(lines[1:]) + "\n"
+    )
     base = ["train-dmoerm", "--model", str(tiny_model_dirs["llama"]), "--out", str(tmp_path / "x")]
     for extra, message in (
         (["--data", str(unlabelled)], "no capability labels"),
