@@ -20,7 +20,7 @@ from rmserve.cli_support import configure_logging as _configure_logging
 from rmserve.cli_support import fail as _fail
 from rmserve.cli_support import load_settings as _settings
 from rmserve.cli_support import setting_help as _help
-from rmserve.cli_train import training
+from rmserve.cli_train import dmoerm, training
 from rmserve.names import DEMO, DEMO_MODELS, MOE_DEMOS
 
 app = typer.Typer(
@@ -237,7 +237,8 @@ def calibrate(
     )
 
 
-app.add_typer(training)  # upcycle, train, merge, merge-lora, train-heads, train-branches
+app.add_typer(training)  # upcycle, train, merge, merge-lora, train-heads, train-branches, train-dmoerm
+app.add_typer(dmoerm, name="dmoerm")  # label
 app.add_typer(lab, name="lab")  # prompts, generate, train-proxies, bon
 
 demo_app = typer.Typer(help="The built-in demo reward model (SmolLM2-135M-Instruct with a trained head).")

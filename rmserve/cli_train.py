@@ -27,6 +27,7 @@ BSR_FORM_HELP = (
 BSR_SCALING_HELP = "none: the weight is --bsr; batch: --bsr x pairs per step, as the BSR authors' code."
 
 training = typer.Typer()
+dmoerm = typer.Typer(help="DMoERM's data tools: capability labels for train-dmoerm.", no_args_is_help=True)
 
 
 @training.command("train-heads")
@@ -304,6 +305,66 @@ def train_dmoerm(
         )
         run_train_dmoerm(model, train_items, held, out, options, echo=_echo, data_source=str(data))
     except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+
+
+@dmoerm.command("label")
+def dmoerm_label(
+    data: Annotated[Path, typer.Option(help="Pairs or ranked lists, JSONL(.gz) (docs/dmoerm.md).")],
+    out: Annotated[
+        Path, typer.Option(help="The labelled file to write (the input with 'capabilities' added).")
+    ],
+    point: Annotated[
+        list[str] | None, typer.Option(help="A capability point the judge labels; repeat.")
+    ] = None,
+    judge_url: Annotated[
+        str | None, typer.Option(help="An OpenAI-compatible endpoint's base URL, ending in /v1.")
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option(help="The judge model's name at that endpoint.")] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="A file holding the endpoint's API key (sent as a Bearer token).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Judge requests in flight at once.")] = 8,
+    max_retries: Annotated[
+        int, typer.Option(min=0, help="Retries after a 429, a 5xx or a network error.")
+    ] = 5,
+    timeout: Annotated[float, typer.Option(min=1.0, help="Seconds one judge request may take.")] = 120.0,
+    local: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="POINT=LABELLER, a local labeller: refusal, toxicity, fluency or reward:PATH; repeat."
+        ),
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="Where answers and verdicts are cached (default: OUT.cache/); reruns resume."),
+    ] = None,
+) -> None:
+    """Label pairs per capability point: an LLM judge asked twice with the responses swapped (position-consistent
+    answers only), and/or local labellers; reports each point's agreement with the human ranking."""
+    import importlib.util
+
+    if importlib.util.find_spec("httpx") is None:
+        raise _fail(ImportError("rmserve dmoerm label calls its judge through httpx: pip install ./clients (in the checkout)."))  # fmt: skip
+    from rmserve.training.judge import JudgeError, JudgeOptions
+    from rmserve.training.labelling import label_file, parse_local
+
+    _configure_logging("warning")
+    try:
+        judge = None
+        if judge_url is not None or judge_model is not None:
+            if judge_url is None or judge_model is None:
+                raise ValueError("a judge needs both --judge-url and --judge-model.")
+            key = api_key_file.read_text().strip() if api_key_file is not None else None
+            judge = JudgeOptions(judge_url, judge_model, key, concurrency, max_retries, timeout)
+        elif point:
+            raise ValueError("--point names what the judge labels: add --judge-url and --judge-model.")
+        pairs = [parse_local(text) for text in local or ()]
+        label_file(
+            data, out, judge=judge, points=point or (), local=pairs,
+            cache_dir=cache or out.with_name(out.name + ".cache"), echo=_echo,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, JudgeError) as exc:
         raise _fail(exc) from None
 
 

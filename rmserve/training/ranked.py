@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -101,6 +102,41 @@ def ranked_item(record: Any) -> RankedItem:
     return RankedItem(responses, prompt, tuple(texts), category, dict(labels))
 
 
+def read_records(path: Path) -> list[tuple[int, Any]]:
+    """The JSON value of every non-blank line of a JSONL(.gz) file, with its line number.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: a line is not JSON (the message names the file and the line).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; pass a JSONL(.gz) file of preference pairs or ranked lists."
+        )
+    opener = gzip.open if path.suffix == ".gz" else open
+    records = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append((number, json.loads(line)))
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{path}:{number}: not JSON ({exc}); {SHAPES_HELP}; {LIST_HELP}."
+                    ) from None
+    return records
+
+
+def write_records(path: Path, records: Sequence[Any]) -> None:
+    """Write JSON values one a line (gzipped if ``path`` ends in ``.gz``), atomically."""
+    partial = path.with_name(path.name + ".partial")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(partial, "wt", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    partial.replace(path)
+
+
 def read_ranked(path: Path) -> list[RankedItem]:
     """Every item of a JSONL(.gz) file, in file order (blank lines skipped).
 
@@ -109,26 +145,18 @@ def read_ranked(path: Path) -> list[RankedItem]:
         ValueError: a line is malformed (the message names the file, the line and the accepted shapes),
             some lines have a category and others not, or the file holds no item.
     """
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found; pass a JSONL(.gz) file of preference pairs or ranked lists."
-        )
-    opener = gzip.open if path.suffix == ".gz" else open
     items: list[RankedItem] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(ranked_item(json.loads(line)))
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(part) for part in first["loc"])
-                raise ValueError(
-                    f"{path}:{number}: invalid {where}: {first['msg']}; {SHAPES_HELP}; {LIST_HELP}."
-                ) from None
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"{path}:{number}: {exc}; {SHAPES_HELP}; {LIST_HELP}.") from None
+    for number, record in read_records(path):
+        try:
+            items.append(ranked_item(record))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(
+                f"{path}:{number}: invalid {where}: {first['msg']}; {SHAPES_HELP}; {LIST_HELP}."
+            ) from None
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: {exc}; {SHAPES_HELP}; {LIST_HELP}.") from None
     if not items:
         raise ValueError(f"{path} holds no item; write one JSON object a line ({SHAPES_HELP}; {LIST_HELP}).")
     with_category = sum(item.category is not None for item in items)
