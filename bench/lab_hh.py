@@ -40,11 +40,11 @@ CONDITIONS = {
     "500-noise25": (500, 0.25),
     "500-noise0": (500, 0.0),
 }
-PROXIES = ("dense", "dense-bsr", "ensemble", "brme", "moe", "merged")
+PROXIES = ("dense", "dense-bsr", "ensemble", "brme", "moe", "merged", "dmoerm")
 
 
 def targets(url: str, which: str) -> list[str]:
-    """The proxies scored (``core``: the first ten; ``all``), cheapest groups first; targets that share
+    """The proxies scored (``core``: the first eleven; ``all``), cheapest groups first; targets that share
     model and options share requests, so every group past ``core`` costs a whole pass of one model."""
     brme = f"{url}:brme"
     every = [
@@ -58,17 +58,20 @@ def targets(url: str, which: str) -> list[str]:
         f"moe={url}:moe",
         f"merged={url}:merged",
         f"dense-bsr={url}:dense-bsr",
+        f"dmoerm={url}:dmoerm",
         f"brme-tradeoff-0.4-request={brme}:tradeoff?tradeoff_lambda=0.4&tradeoff_scope=request",
         f"brme-tradeoff-0.6={brme}:tradeoff?tradeoff_lambda=0.6",
         f"brme-tradeoff-0.6-request={brme}:tradeoff?tradeoff_lambda=0.6&tradeoff_scope=request",
     ]
-    return every[:10] if which == "core" else every
+    return every[:11] if which == "core" else every
 
 
 def accuracy(results: dict[str, Any]) -> str:
     """A proxy's held-out accuracy against the gold, from its training record's results."""
     if "held_out_accuracy" in results:
         return f"{results['held_out_accuracy']:.1%}"
+    if "held_out" in results and "aggregates" not in results["held_out"]:  # dmoerm: as served
+        return f"{results['held_out']['accuracy']:.1%}"
     if "held_out" in results:  # branched: per aggregate
         aggregates = results["held_out"]["aggregates"]
         return ", ".join(
@@ -168,7 +171,7 @@ def main() -> None:
         config.write_text(yaml.safe_dump({"dtype": "bfloat16", "models": models}))
         gold_only = work / "serve-gold.yaml"
         gold_only.write_text(yaml.safe_dump({"dtype": "bfloat16", "models": models[:1]}))
-        if not (proxies / "proxies.json").is_file():
+        if any(not (proxies / name / "training.json").is_file() for name in PROXIES):
             server = start_server(["--config", str(gold_only)], work / "serve-gold.log")
             try:
                 rmserve("lab", "train-proxies", "--candidates", str(train_candidates), "--gold", f"{server.url}:gold",

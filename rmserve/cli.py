@@ -21,7 +21,7 @@ from rmserve.cli_support import fail as _fail
 from rmserve.cli_support import load_settings as _settings
 from rmserve.cli_support import setting_help as _help
 from rmserve.cli_train import dmoerm, training
-from rmserve.names import DEMO, DEMO_MODELS, MOE_DEMOS
+from rmserve.names import DEMO, DEMO_MODELS, TRAINED_DEMOS
 
 app = typer.Typer(
     name="rmserve",
@@ -72,8 +72,8 @@ def serve(
                 err=True,
             )
             raise typer.Exit(2)
-        if spec.path in MOE_DEMOS:
-            from rmserve.demo.build import build_demo  # MoE demos are only looked up, never built here
+        if spec.path in TRAINED_DEMOS:
+            from rmserve.demo.build import build_demo  # trained demos are only looked up, never built here
 
             try:
                 build_demo(spec.path, settings.cache_dir)
@@ -277,6 +277,25 @@ def demo_build_moe(
         typer.echo(f"{moe_dir}\n{merged_dir}")
         if evaluate:
             typer.echo(json.dumps(evaluate_moe_demos(settings.cache_dir, data), indent=2))
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(exc) from None
+
+
+@demo_app.command("build-dmoerm")
+def demo_build_dmoerm(
+    data: Annotated[
+        Path, typer.Option(help="The HH-RLHF harmless-base test split (JSONL.gz; " + _HH_IN_CHECKOUT + ").")
+    ],
+    cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
+) -> None:
+    """Build demo-dmoerm into the cache: local capability labels, then DMoERM's three phases on the demo and the
+    HH train split (about an hour on 2 cores, resumable); the server then serves it with --model demo-dmoerm."""
+    from rmserve.training.recipes.demo_dmoerm import build_dmoerm_demo
+
+    settings = _settings(cache_dir=cache_dir)
+    _configure_logging("warning")
+    try:
+        typer.echo(build_dmoerm_demo(settings.cache_dir, data))
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(exc) from None
 

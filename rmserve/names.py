@@ -63,13 +63,17 @@ DEMO_BRME = "demo-brme"
 DEMO_ENSEMBLE = "demo-ensemble"
 DEMO_MOE = "demo-moe"
 DEMO_MERGED = "demo-merged"
-DEMO_MODELS = (DEMO, DEMO_BRME, DEMO_ENSEMBLE, DEMO_MOE, DEMO_MERGED)
+DEMO_DMOERM = "demo-dmoerm"
+DEMO_MODELS = (DEMO, DEMO_BRME, DEMO_ENSEMBLE, DEMO_MOE, DEMO_MERGED, DEMO_DMOERM)
 DEFAULT_DEMOS = (DEMO, DEMO_BRME, DEMO_ENSEMBLE)
 """Served when no model is named: built from shipped files only (``rmserve.demo.build``)."""
 HEAD_DEMOS = (DEMO_BRME, DEMO_ENSEMBLE)
 """Demos made of shipped heads on the demo backbone."""
 MOE_DEMOS = (DEMO_MOE, DEMO_MERGED)
 """Built by ``rmserve demo build-moe`` (a training run), never by the server."""
+TRAINED_DEMOS = (*MOE_DEMOS, DEMO_DMOERM)
+"""Demos that take a training run to build (``rmserve demo build-moe``, ``build-dmoerm``); the server only
+looks them up."""
 
 CPU_JOIN_PADDING = 32
 """Default ``max_join_padding`` on CPU, where padding is nearly pure loss (unlimited on GPU)."""

@@ -56,7 +56,7 @@ import torch
 from safetensors.torch import load_file
 
 from rmserve.models.pooling import write_dense_descriptor
-from rmserve.names import DEMO, HEAD_DEMOS, MOE_DEMOS, Pooling
+from rmserve.names import DEMO, DEMO_DMOERM, HEAD_DEMOS, MOE_DEMOS, TRAINED_DEMOS, Pooling
 
 if TYPE_CHECKING:
     from transformers import LlamaForSequenceClassification, PreTrainedTokenizerBase
@@ -83,6 +83,23 @@ MOE_RECIPE: dict[str, Any] = {
     "merge_lr": 0.05,
 }
 BUILD_MOE_COMMAND = "rmserve demo build-moe --data hh-rlhf-harmless-base-test.jsonl.gz"
+DMOERM_RECIPE: dict[str, Any] = {
+    "labellers": {"harmless": "refusal", "clean": "toxicity", "fluent": "fluency", "probe": "reward:demo"},
+    "top": 2,
+    "max_length": 256,
+    "epochs": 2,
+    "phase1_share": 0.6,
+    "phase1_lr": 1e-4,
+    "expert_lr": 2e-4,
+    "lora_rank": 32,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "mlp_epochs": 20,
+    "mlp_lr": 1e-3,
+    "batch_size": 8,
+    "seed": 0,
+}
+BUILD_DMOERM_COMMAND = "rmserve demo build-dmoerm --data hh-rlhf-harmless-base-test.jsonl.gz"
 BACKBONE_DIR = "smollm2-135m-instruct-backbone"
 DEMO_DIR_PREFIX = "demo-smollm2-135m-"
 HIDDEN_SIZE = 576
@@ -143,8 +160,8 @@ def atomic_build(target: Path, build: Callable[[Path], None]) -> Path:
     try:
         build(tmp)
         (tmp / _COMPLETE).touch()
-        for file in tmp.iterdir():  # mkdtemp and some writers make owner-only files
-            file.chmod(0o644)
+        for path in tmp.rglob("*"):  # mkdtemp and some writers make owner-only files
+            path.chmod(0o755 if path.is_dir() else 0o644)
         tmp.chmod(0o755)
         try:
             tmp.rename(target)
@@ -358,6 +375,13 @@ def moe_demo_dirs(cache_dir: Path) -> tuple[Path, Path]:
     return cache_dir / f"{MOE_DEMOS[0]}-{key}", cache_dir / f"{MOE_DEMOS[1]}-{key}"
 
 
+def dmoerm_demo_dir(cache_dir: Path) -> Path:
+    """Where ``rmserve demo build-dmoerm`` puts ``demo-dmoerm``: keyed by the demo and the recipe."""
+    demo = demo_model_dir(cache_dir)
+    key = hashlib.sha256((demo.name + json.dumps(DMOERM_RECIPE, sort_keys=True)).encode()).hexdigest()[:12]
+    return cache_dir / f"{DEMO_DMOERM}-{key}"
+
+
 class DemoNotBuiltError(FileNotFoundError):
     """A demo that takes a training run to build has not been built into the cache."""
 
@@ -366,10 +390,11 @@ def build_demo(name: str, cache_dir: Path, *, progress: bool = True) -> Path:
     """The folder of a built-in demo model, built once from shipped files.
 
     ``demo``, ``demo-brme`` and ``demo-ensemble`` are assembled here; ``demo-moe`` and ``demo-merged`` must
-    have been built by ``rmserve demo build-moe`` (a training run, never started by the server).
+    have been built by ``rmserve demo build-moe``, ``demo-dmoerm`` by ``rmserve demo build-dmoerm``
+    (training runs, never started by the server).
 
     Raises:
-        DemoNotBuiltError: a MoE demo is asked for but not built; the message gives the command.
+        DemoNotBuiltError: a trained demo is asked for but not built; the message gives the command.
         ValueError: the name is not a demo.
     """
     if name == DEMO:
@@ -385,4 +410,13 @@ def build_demo(name: str, cache_dir: Path, *, progress: bool = True) -> Path:
                 "HH-RLHF harmless-base test split; in a checkout, ../shared/data/), then serve it."
             )
         return folder
-    raise ValueError(f"unknown demo {name!r}; demos: {DEMO}, {', '.join(HEAD_DEMOS + MOE_DEMOS)}.")
+    if name == DEMO_DMOERM:
+        folder = dmoerm_demo_dir(cache_dir)
+        if not is_complete(folder):
+            raise DemoNotBuiltError(
+                f"{name} is not built in {cache_dir}: it takes about an hour of labelling and training (2 cores), "
+                f"which the server never starts. Build it once with `{BUILD_DMOERM_COMMAND} --cache-dir {cache_dir}` "
+                "(the HH-RLHF harmless-base test split; in a checkout, ../shared/data/), then serve it."
+            )
+        return folder
+    raise ValueError(f"unknown demo {name!r}; demos: {DEMO}, {', '.join(HEAD_DEMOS + TRAINED_DEMOS)}.")

@@ -9,7 +9,9 @@ are kept aside with their true labels (each proxy's held-out accuracy against th
 of Coste et al. ``pairs.jsonl`` (TRL's prompt / chosen / rejected) and ``held-out.jsonl`` record them.
 
 Every proxy starts from the same ``base`` (a dense decoder reward model) and is trained with the fixed
-recipes of ``RECIPES`` (hyper-parameters chosen before any best-of-n result was seen). Layers below
+recipes of ``RECIPES`` (hyper-parameters chosen before any best-of-n result was seen). The ``dmoerm``
+proxy's capability labels come from local labellers (``DMOERM_LABELLERS``: refusal, toxicity, fluency),
+never from the gold, which is the truth the proxies are measured against. Layers below
 the top two are the base's in every recipe, so their outputs are computed once for all (a shared memo).
 A proxy whose folder already holds its training record is kept (resumable); ``proxies.json`` gathers
 the setup and each proxy's held-out accuracy.
@@ -17,6 +19,7 @@ the setup and each proxy's held-out accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -31,8 +34,11 @@ from rmserve.lab.targets import Target
 from rmserve.models.inputs import PromptResponse
 from rmserve.names import HeadKind
 from rmserve.training.branches import BranchOptions, train_branches
+from rmserve.training.dmoerm import DmoermOptions, train_dmoerm
+from rmserve.training.labelling import local_labels
 from rmserve.training.merge import merge
 from rmserve.training.pairs import PreferenceExample
+from rmserve.training.ranked import RankedItem, Verdict
 from rmserve.training.trainer import PrefixMemo, TrainOptions, train
 from rmserve.training.upcycle import upcycle
 
@@ -51,6 +57,17 @@ MOE: dict[str, Any] = {
     "aux": 1e-2,
     "shared_rate": 0.5,
 }
+
+
+DMOERM_LABELLERS = {
+    "harmless": "refusal",
+    "clean": "toxicity",
+    "fluent": "fluency",
+}  # never the gold: it is the truth
+DMOERM = DmoermOptions(
+    top=2, epochs=COMMON["epochs"], phase1_lr=COMMON["lr"], expert_lr=2e-4, max_length=COMMON["max_length"],
+    batch_size=COMMON["batch_size"], seed=COMMON["seed"], capabilities=tuple(DMOERM_LABELLERS),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -165,6 +182,33 @@ def _moe(run: Run, out: Path) -> None:
     shutil.rmtree(upcycled)
 
 
+def _dmoerm(run: Run, out: Path) -> None:
+    items = [_ranked(e) for e in run.data.train]
+    labelled = []
+    verdicts = {
+        point: local_labels(items, spec, out.with_name(out.name + ".labels") / f"{point}.jsonl", run.progress)
+        for point, spec in DMOERM_LABELLERS.items()
+    }
+    for i, item in enumerate(items):
+        found: dict[str, Verdict] = {}
+        for point, v in verdicts.items():
+            if (verdict := v[i]) is not None:
+                found[point] = verdict
+        labelled.append(dataclasses.replace(item, capabilities=found))
+    for point, v in verdicts.items():
+        run.echo(
+            f"capability {point} ({DMOERM_LABELLERS[point]}): {sum(x in ('chosen', 'rejected') for x in v)} of {len(v)} pairs decided"
+        )
+    train_dmoerm(run.base, labelled, [_ranked(e) for e in run.data.held_out], out, DMOERM,
+                 progress=run.progress, echo=run.echo, memo=run.memo)  # fmt: skip
+
+
+def _ranked(example: PreferenceExample) -> RankedItem:
+    assert isinstance(example.chosen, PromptResponse) and isinstance(example.rejected, PromptResponse)
+    texts = (example.chosen.response, example.rejected.response)
+    return RankedItem((example.chosen, example.rejected), example.chosen.prompt, texts)
+
+
 def _merged(run: Run, out: Path) -> None:  # merges the moe proxy beside it
     merge(out.with_name("moe"), out, shared_rate=MOE["shared_rate"], train_pairs=run.data.train,
           eval_pairs=run.data.held_out, epochs=1, lr=0.05, max_length=COMMON["max_length"],
@@ -178,6 +222,7 @@ RECIPES: dict[str, Callable[[Run, Path], None]] = {
     "brme": _brme,
     "moe": _moe,
     "merged": _merged,  # after moe, which it merges
+    "dmoerm": _dmoerm,
 }
 
 
@@ -232,14 +277,13 @@ def train_proxies(
     run = Run(base, data, {}, progress, echo)
     results: dict[str, Any] = {}
     for name in RECIPE_NAMES:
-        if name not in only:
-            continue
         folder = out / name
-        if not (folder / "training.json").is_file():
+        if name in only and not (folder / "training.json").is_file():
             echo(f"== proxy {name}")
             shutil.rmtree(folder, ignore_errors=True)  # a run cut off before its record starts again
             RECIPES[name](run, folder)
-        results[name] = held_out_accuracy(folder)
+        if (folder / "training.json").is_file():  # trained now or by an earlier run
+            results[name] = held_out_accuracy(folder)
     record = {
         "candidates": str(candidates),
         "gold": gold.spec,
@@ -257,6 +301,7 @@ def train_proxies(
             "brme": {"branches": BRANCHES, "share": 0.5, "options": "dense"},
             "moe": MOE | COMMON,
             "merged": {"shared_rate": MOE["shared_rate"], "epochs": 1, "lr": 0.05},
+            "dmoerm": {"labellers": DMOERM_LABELLERS, "options": DMOERM},
         },
         "results": results,
     }

@@ -224,7 +224,9 @@ class BranchedRewardModel:
         split = config.trunk_layers
         self.trunk_layers = nn.ModuleList(list(layers)[:split])
         norm = norm_name(base)
-        branches = [BranchStack(nn.ModuleList(list(layers)[split:]), getattr(base, norm), score_head_of(first))]
+        branches = [
+            BranchStack(nn.ModuleList(list(layers)[split:]), getattr(base, norm), score_head_of(first))
+        ]
         for branch in config.branches[1:]:
             other = load_branch_classifier(path, config, branch, self.dtype)
             top = nn.ModuleList(list(decoder_layers(other))[split:])
