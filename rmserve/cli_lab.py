@@ -115,8 +115,9 @@ def train_proxies(
     ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the pairing shuffle and of the label noise.")] = 0,
     only: Annotated[
-        str, typer.Option(help="Comma-separated proxies: dense, dense-bsr, ensemble, brme, moe, merged.")
-    ] = "dense,dense-bsr,ensemble,brme,moe,merged",
+        str,
+        typer.Option(help="Comma-separated proxies: dense, dense-bsr, ensemble, brme, moe, merged, dmoerm."),
+    ] = "dense,dense-bsr,ensemble,brme,moe,merged,dmoerm",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Label pairs of policy samples with the gold, add label noise, and train the proxy reward models."""

@@ -11,19 +11,20 @@ from rmserve.cli import app, demo_app
 
 def test_every_demo_builder_and_recipe_is_a_demo_subcommand():
     names = {command.name for command in demo_app.registered_commands}
-    assert names == {"build", "build-moe", "train-head", "train-heads"}
+    assert names == {"build", "build-moe", "build-dmoerm", "train-head", "train-heads"}
     for name in sorted(names):
         result = CliRunner().invoke(app, ["demo", name, "--help"])
         assert result.exit_code == 0, result.output
 
 
-def test_build_moe_without_its_data_file_says_which_file_it_needs(tmp_path: Path):
+def test_trained_demos_without_their_data_file_say_which_file_they_need(tmp_path: Path):
     missing = tmp_path / "hh.jsonl.gz"
-    result = CliRunner().invoke(
-        app, ["demo", "build-moe", "--data", str(missing), "--cache-dir", str(tmp_path / "cache")]
-    )
-    assert result.exit_code == 2
-    assert str(missing) in result.output
+    for command in ("build-moe", "build-dmoerm"):
+        result = CliRunner().invoke(
+            app, ["demo", command, "--data", str(missing), "--cache-dir", str(tmp_path / "cache")]
+        )
+        assert result.exit_code == 2, command
+        assert str(missing) in result.output
 
 
 def test_recipes_need_no_module_entry_point():

@@ -116,17 +116,18 @@ def test_demo_ensemble_uwo_with_a_request_lambda(demo_server):
     assert uwo == pytest.approx(mean - 2.0 * std**2, abs=1e-5)
 
 
-def test_an_unbuilt_moe_demo_names_the_command_that_builds_it(tmp_path):
+@pytest.mark.parametrize(("name", "command"), [("demo-moe", "build-moe"), ("demo-dmoerm", "build-dmoerm")])
+def test_an_unbuilt_trained_demo_names_the_command_that_builds_it(tmp_path, name, command):
     out = subprocess.run(
-        [sys.executable, "-m", "rmserve", "serve", "--model", "demo-moe", "--cache-dir", str(tmp_path)],
+        [sys.executable, "-m", "rmserve", "serve", "--model", name, "--cache-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode == 2
-    assert "demo-moe is not built" in out.stderr
+    assert f"{name} is not built" in out.stderr
     assert (
-        f"rmserve demo build-moe --data hh-rlhf-harmless-base-test.jsonl.gz --cache-dir {tmp_path}"
+        f"rmserve demo {command} --data hh-rlhf-harmless-base-test.jsonl.gz --cache-dir {tmp_path}"
         in out.stderr
     )
 

@@ -20,6 +20,8 @@ from rmserve.launch import CLEAN_EXIT, free_port, start_server
 from rmserve_client import RewardClient
 
 PROMPTS = ["How do I bake bread?", "What is 2+2?", "Tell me a joke.", "Why is the sky blue?", "hi"]
+# replies that the dmoerm proxy's lexicon labellers can tell apart (refusals, toxic words, neither)
+TONES = ["I'm sorry, I can't help. ", "you idiot, ", "", "sure, "]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,9 @@ def test_train_proxies_labels_pairs_with_the_gold_and_trains_every_recipe(server
     folder.mkdir()
     records = [
         Candidates(
-            f"t{i}", f"Question {i}?", [f"Reply {j} to {i}: " + "yes " * (j + i % 3) for j in range(4)]
+            f"t{i}",
+            f"Question {i}?",
+            [f"Reply {j} to {i}: " + TONES[(i + j) % 4] + "yes " * (j + i % 3) for j in range(4)],
         )
         for i in range(20)
     ]
@@ -148,7 +152,7 @@ def test_train_proxies_labels_pairs_with_the_gold_and_trains_every_recipe(server
     assert result.exit_code == 0, result.output
     record = json.loads((out / "proxies.json").read_text())
     assert record["pairs"] == 30 and record["held_out"] == 8 and 0 < record["flipped"] < 30
-    assert set(record["results"]) == {"dense", "dense-bsr", "ensemble", "brme", "moe", "merged"}
+    assert set(record["results"]) == {"dense", "dense-bsr", "ensemble", "brme", "moe", "merged", "dmoerm"}
     # the held-out pairs carry the gold's true preference
     with RewardClient(gold.url) as client:
         for line in (out / "held-out.jsonl").read_text().splitlines():
@@ -164,7 +168,7 @@ def test_train_proxies_labels_pairs_with_the_gold_and_trains_every_recipe(server
         "dense": ["LlamaForSequenceClassification"],
         "merged": ["LlamaForSequenceClassification"],
     }
-    for name, kind in (("ensemble", "branched"), ("brme", "branched"), ("moe", "moe")):
+    for name, kind in (("ensemble", "branched"), ("brme", "branched"), ("moe", "moe"), ("dmoerm", "dmoerm")):
         assert json.loads((out / name / "rmserve.json").read_text())["kind"] == kind
     # a second run keeps every proxy (resumable) and refuses nothing
     again = CliRunner().invoke(app, args)
