@@ -238,7 +238,10 @@ class DmoermRewardModel:
                 )
             self.stacks.append(stacks)
         self._stack_modules = nn.ModuleList([s for stacks in self.stacks for s in stacks])
-        base.layers = self.trunk_layers  # the phase-1 top layers are not served: the experts replace them
+        base.layers = (
+            self.trunk_layers
+        )  # the phase-1 top layers and norm are not served: the experts replace them
+        setattr(base, norm_name(base), nn.Identity())
         self.base = base.to(self.device).eval()
         self._stack_modules.to(self.device).eval()
         hidden = embeddings_of(base).embedding_dim

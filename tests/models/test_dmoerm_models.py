@@ -26,6 +26,7 @@ from rmserve.config import LoadOptions
 from rmserve.models.base import reward_column
 from rmserve.models.dmoerm import MLP_FILE, ROUTER_FILE, DmoermRewardModel, aggregation_mlp
 from rmserve.models.inputs import Messages, PromptResponse, Text
+from rmserve.memory.estimate import estimate_model
 from rmserve.models.loader import load_model
 from rmserve.models.lora import quiet_peft
 from rmserve.training.ranked import read_ranked
@@ -184,6 +185,15 @@ def test_the_folder_is_peft_and_transformers_formats_with_a_training_record(two_
     assert set(cooking["experts"]) == {"helpful", "brief"}
     assert 0 <= results["held_out"]["accuracy"] <= 1 and results["held_out"]["standard_error"] > 0
     assert record["options"]["lora"]["rank"] == 4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_memory_plan_sizes_the_weights_as_loaded(two_categories, dtype):
+    folder, _ = two_categories
+    options = LoadOptions(dtype=dtype, device="cpu")
+    loaded = load_model("d", folder, options)
+    planned = estimate_model("d", folder, options, max_batch_tokens=256, max_batch_size=8)
+    assert planned.weights_bytes == loaded.info.weights_bytes
 
 
 def test_ranked_lists_expand_to_weighted_pairs(tmp_path):
