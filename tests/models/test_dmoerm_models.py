@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 from rmserve.aggregation import aggregate_rows
 from rmserve.cli import app
 from rmserve.config import LoadOptions
+from rmserve.memory.estimate import estimate_model
 from rmserve.models.base import reward_column
 from rmserve.models.dmoerm import MLP_FILE, ROUTER_FILE, DmoermRewardModel, aggregation_mlp
 from rmserve.models.inputs import Messages, PromptResponse, Text
-from rmserve.memory.estimate import estimate_model
 from rmserve.models.loader import load_model
 from rmserve.models.lora import quiet_peft
 from rmserve.training.ranked import read_ranked
