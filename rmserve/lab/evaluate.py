@@ -68,7 +68,7 @@ def report(
         f"over prompts, {bootstrap} resamples); the `gold` row picks by the gold itself (the oracle).\n\n"
     )
     (out / TABLE_FILE).write_text(intro + markdown_table(curves, unit))
-    plot(curves, out / PLOT_FILE, title)
+    plot(curves, out / PLOT_FILE, title, oracle=GOLD)
     write_curves(
         curves,
         out / CURVES_FILE,

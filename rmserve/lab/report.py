@@ -45,27 +45,31 @@ def markdown_table(curves: Sequence[Curve], length_unit: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(curves: Sequence[Curve], path: Path, title: str) -> None:
-    """Gold reward and proxy score of the pick against KL, one line a proxy (gold with its interval)."""
+def plot(curves: Sequence[Curve], path: Path, title: str, oracle: str | None = None) -> None:
+    """Gold reward and proxy score of the pick against KL, one line a proxy (gold with its interval); each
+    proxy its own colour (tab20 past ten), the ``oracle`` curve (the gold picking for itself) black, dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    proxies = [c for c in curves if c.proxy != oracle]
+    palette = plt.get_cmap("tab10" if len(proxies) <= 10 else "tab20")
+    colours = {c.proxy: palette(i % palette.N) for i, c in enumerate(proxies)}
     for curve in curves:
         kl = [kl_bon(n) for n in curve.ns]
-        (line,) = left.plot(kl, [p.mean for p in curve.gold], marker="o", markersize=3, label=curve.proxy)
+        style = (
+            {"color": "black", "linestyle": "--"}
+            if curve.proxy == oracle
+            else {"color": colours[curve.proxy]}
+        )
+        left.plot(kl, [p.mean for p in curve.gold], marker="o", markersize=3, label=curve.proxy, **style)
         left.fill_between(
-            kl, [p.low for p in curve.gold], [p.high for p in curve.gold], color=line.get_color(), alpha=0.12
+            kl, [p.low for p in curve.gold], [p.high for p in curve.gold], color=style["color"], alpha=0.12
         )
         right.plot(
-            kl,
-            [p.mean for p in curve.proxy_score],
-            marker="o",
-            markersize=3,
-            color=line.get_color(),
-            label=curve.proxy,
+            kl, [p.mean for p in curve.proxy_score], marker="o", markersize=3, label=curve.proxy, **style
         )
     left.set(xlabel="KL(best-of-n || policy), nats", ylabel="gold reward of the pick", title="gold reward")
     right.set(xlabel="KL(best-of-n || policy), nats", ylabel="proxy's score of its pick", title="proxy score")
