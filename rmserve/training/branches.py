@@ -46,7 +46,7 @@ from rmserve.names import HeadKind
 from rmserve.training.heads import HeadEvaluation, evaluate_heads, format_report, train_brme
 from rmserve.training.pairs import PreferenceExample
 from rmserve.training.pipeline import evaluation_record
-from rmserve.training.record import data_record, write_record
+from rmserve.training.record import data_record, refuse_nonempty, write_record
 from rmserve.training.trainer import (
     TRAINED_POOLING,
     Fitted,
@@ -229,10 +229,7 @@ def train_branches(
     memo = {} if memo is None else memo
     results: list[_BranchResult] = []
     first: Fitted | None = None
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(
-            f"{out} exists and is not empty: choose a new --out folder or remove this one first."
-        )
+    refuse_nonempty(out)
     for i, share in enumerate(shares):
         echo(f"branch {i + 1} of {branch.branches}: {len(share)} pairs")
         pairs = [train_pairs[j] for j in share]

@@ -66,7 +66,7 @@ from rmserve.training.lora import LoraSpec, save_adapter
 from rmserve.training.pairs import PreferenceExample
 from rmserve.training.prefix import prefix_states
 from rmserve.training.ranked import RankedItem, capability_names
-from rmserve.training.record import data_record, write_record
+from rmserve.training.record import data_record, refuse_nonempty, write_record
 from rmserve.training.trainer import (
     TRAINED_POOLING,
     PairData,
@@ -329,10 +329,7 @@ def train_dmoerm(
         ValueError: ``out`` is not empty, a category lacks items for a phase, or a capability has no labels.
     """
     started = time.monotonic()
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(
-            f"{out} exists and is not empty: choose a new --out folder or remove this one first."
-        )
+    refuse_nonempty(out)
     capabilities = list(options.capabilities) or capability_names(list(train_items))
     if not capabilities:
         raise ValueError(

@@ -49,6 +49,18 @@ def data_record(
     }
 
 
+def refuse_nonempty(out: Path) -> None:
+    """Refuse to write a model into a folder that already holds files (stale ones would be served with it).
+
+    Raises:
+        ValueError: ``out`` exists and is not empty.
+    """
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(
+            f"{out} exists and is not empty: choose a new --out folder or remove this one first."
+        )
+
+
 def versions() -> dict[str, str]:
     """The versions of Python and of the libraries that train."""
     found = {"python": platform.python_version()}

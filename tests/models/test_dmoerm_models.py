@@ -252,3 +252,16 @@ def test_train_dmoerm_refuses_what_it_cannot_do(tiny_model_dirs, tmp_path):
     ):
         result = CliRunner().invoke(app, [*base, *extra])
         assert result.exit_code == 2 and message in result.output, (extra, result.output)
+
+
+def test_train_dmoerm_never_writes_into_a_folder_that_holds_files(tiny_model_dirs, tmp_path):
+    data = write_dmoerm_data(tmp_path / "d.jsonl", categories=False)
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(
+        app,
+        ["train-dmoerm", "--model", str(tiny_model_dirs["llama"]), "--data", str(data), "--out", str(out)],
+    )
+    assert result.exit_code == 2 and "exists and is not empty" in result.output, result.output
+    assert (out / "keep.txt").read_text() == "mine"
