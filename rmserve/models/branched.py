@@ -199,6 +199,39 @@ class BranchStack(nn.Module):
         self.score: nn.Linear = score
 
 
+def run_trunk(base: nn.Module, trunk_layers: nn.ModuleList, ids: torch.Tensor) -> torch.Tensor:
+    """The hidden states leaving the trunk (``base``'s embeddings and ``trunk_layers``), (B, T, H)."""
+    with running(base, trunk_layers, nn.Identity()):
+        return base(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def run_stack(base: nn.Module, stack: BranchStack, states: torch.Tensor) -> torch.Tensor:
+    """One stack's final hidden states from the trunk's ``states`` (B, T, H), (B, T, H)."""
+    with running(base, stack.layers, stack.norm):
+        return base(inputs_embeds=states, use_cache=False).last_hidden_state
+
+
+@torch.inference_mode()
+def check_split(
+    base: nn.Module, trunk_layers: nn.ModuleList, stack: BranchStack, vocab_size: int, kind: str
+) -> None:
+    """Refuse an architecture whose forward rescales ``inputs_embeds`` (the split would not be exact).
+
+    Raises:
+        ValueError: the trunk then ``stack`` differ from one plain forward through the same layers.
+    """
+    device = next(base.parameters()).device
+    ids = torch.arange(1, 9, device=device)[None, :] % vocab_size  # (1, 8)
+    split = run_stack(base, stack, run_trunk(base, trunk_layers, ids))  # (1, 8, H)
+    with running(base, nn.ModuleList([*trunk_layers, *stack.layers]), stack.norm):
+        plain = base(input_ids=ids, use_cache=False).last_hidden_state  # (1, 8, H)
+    if not torch.allclose(split.float(), plain.float(), rtol=1e-3, atol=1e-3):
+        raise ValueError(
+            f"{type(base).__name__} changes inputs_embeds inside its forward, so the trunk and the top layers "
+            f"cannot be run apart exactly; {kind} models support Llama, Qwen2, Mistral-style decoders."
+        )
+
+
 class BranchedRewardModel:
     """A ``branched`` folder loaded for serving (see the module docstring).
 
@@ -249,7 +282,7 @@ class BranchedRewardModel:
         self.max_length = resolve_max_length(model_config, tokenizer, options.max_length)
         self.vocab_size = embeddings_of(base).num_embeddings
         self._tokenizer_path = path
-        self._check_split()
+        check_split(self.base, self.trunk_layers, self.branches[0], self.vocab_size, "branched")
         names = tuple(f"branch-{i}" for i in range(len(config.branches)))
         weights = module_bytes(self.base) + module_bytes(self._branch_modules)
         self.info = ModelInfo(
@@ -299,31 +332,6 @@ class BranchedRewardModel:
         limit = self.max_length if max_length is None else min(max_length, self.max_length)
         return InputEncoder(tokenizer, max_length=limit, vocab_size=self.vocab_size, text_pairs=False)
 
-    def _trunk(self, ids: torch.Tensor) -> torch.Tensor:
-        """The hidden states leaving the trunk, (B, T, H)."""
-        with running(self.base, self.trunk_layers, nn.Identity()):
-            return self.base(input_ids=ids, use_cache=False).last_hidden_state
-
-    def _branch(self, branch: BranchStack, states: torch.Tensor) -> torch.Tensor:
-        """One branch's final hidden states from the trunk's, (B, T, H)."""
-        with running(self.base, branch.layers, branch.norm):
-            return self.base(inputs_embeds=states, use_cache=False).last_hidden_state
-
-    @torch.inference_mode()
-    def _check_split(self) -> None:
-        """Refuse an architecture whose forward rescales ``inputs_embeds`` (the split would not be exact)."""
-        ids = torch.arange(1, 9, device=self.device)[None, :] % self.vocab_size  # (1, 8)
-        branch = self.branches[0]
-        split = self._branch(branch, self._trunk(ids))  # (1, 8, H)
-        whole = nn.ModuleList([*self.trunk_layers, *branch.layers])
-        with running(self.base, whole, branch.norm):
-            plain = self.base(input_ids=ids, use_cache=False).last_hidden_state  # (1, 8, H)
-        if not torch.allclose(split.float(), plain.float(), rtol=1e-3, atol=1e-3):
-            raise ValueError(
-                f"{type(self.base).__name__} changes inputs_embeds inside its forward, so a trunk and branches "
-                "cannot be run apart exactly; branched models support Llama, Qwen2, Mistral-style decoders."
-            )
-
     @torch.inference_mode()
     def score(
         self, batch: Sequence[EncodedInput], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
@@ -332,9 +340,9 @@ class BranchedRewardModel:
         ids, lengths = right_padded(batch, self.pad_id, self.device)
         positions = self.pooling.positions(ids, lengths)  # (B,)
         rows = torch.arange(len(batch), device=self.device)  # (B,)
-        states = self._trunk(ids)  # (B, T, H)
+        states = run_trunk(self.base, self.trunk_layers, ids)  # (B, T, H)
         pooled = torch.stack(
-            [self._branch(b, states)[rows, positions] for b in self.branches], dim=1
+            [run_stack(self.base, b, states)[rows, positions] for b in self.branches], dim=1
         )  # (B, k, H)
         pooled = pooled.float()
         scores = torch.stack(

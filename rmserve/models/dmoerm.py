@@ -59,7 +59,7 @@ from rmserve.models.base import (
     resolve_device,
     resolve_dtype,
 )
-from rmserve.models.branched import BranchStack, norm_name, running
+from rmserve.models.branched import BranchStack, check_split, norm_name, run_stack, run_trunk
 from rmserve.models.decoder import (
     base_of,
     config_of,
@@ -264,7 +264,7 @@ class DmoermRewardModel:
         self.max_length = resolve_max_length(model_config, tokenizer, options.max_length)
         self.vocab_size = embeddings_of(base).num_embeddings
         self._tokenizer_path = path
-        self._check_split()
+        check_split(self.base, self.trunk_layers, self.stacks[0][0], self.vocab_size, "dmoerm")
         small = [*self.mlps] + ([self.router] if self.router is not None else [])
         weights = module_bytes(self.base) + module_bytes(self._stack_modules) + sum(map(module_bytes, small))
         parameters = parameter_count(self.base) + parameter_count(self._stack_modules)
@@ -324,30 +324,6 @@ class DmoermRewardModel:
             prompt_spans=self.router is not None,
         )  # fmt: skip
 
-    def _trunk(self, ids: torch.Tensor) -> torch.Tensor:
-        """The hidden states leaving the trunk, (B, T, H)."""
-        with running(self.base, self.trunk_layers, nn.Identity()):
-            return self.base(input_ids=ids, use_cache=False).last_hidden_state
-
-    def _stack(self, stack: BranchStack, states: torch.Tensor) -> torch.Tensor:
-        """One expert's final hidden states from the trunk's, (B, T, H)."""
-        with running(self.base, stack.layers, stack.norm):
-            return self.base(inputs_embeds=states, use_cache=False).last_hidden_state
-
-    @torch.inference_mode()
-    def _check_split(self) -> None:
-        """Refuse an architecture whose forward rescales ``inputs_embeds`` (the split would not be exact)."""
-        ids = torch.arange(1, 9, device=self.device)[None, :] % self.vocab_size  # (1, 8)
-        stack = self.stacks[0][0]
-        split = self._stack(stack, self._trunk(ids))  # (1, 8, H)
-        with running(self.base, nn.ModuleList([*self.trunk_layers, *stack.layers]), stack.norm):
-            plain = self.base(input_ids=ids, use_cache=False).last_hidden_state  # (1, 8, H)
-        if not torch.allclose(split.float(), plain.float(), rtol=1e-3, atol=1e-3):
-            raise ValueError(
-                f"{type(self.base).__name__} changes inputs_embeds inside its forward, so the trunk and the experts "
-                "cannot be run apart exactly; dmoerm models support Llama, Qwen2, Mistral-style decoders."
-            )
-
     def routes(self, states: torch.Tensor, batch: Sequence[EncodedInput]) -> torch.Tensor:
         """Each input's category, (B,) long: the router's top-1 over the prompt's mean trunk state (0 without one)."""
         if self.router is None:
@@ -362,7 +338,7 @@ class DmoermRewardModel:
         """Each expert's score, every aggregate over them, the MLP's reward and the route, on the CPU."""
         ids, lengths = right_padded(batch, self.pad_id, self.device)
         positions = self.pooling.positions(ids, lengths)  # (B,)
-        states = self._trunk(ids)  # (B, T, H)
+        states = run_trunk(self.base, self.trunk_layers, ids)  # (B, T, H)
         routes = self.routes(states, batch)  # (B,)
         k = len(self.config.capabilities)
         heads = torch.empty(len(batch), k, device=self.device)  # (B, k)
@@ -371,7 +347,9 @@ class DmoermRewardModel:
             rows = (routes == category).nonzero()[:, 0]  # (n,)
             sub = states[rows]  # (n, T, H)
             at = torch.arange(len(rows), device=self.device)
-            finals = [self._stack(s, sub)[at, positions[rows]] for s in self.stacks[category]]  # k x (n, H)
+            finals = [
+                run_stack(self.base, s, sub)[at, positions[rows]] for s in self.stacks[category]
+            ]  # k x (n, H)
             for i, (stack, final) in enumerate(zip(self.stacks[category], finals, strict=True)):
                 heads[rows, i] = stack.score(final).float()[:, 0]
             combined[rows] = self.mlps[category](torch.cat(finals, dim=-1).float())[:, 0]  # (n,)
