@@ -51,6 +51,15 @@ def write_section(path: Path, name: str, markdown: str) -> None:
     path.write_text(text)
 
 
+def read_section(path: Path, name: str) -> str | None:
+    """The markdown of section ``name`` of the report at ``path``, or None where it has none."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    text = path.read_text() if path.is_file() else ""
+    if begin not in text or end not in text:
+        return None
+    return text.split(begin, 1)[1].split(end, 1)[0].strip()
+
+
 def timed_pass(model: RewardModel, encoded: Sequence[Encoded], batches: list[list[int]]) -> float:
     """Seconds to score every batch (forward, heads and aggregates)."""
     start = time.perf_counter()
