@@ -276,11 +276,20 @@ def score_all(
     echo: Callable[[str], None] = print,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> list[GroupStats]:
-    """Score every group of targets in turn (one server busy at a time); ``transport``: an httpx transport
-    for every client (tests pass ``httpx.MockTransport``)."""
+    """Score every group of targets in turn (one server busy at a time), skipping the groups whose caches
+    already hold every candidate (their servers need not run); ``transport``: an httpx transport for every
+    client (tests pass ``httpx.MockTransport``)."""
     groups: dict[Any, list[Target]] = defaultdict(list)
     for target in targets:
         groups[target.group].append(target)
+    ids = {record.id for record in iter_candidates(candidates)}
+    finished = [
+        key
+        for key, members in groups.items()
+        if all(ids <= set(read_scores(score_file(scores_dir, t), t)) for t in members)
+    ]
+    for key in finished:  # every score already cached: no server needed, none asked
+        echo(f"{', '.join(t.label for t in groups.pop(key))}: every candidate already scored in {scores_dir}")
     for members in groups.values():  # every server checked before any is kept busy
         asyncio.run(check_group(members, timeout, transport))
     stats = []
