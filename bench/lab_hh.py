@@ -12,7 +12,16 @@
 6. ``rmserve lab bon``: gold and every proxy through the server; the report goes to ``docs/lab/<condition>/``
    and the summary to ``docs/overoptimization.md``.
 
-Work (candidates, proxies, score caches) lives in ``~/.cache/rmserve/lab``; ``--conditions`` picks the runs.
+A condition whose report is committed is extended, not redone (``--fresh`` redoes it): ``rmserve lab bon
+--reuse docs/lab/<condition>`` copies the scores of the targets the report holds, so only the proxies it
+lacks are trained, served and scored, and their results join its ``proxies.json``. Before that, the
+gold is checked against the report: its scores of the first eval prompts must match the committed ones
+(the candidates are checked by ``--reuse``, and the training pairs against the committed setup).
+
+The candidates are committed in ``docs/lab/candidates/`` (generation is deterministic: the same settings
+and seed give the same tokens) and copied into the work folder, where ``rmserve lab generate`` checks
+their settings and skips their chunks. Work (candidates, proxies, score caches) lives in
+``~/.cache/rmserve/lab``; ``--conditions`` picks the runs.
 """
 
 from __future__ import annotations
@@ -31,7 +40,11 @@ from report import write_section  # bench/report.py: run as python bench/lab_hh.
 
 from rmserve.config import Settings
 from rmserve.demo.build import build_backbone
+from rmserve.lab.candidates import iter_candidates
+from rmserve.lab.evaluate import read_raw
+from rmserve.lab.targets import parse_target
 from rmserve.launch import CLEAN_EXIT, start_server
+from rmserve_client import RewardClient
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDITIONS = {
@@ -41,6 +54,9 @@ CONDITIONS = {
     "500-noise0": (500, 0.0),
 }
 PROXIES = ("dense", "dense-bsr", "ensemble", "brme", "moe", "merged", "dmoerm")
+SETUP = ("pairs", "held_out", "noise", "flipped", "ties", "seed")  # what makes two proxies.json comparable
+GOLD_CHECK_PROMPTS = 2
+GOLD_TOLERANCE = 0.05  # bfloat16 serving: the same weights give the same scores to about 1e-2
 
 
 def targets(url: str, which: str) -> list[str]:
@@ -89,8 +105,7 @@ def section(condition: str, docs: Path, work: Path) -> str:
     lines += ["Held-out accuracy against the gold (200 pairs with the gold's true labels):", ""]
     lines += ["| proxy | held-out accuracy | training seconds |", "| --- | --- | ---: |"]
     for name in PROXIES:
-        record = json.loads((work / f"proxies-{condition}" / name / "training.json").read_text())
-        lines.append(f"| {name} | {accuracy(proxies['results'][name])} | {record['seconds']:.0f} |")
+        lines.append(f"| {name} | {accuracy(proxies['results'][name])} | {proxies['seconds'][name]:.0f} |")
     lines += [
         "",
         (docs / "bon.md").read_text().strip(),
@@ -108,8 +123,11 @@ def section(condition: str, docs: Path, work: Path) -> str:
             f"{g['prompts']} prompts x {g['settings']['sampling']['n']}: {g['tokens']:,} tokens in {g['seconds'] / 60:.0f} min ({g['tokens_per_second']:.0f} tokens/s)"
             for g in generation
         )
-        + f". Proxy training {sum(json.loads((work / f'proxies-{condition}' / n / 'training.json').read_text())['seconds'] for n in PROXIES) / 60:.0f} min."
+        + f". Proxy training {sum(proxies['seconds'][n] for n in PROXIES) / 60:.0f} min."
     )
+    if curves.get("reused"):
+        lines += ["", f"Scores of {', '.join(curves['reused'])} were copied from the report committed before "
+                  f"(`rmserve lab bon --reuse`); their rows below are that run's throughput."]  # fmt: skip
     lines += [
         "",
         "Scoring through the server (the lab as a load test; one request per prompt, 64 candidates, 4 in flight):",
@@ -145,6 +163,11 @@ def main() -> None:
     parser.add_argument(
         "--targets", choices=["core", "all"], default="all", help="core: all but brme's extra settings."
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="Redo a condition whose report is committed instead of extending it.",
+    )
     args = parser.parse_args()
     work: Path = args.work
     if not (args.gold / "training.json").is_file():
@@ -157,50 +180,119 @@ def main() -> None:
 
     def generate(split: str, n: int) -> Path:
         out = work / f"candidates-{split}"
+        if (args.docs / "candidates" / split / "generation.json").is_file() and not out.exists():
+            shutil.copytree(args.docs / "candidates" / split, out)  # committed: generate skips them
         rmserve("lab", "generate", "--prompts", str(work / "prompts" / f"{split}.jsonl"), "--out", str(out), "--n", str(n), *common)  # fmt: skip
         return out
 
     train_candidates = generate("train", 4)
     base = build_backbone(Settings().cache_dir)
     for condition in args.conditions:
-        pairs, noise = CONDITIONS[condition]
-        proxies = work / f"proxies-{condition}"
-        models = [{"name": "gold", "path": str(args.gold)}]
-        models += [{"name": name, "path": str(proxies / name)} for name in PROXIES]
-        config = work / f"serve-{condition}.yaml"
-        config.write_text(yaml.safe_dump({"dtype": "bfloat16", "models": models}))
-        gold_only = work / "serve-gold.yaml"
-        gold_only.write_text(yaml.safe_dump({"dtype": "bfloat16", "models": models[:1]}))
-        if any(not (proxies / name / "training.json").is_file() for name in PROXIES):
-            server = start_server(["--config", str(gold_only)], work / "serve-gold.log")
-            try:
-                rmserve("lab", "train-proxies", "--candidates", str(train_candidates), "--gold", f"{server.url}:gold",
-                        "--base", str(base), "--out", str(proxies), "--pairs", str(pairs), "--noise", str(noise), "--no-progress")  # fmt: skip
-            finally:
-                assert server.stop() == CLEAN_EXIT
-        eval_candidates = generate("eval", 64)
-        report = work / f"bon-{condition}"
-        server = start_server(["--config", str(config)], work / f"serve-{condition}.log", ready_timeout=900)
-        started = time.monotonic()
+        run_condition(condition, args, work, train_candidates, base, generate)
+
+
+def needed_proxies(wanted: list[str], committed: Path | None) -> list[str]:
+    """The proxies to train and serve: those of targets the committed report (if any) did not score alike."""
+    specs = json.loads((committed / "bon.json").read_text())["targets"] if committed else {}
+    models = set()
+    for text in wanted:
+        target = parse_target(text)
+        if target.label not in specs or parse_target(specs[target.label]).fingerprint != target.fingerprint:
+            models.add(target.model)
+    if "merged" in models:
+        models.add("moe")  # merged merges the moe proxy
+    return [name for name in PROXIES if name in models]
+
+
+def check_gold(url: str, eval_candidates: Path, committed: Path) -> float:
+    """The largest difference between the served gold and the committed report's gold scores over the first
+    eval prompts; exits when it is beyond ``GOLD_TOLERANCE`` (the report's scores would not be this gold's)."""
+    committed_scores = {r["id"]: r["scores"]["gold"] for r in read_raw(committed / "raw-scores.jsonl.gz")}
+    worst = 0.0
+    with RewardClient(url, model="gold", timeout=600) as client:
+        for i, record in enumerate(iter_candidates(eval_candidates)):
+            if i == GOLD_CHECK_PROMPTS:
+                break
+            rewards = client.score([record.prompt] * len(record.responses), record.responses).rewards
+            worst = max(
+                worst, *(abs(a - b) for a, b in zip(rewards, committed_scores[record.id], strict=True))
+            )
+    if worst > GOLD_TOLERANCE:
+        sys.exit(
+            f"the gold scores {GOLD_CHECK_PROMPTS} eval prompts up to {worst:.3f} away from {committed}: it is not "
+            f"the gold of that report. Run with --fresh to redo the condition."
+        )
+    return worst
+
+
+def merge_record(committed: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The committed proxies.json with the new proxies' results; refused when the setups differ."""
+    differ = [key for key in SETUP if committed[key] != new[key]]
+    if differ:
+        sys.exit(
+            f"the training pairs differ from the committed report's ({', '.join(differ)}): the gold or the "
+            f"candidates changed. Run with --fresh to redo the condition."
+        )
+    return committed | {
+        "recipes": committed["recipes"] | new["recipes"],
+        "results": committed["results"] | new["results"],
+        "seconds": committed["seconds"] | new["seconds"],
+    }
+
+
+def run_condition(
+    condition: str, args: argparse.Namespace, work: Path, train_candidates: Path, base: Path, generate: Any
+) -> None:
+    """Train, serve and score one condition (extending its committed report unless ``--fresh``)."""
+    pairs, noise = CONDITIONS[condition]
+    docs = args.docs / condition
+    committed = docs if (docs / "bon.json").is_file() and not args.fresh else None
+    proxies = work / f"proxies-{condition}"
+    wanted = targets("http://127.0.0.1:1", args.targets)
+    needed = needed_proxies(wanted, committed)
+    if not needed:
+        print(f"{condition}: the committed report holds every target; nothing to do", flush=True)
+        return
+    models = [{"name": "gold", "path": str(args.gold)}]
+    models += [{"name": name, "path": str(proxies / name)} for name in needed]
+    config = work / f"serve-{condition}.yaml"
+    config.write_text(yaml.safe_dump({"dtype": "bfloat16", "models": models}))
+    gold_only = work / "serve-gold.yaml"
+    gold_only.write_text(yaml.safe_dump({"dtype": "bfloat16", "models": models[:1]}))
+    eval_candidates = generate("eval", 64)
+    if any(not (proxies / name / "training.json").is_file() for name in needed):
+        server = start_server(["--config", str(gold_only)], work / "serve-gold.log")
         try:
-            proxy_flags = [
-                flag for target in targets(server.url, args.targets) for flag in ("--proxy", target)
-            ]
-            rmserve("lab", "bon", "--candidates", str(eval_candidates), "--gold", f"{server.url}:gold",
-                    *proxy_flags, "--out", str(report), "--concurrency", "4", "--no-progress")  # fmt: skip
+            if committed:
+                print(f"gold check: at most {check_gold(server.url, eval_candidates, committed):.4f} from {committed}", flush=True)  # fmt: skip
+            rmserve("lab", "train-proxies", "--candidates", str(train_candidates), "--gold", f"{server.url}:gold",
+                    "--base", str(base), "--out", str(proxies), "--pairs", str(pairs), "--noise", str(noise),
+                    "--only", ",".join(needed), "--no-progress")  # fmt: skip
         finally:
             assert server.stop() == CLEAN_EXIT
-        docs = args.docs / condition
-        docs.mkdir(parents=True, exist_ok=True)
-        for name in ("bon.md", "bon.png", "bon.json", "raw-scores.jsonl.gz"):
-            shutil.copy(report / name, docs / name)
-        shutil.copy(proxies / "proxies.json", docs / "proxies.json")
-        print(f"{condition}: report in {docs} ({time.monotonic() - started:.0f}s of scoring)", flush=True)
-        write_section(
-            ROOT / "docs" / "overoptimization.md",
-            f"bench/lab_hh.py {condition}",
-            section(condition, docs, work),
-        )
+    record = json.loads((proxies / "proxies.json").read_text())
+    if committed:
+        record = merge_record(json.loads((committed / "proxies.json").read_text()), record)
+    report = work / f"bon-{condition}"
+    server = start_server(["--config", str(config)], work / f"serve-{condition}.log", ready_timeout=900)
+    started = time.monotonic()
+    try:
+        if committed:
+            print(f"gold check: at most {check_gold(server.url, eval_candidates, committed):.4f} from {committed}", flush=True)  # fmt: skip
+        proxy_flags = [flag for target in targets(server.url, args.targets) for flag in ("--proxy", target)]
+        reuse = ["--reuse", str(committed)] if committed else []
+        rmserve("lab", "bon", "--candidates", str(eval_candidates), "--gold", f"{server.url}:gold",
+                *proxy_flags, "--out", str(report), "--concurrency", "4", "--no-progress", *reuse)  # fmt: skip
+    finally:
+        assert server.stop() == CLEAN_EXIT
+    docs.mkdir(parents=True, exist_ok=True)
+    for name in ("bon.md", "bon.png", "bon.json", "raw-scores.jsonl.gz"):
+        shutil.copy(report / name, docs / name)
+    (docs / "proxies.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"{condition}: report in {docs} ({time.monotonic() - started:.0f}s of scoring)", flush=True)
+    write_section(
+        ROOT / "docs" / "overoptimization.md", f"bench/lab_hh.py {condition}", section(condition, docs, work)
+    )
 
 
 if __name__ == "__main__":

@@ -161,6 +161,13 @@ def bon(
     from_scores: Annotated[
         Path | None, typer.Option(help="Recompute the report from a raw-scores.jsonl.gz alone (no server).")
     ] = None,
+    reuse: Annotated[
+        Path | None,
+        typer.Option(
+            help="A previous report folder over the same candidates: its scores of targets with the same "
+            "label, model, aggregate and options are copied, not asked of their servers."
+        ),
+    ] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight per server (one prompt each).")] = 4,
     timeout: Annotated[float, typer.Option(help="Seconds a request may take.")] = 600.0,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the prompts.")] = 1000,
@@ -176,9 +183,9 @@ def bon(
         raise _fail(ValueError("--concurrency and --bootstrap must be at least 1, --timeout above 0."))
     try:
         if from_scores is not None:
-            if candidates or gold or proxy:
+            if candidates or gold or proxy or reuse:
                 raise ValueError(
-                    "--from-scores recomputes from the raw scores alone: drop --candidates, --gold and --proxy."
+                    "--from-scores recomputes from the raw scores alone: drop --candidates, --gold, --proxy and --reuse."
                 )
             report(read_raw(from_scores), out, bootstrap=bootstrap)
             _echo(f"wrote the report to {out}")
@@ -196,6 +203,7 @@ def bon(
             bootstrap=bootstrap,
             progress=progress,
             echo=_echo,
+            reuse=reuse,
         )
     except (ValueError, FileNotFoundError, LabError) as exc:
         raise _fail(exc) from None

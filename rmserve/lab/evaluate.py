@@ -3,7 +3,9 @@
 Outputs in ``out``: ``scores/`` (the resumable per-target caches), ``raw-scores.jsonl.gz`` (one line a
 prompt: ``{"id", "response_tokens", "response_chars", "scores": {label: [...]}}``, the gold's label being
 ``gold``), ``bon.md`` (the table), ``bon.png`` (the plot) and ``bon.json`` (the curves, the settings and
-each server's throughput). ``recompute`` rebuilds the report from a raw-scores file alone.
+each server's throughput). ``report`` rebuilds the report from a raw-scores file alone; ``reuse`` (a
+previous report folder) copies the scores it holds of the same targets instead of asking their servers
+(``rmserve.lab.reuse``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from rmserve.lab.bon import Curve, bon_curves
 from rmserve.lab.report import markdown_table, plot, write_curves
+from rmserve.lab.reuse import reused, seed_caches
 from rmserve.lab.scoring import SCORES_DIR, collect_scores, read_throughput, score_all
 from rmserve.lab.targets import Target, check_labels
 
@@ -88,17 +91,29 @@ def run_bon(
     bootstrap: int = 1000,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    reuse: Path | None = None,
 ) -> list[Curve]:
-    """Score ``candidates`` with the gold and every proxy through their servers, then report.
+    """Score ``candidates`` with the gold and every proxy through their servers (those ``reuse``, a
+    previous report folder, scored alike are copied from it), then report.
 
     Raises:
         LabError: a server is unreachable or answers badly.
-        ValueError: labels repeat, a cache belongs to another target, or the candidates are malformed.
-        FileNotFoundError: the candidates are missing.
+        ValueError: labels repeat, a cache belongs to another target, the candidates are malformed, or
+            they are not those of the ``reuse`` report.
+        FileNotFoundError: the candidates, or the ``reuse`` report's files, are missing.
     """
     gold = Target(GOLD, gold.url, gold.model, gold.aggregate, gold.options)
     targets = [gold, *proxies]
     check_labels(targets)
+    if reuse is not None:
+        if not (reuse / CURVES_FILE).is_file():
+            raise FileNotFoundError(
+                f"--reuse {reuse}: no {CURVES_FILE} there; pass a `rmserve lab bon` --out folder."
+            )
+        previous = json.loads((reuse / CURVES_FILE).read_text())
+        seed_caches(
+            read_raw(reuse / RAW_FILE), previous, targets, candidates, out / SCORES_DIR, str(reuse), echo
+        )
     score_all(
         targets,
         candidates,
@@ -113,6 +128,7 @@ def run_bon(
     extra = {
         "targets": {t.label: t.spec for t in targets},
         "throughput": read_throughput(out / SCORES_DIR),
+        "reused": reused(out / SCORES_DIR),
     }
     curves = report(records, out, bootstrap=bootstrap, extra=extra)
     echo(f"wrote {out / TABLE_FILE}, {out / PLOT_FILE}, {out / CURVES_FILE} and {out / RAW_FILE}")

@@ -14,7 +14,7 @@ proxy's capability labels come from local labellers (``DMOERM_LABELLERS``: refus
 never from the gold, which is the truth the proxies are measured against. Layers below
 the top two are the base's in every recipe, so their outputs are computed once for all (a shared memo).
 A proxy whose folder already holds its training record is kept (resumable); ``proxies.json`` gathers
-the setup and each proxy's held-out accuracy.
+the setup, each proxy's held-out accuracy and its training seconds.
 """
 
 from __future__ import annotations
@@ -276,6 +276,7 @@ def train_proxies(
     )
     run = Run(base, data, {}, progress, echo)
     results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
     for name in RECIPE_NAMES:
         folder = out / name
         if name in only and not (folder / "training.json").is_file():
@@ -284,6 +285,7 @@ def train_proxies(
             RECIPES[name](run, folder)
         if (folder / "training.json").is_file():  # trained now or by an earlier run
             results[name] = held_out_accuracy(folder)
+            seconds[name] = json.loads((folder / "training.json").read_text())["seconds"]
     record = {
         "candidates": str(candidates),
         "gold": gold.spec,
@@ -304,6 +306,7 @@ def train_proxies(
             "dmoerm": {"labellers": DMOERM_LABELLERS, "options": DMOERM},
         },
         "results": results,
+        "seconds": seconds,
     }
     (out / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record

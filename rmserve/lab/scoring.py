@@ -99,13 +99,16 @@ def read_scores(path: Path, target: Target) -> dict[str, list[float]]:
     return scores
 
 
+def cache_header(target: Target) -> str:
+    """The first line of a target's score cache: what it holds the scores of."""
+    return json.dumps({"label": target.label, "spec": target.spec, "fingerprint": target.fingerprint}) + "\n"
+
+
 def _open_cache(path: Path, target: Target) -> Any:
     fresh = not path.is_file()
     f = path.open("a", encoding="utf-8")
     if fresh:
-        f.write(
-            json.dumps({"label": target.label, "spec": target.spec, "fingerprint": target.fingerprint}) + "\n"
-        )
+        f.write(cache_header(target))
         f.flush()
     return f
 

@@ -24,3 +24,14 @@ def test_the_committed_table_recomputes_from_the_raw_scores(condition, tmp_path)
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "bon.md").read_text() == (condition / "bon.md").read_text()
+
+
+def test_reuse_without_a_report_says_what_to_pass(tmp_path):
+    (tmp_path / "c").mkdir()
+    result = CliRunner().invoke(
+        app,
+        ["lab", "bon", "--candidates", str(tmp_path / "c"), "--gold", "http://127.0.0.1:9", "--proxy",
+         "http://127.0.0.1:9", "--out", str(tmp_path / "out"), "--reuse", str(tmp_path / "none")],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "no bon.json there; pass a `rmserve lab bon` --out folder" in result.output
