@@ -69,6 +69,7 @@ class AsyncRewardClient:
         chunk_size: int = 256,
         max_concurrency: int = 8,
         model: str | None = None,
+        run: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -82,6 +83,7 @@ class AsyncRewardClient:
             chunk_size=chunk_size,
             max_concurrency=max_concurrency,
             model=model,
+            run=run,
         )
         self._http = httpx.AsyncClient(
             headers=self._settings.headers(),

@@ -65,6 +65,8 @@ class RewardClient:
         chunk_size: inputs per request; a larger call is split and reassembled in input order.
         max_concurrency: requests in flight at once, across every call made through this client.
         model: the model to use when a call names none (None: the server's default model).
+        run: the training run these calls belong to, sent as ``x-rmserve-run`` (the server's run monitor
+            keeps a time series per run); None: no run.
         transport: an ``httpx`` transport, e.g. ``httpx.MockTransport`` in tests.
         sleep: how to wait between retries (``time.sleep``); tests pass a recorder.
 
@@ -90,6 +92,7 @@ class RewardClient:
         chunk_size: int = 256,
         max_concurrency: int = 8,
         model: str | None = None,
+        run: str | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -103,6 +106,7 @@ class RewardClient:
             chunk_size=chunk_size,
             max_concurrency=max_concurrency,
             model=model,
+            run=run,
         )
         self._http = httpx.Client(
             headers=self._settings.headers(),

@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -57,6 +58,8 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_ONCE_STATUSES = frozenset({500})
 TRUNCATIONS = ("left", "right", "error")
 PROBE_TIMEOUT = 10.0
+RUN_HEADER = "x-rmserve-run"
+RUN_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Settings:
     chunk_size: int
     max_concurrency: int
     model: str | None
+    run: str | None = None
 
     @classmethod
     def create(
@@ -86,6 +90,7 @@ class Settings:
         chunk_size: int,
         max_concurrency: int,
         model: str | None,
+        run: str | None = None,
     ) -> Settings:
         """Check the arguments.
 
@@ -110,6 +115,10 @@ class Settings:
                 raise ValueError(f"{name} must be a finite number of seconds >= 0, got {number!r}.")
         if api_key is not None and not api_key:
             raise ValueError("api_key is empty; pass the server's key, or None when it needs none.")
+        if run is not None and not RUN_NAME.fullmatch(run):
+            raise ValueError(
+                f"run {run!r} must be 1 to 128 letters, digits and ._:/@+- (a training run's name), or None."
+            )
         return cls(
             base_urls=tuple(url.rstrip("/") for url in urls),
             api_key=api_key,
@@ -120,6 +129,7 @@ class Settings:
             chunk_size=chunk_size,
             max_concurrency=max_concurrency,
             model=model,
+            run=run,
         )
 
     def headers(self) -> dict[str, str]:
@@ -127,6 +137,8 @@ class Settings:
         headers = {"user-agent": f"rmserve-client/{__version__}", "accept": "application/json"}
         if self.api_key is not None:
             headers["authorization"] = f"Bearer {self.api_key}"
+        if self.run is not None:
+            headers[RUN_HEADER] = self.run
         return headers
 
     def probe_timeout(self) -> httpx.Timeout:

@@ -14,21 +14,32 @@ formats reach it:
   (completion) turn.
 
 Extra keyword arguments (``completion_ids``, dataset columns, ``trainer_state``, ...) are ignored.
+
+A failure (the server unreachable or refusing, after the client's retries) raises by default, which stops
+the training step. With ``on_error="none"`` the function logs it and returns ``None`` for each row
+instead: TRL turns ``None`` into NaN, leaves the row out of its group's mean and standard deviation (and
+of the sum over reward functions), and gives a row that no function scored an advantage of 0.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from rmserve_client._async_client import AsyncRewardClient
 from rmserve_client._client import RewardClient
+from rmserve_client._errors import RewardClientError
 from rmserve_client._models import ScoreResult
 
-RewardFunc = Callable[..., list[float]]
-AsyncRewardFunc = Callable[..., Awaitable[list[float]]]
+RewardFunc = Callable[..., list[float | None]]
+AsyncRewardFunc = Callable[..., Awaitable[list[float | None]]]
+OnError = Literal["raise", "none"]
+ON_ERROR = ("raise", "none")
+
+log = logging.getLogger("rmserve_client")
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,19 @@ def _turns(value: Any, role: str, where: str) -> list[Mapping[str, Any]]:
     raise TypeError(f"{where} must be a string or a list of messages, got {type(value).__name__}.")
 
 
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be 'raise' or 'none', got {on_error!r}.")
+
+
+def _failed(exc: RewardClientError, rows: int, on_error: str) -> list[float | None]:
+    """Raise ``exc``, or (``on_error="none"``) log it and give every row ``None``."""
+    if on_error == "raise":
+        raise exc
+    log.warning("rmserve reward failed for %d rows, returned None (TRL leaves them out): %s", rows, exc)
+    return [None] * rows
+
+
 def _name(name: str | None, model: str | None, aggregate: str | None) -> str:
     if name is not None:
         return name
@@ -115,6 +139,7 @@ def as_reward_func(
     tradeoff_lambda: float | None = None,
     truncation: str | None = None,
     name: str | None = None,
+    on_error: OnError = "raise",
 ) -> RewardFunc:
     """A TRL reward function ``(prompts, completions, **kwargs) -> list[float]`` that scores with ``client``.
 
@@ -128,6 +153,11 @@ def as_reward_func(
         truncation: ``left``, ``right`` or ``error`` (default: the model's policy).
         name: the function's ``__name__``, under which TRL logs it (default:
             ``rmserve[_<model>][_<aggregate>]``).
+        on_error: ``raise`` (default): a failed call raises ``RewardClientError``; ``none``: it is logged
+            and every row of the call gets ``None`` (TRL then leaves those rows out; module docstring).
+
+    Raises:
+        ValueError: ``on_error`` is neither ``raise`` nor ``none``.
 
     Example::
 
@@ -135,14 +165,18 @@ def as_reward_func(
         trainer = GRPOTrainer(..., reward_funcs=[as_reward_func(client, aggregate="uwo")])
     """
     adapter = _adapter(model, aggregate, uwo_lambda, tradeoff_lambda, truncation)
+    _check_on_error(on_error)
 
-    def reward_func(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+    def reward_func(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         request = adapter.request(prompts, completions)
-        if request.conversations is None:
-            result = client.score_texts(request.texts, add_special_tokens=False, **adapter.options)
-        else:
-            result = client.score_messages(request.conversations, **adapter.options)
-        return adapter.rewards(result)
+        try:
+            if request.conversations is None:
+                result = client.score_texts(request.texts, add_special_tokens=False, **adapter.options)
+            else:
+                result = client.score_messages(request.conversations, **adapter.options)
+        except RewardClientError as exc:
+            return _failed(exc, len(prompts), on_error)
+        return list(adapter.rewards(result))
 
     reward_func.__name__ = reward_func.__qualname__ = _name(name, model, aggregate)
     return reward_func
@@ -157,21 +191,28 @@ def as_async_reward_func(
     tradeoff_lambda: float | None = None,
     truncation: str | None = None,
     name: str | None = None,
+    on_error: OnError = "raise",
 ) -> AsyncRewardFunc:
     """An async TRL reward function scoring with ``client``; arguments as for ``as_reward_func``.
 
-    TRL runs async reward functions concurrently on its own event loop; create the client anywhere,
-    and let only that loop use it.
+    TRL runs async reward functions concurrently with each other on its own event loop; create the
+    client anywhere, and let only that loop use it.
     """
     adapter = _adapter(model, aggregate, uwo_lambda, tradeoff_lambda, truncation)
+    _check_on_error(on_error)
 
-    async def reward_func(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+    async def reward_func(
+        prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
+    ) -> list[float | None]:
         request = adapter.request(prompts, completions)
-        if request.conversations is None:
-            result = await client.score_texts(request.texts, add_special_tokens=False, **adapter.options)
-        else:
-            result = await client.score_messages(request.conversations, **adapter.options)
-        return adapter.rewards(result)
+        try:
+            if request.conversations is None:
+                result = await client.score_texts(request.texts, add_special_tokens=False, **adapter.options)
+            else:
+                result = await client.score_messages(request.conversations, **adapter.options)
+        except RewardClientError as exc:
+            return _failed(exc, len(prompts), on_error)
+        return list(adapter.rewards(result))
 
     reward_func.__name__ = reward_func.__qualname__ = _name(name, model, aggregate)
     return reward_func

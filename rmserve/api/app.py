@@ -14,6 +14,7 @@ from rmserve.api.errors import install_error_handlers
 from rmserve.api.middleware import ApiKeyMiddleware, RequestContextMiddleware
 from rmserve.api.openrlhf import router as openrlhf_router
 from rmserve.api.routes import router
+from rmserve.api.sglang import router as sglang_router
 from rmserve.api.state import AppState
 from rmserve.api.vllm import router as vllm_router
 from rmserve.config import ModelSpec, Settings
@@ -90,10 +91,11 @@ def create_app(
     app.include_router(router)
     app.include_router(openrlhf_router)
     app.include_router(vllm_router)
+    app.include_router(sglang_router)
     install_error_handlers(app)
-    keys = settings.api_keys()
-    if keys:  # inside the request context: a 401 still gets a request id and is counted
-        app.add_middleware(ApiKeyMiddleware, keys=tuple(k.encode() for k in keys))
+    keys = settings.api_keys()  # none: authentication off (the middleware then only refuses /key/ paths)
+    # inside the request context: a 401 still gets a request id and is counted
+    app.add_middleware(ApiKeyMiddleware, keys=tuple(k.encode() for k in keys))
     app.add_middleware(
         RequestContextMiddleware, metrics=state.metrics, max_request_bytes=settings.max_request_bytes
     )

@@ -99,6 +99,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             message = (
                 "no such route; the API is POST /v1/score, GET /v1/models, /health, /ready, /metrics, and the "
-                "trainers' POST /get_reward (OpenRLHF), /classify and /pooling (vLLM, verl)."
+                "trainers' POST /get_reward (OpenRLHF), /classify and /pooling (vLLM, verl) and /v1/embeddings "
+                "(SGLang, verl)."
             )
         return error_response(exc.status_code, kind, message, dict(exc.headers or {}))

@@ -91,7 +91,7 @@ class RequestContextMiddleware:
                 ] + ([] if b"content-type" in headers else [(b"content-type", b"application/json")])
             await self.app(scope, body_receive, send_with_id)
         finally:
-            path = scope.get("path", "")
+            path = redact_path(scope.get("path", ""))
             model = scope["state"].get("model", "")
             elapsed = time.perf_counter() - start
             self.metrics.requests.labels(model, path, str(status)).inc()
@@ -143,40 +143,80 @@ class RequestContextMiddleware:
 
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
+KEY_PREFIX = "/key/"
+TRAINER_PATHS = frozenset(
+    {"/get_reward", "/classify", "/v1/classify", "/pooling", "/v1/pooling", "/v1/embeddings"}
+)  # the routes a key in the path opens: those of trainers that send no headers (OpenRLHF)
 UNAUTHORIZED = {
     "error": {
         "type": "unauthorized",
         "message": "missing or invalid API key; send the header 'Authorization: Bearer <key>' with a key this "
-        "server accepts (RMSERVE_API_KEY).",
+        "server accepts (RMSERVE_API_KEY), or, from a trainer that sends no headers, put the key in the "
+        "path: /key/<key>/get_reward.",
     }
 }
+
+
+def redact_path(path: str) -> str:
+    """The path as logs and metrics show it: a key in the path (``/key/<key>/...``) becomes ``***``."""
+    if not path.startswith(KEY_PREFIX):
+        return path
+    _, _, rest = path[len(KEY_PREFIX) :].partition("/")
+    return f"{KEY_PREFIX}***/{rest}"
 
 
 class ApiKeyMiddleware:
     """Every HTTP route but ``/health`` and ``/ready`` needs ``Authorization: Bearer <key>`` with one of ``keys``.
 
-    The presented key is compared with every accepted key in constant time (``hmac.compare_digest``,
-    no early exit), and every failure gets the same 401, so an answer never tells which part was wrong.
-    Keys are never logged.
+    A trainer that sends no headers (OpenRLHF) puts the key in the path instead: ``/key/<key>`` before
+    one of ``TRAINER_PATHS`` (``/key/<key>/get_reward``); the key is checked like a header's, then the path
+    is the route's own. Presented keys are compared with every accepted key in constant time
+    (``hmac.compare_digest``, no early exit), and every failure gets the same 401, so an answer never
+    tells which part was wrong. Keys are never logged (``redact_path``). With no ``keys`` (authentication
+    off) every route is open, and a key in the path is refused (404) with the route to call instead.
     """
 
     def __init__(self, app: ASGIApp, *, keys: tuple[bytes, ...]) -> None:
-        if not keys:
-            raise ValueError("ApiKeyMiddleware needs at least one key.")
         self.app = app
         self.keys = keys
+
+    def _matches(self, token: bytes) -> bool:
+        matched = False
+        for key in self.keys:  # no early exit: the time does not depend on which key matches
+            matched |= hmac.compare_digest(token, key)
+        return matched
 
     def _authorized(self, scope: Scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
-        token = token.strip()
-        matched = False
-        for key in self.keys:  # no early exit: the time does not depend on which key matches
-            matched |= hmac.compare_digest(token, key)
-        return scheme.lower() == b"bearer" and matched
+        return self._matches(token.strip()) and scheme.lower() == b"bearer"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS or self._authorized(scope):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith(KEY_PREFIX):
+            await self._key_in_path(scope, receive, send, path)
+            return
+        if scope["type"] != "http" or not self.keys or path in OPEN_PATHS or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         await send_json(send, 401, UNAUTHORIZED, [(b"www-authenticate", b"Bearer")])
+
+    async def _key_in_path(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        key, _, rest = path[len(KEY_PREFIX) :].partition("/")
+        route = "/" + rest
+        if not self.keys or route not in TRAINER_PATHS:
+            why = (
+                "this server has no API key set: call the route without /key/<key>"
+                if not self.keys
+                else f"a key in the path opens only the trainers' routes ({', '.join(sorted(TRAINER_PATHS))}); "
+                "send 'Authorization: Bearer <key>' for the others"
+            )
+            error = {"type": "not_found", "message": f"no route {redact_path(path)}: {why}."}
+            await send_json(send, 404, {"error": error})
+            return
+        if not self._matches(key.encode("utf-8", "replace")):
+            await send_json(send, 401, UNAUTHORIZED, [(b"www-authenticate", b"Bearer")])
+            return
+        scope["path"] = route
+        scope["raw_path"] = route.encode("latin-1")
+        await self.app(scope, receive, send)

@@ -12,7 +12,11 @@ into full batches. With several reward URLs it splits each batch across them and
 same ``extra_logs`` keys as any other answer), never an error that would cost the run its rewards.
 
 The reward is the model's configured aggregate (its ``reward`` in ``GET /v1/models``), with the
-model's default lambdas.
+model's default lambdas. A full queue makes the request wait for room (up to the request timeout) instead
+of answering 429: OpenRLHF retries any error five times, one second apart, then crashes the step.
+
+A server with API keys answers OpenRLHF, which sends no headers, at ``/key/<key>/get_reward``
+(``rmserve.api.middleware``).
 """
 
 from __future__ import annotations
@@ -91,7 +95,13 @@ async def get_reward(body: OpenRLHFRequest, request: Request, response: Response
     pad, eos = served.special_texts
     inputs = build_inputs("query", [{"text": strip_padding(q, pad, eos)} for q in body.query])
     outcome = await score_request(
-        request, response, served, inputs, aggregates=list(AGGREGATES) if multi else [], return_heads=multi
+        request,
+        response,
+        served,
+        inputs,
+        aggregates=list(AGGREGATES) if multi else [],
+        return_heads=multi,
+        wait_for_room=True,
     )
     logs: dict[str, list[float]] = dict(outcome.aggregates)
     if multi and outcome.heads is not None:

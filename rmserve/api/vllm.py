@@ -7,8 +7,12 @@ asks) applies the sigmoid; ``truncate_prompt_tokens`` keeps the last N tokens (-
 limit). ``/classify`` answers ``data[i].probs = [reward]`` (verl reads ``data[-1].probs[-1]``);
 ``/pooling`` answers ``data[i].data = [reward]``.
 
+A ``/classify`` body with ``text`` or ``input_ids`` and no ``input`` is SGLang's native request: it is
+answered in SGLang's shape (``rmserve.api.sglang``).
+
 The reward is the model's configured aggregate (its ``reward`` in ``GET /v1/models``), with the
-model's default lambdas.
+model's default lambdas. A full queue makes these requests wait for room (up to the request timeout)
+instead of answering 429: verl retries only 5xx.
 """
 
 from __future__ import annotations
@@ -16,19 +20,21 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi import APIRouter, Body, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rmserve.api.deps import ERROR_RESPONSES, build_inputs, resolve_model, score_request
-from rmserve.models.inputs import RewardInput
+from rmserve.api.deps import ERROR_RESPONSES, resolve_model, score_request
+from rmserve.api.sglang import SglangClassifyRequest, TokenInput, sglang_classify, token_inputs
 from rmserve.scoring.scorer import ScoreOutcome, ServedModel
 
 router = APIRouter()
 
 
-VllmInput = str | list[str] | list[int] | list[list[int]]
+VllmInput = TokenInput
+M = TypeVar("M", bound=BaseModel)
 
 
 class VllmRequest(BaseModel):
@@ -91,16 +97,6 @@ class PoolingResponse(BaseModel):
     usage: VllmUsage
 
 
-def _inputs(value: VllmInput) -> list[RewardInput]:
-    if isinstance(value, str):
-        return build_inputs("input", [{"text": value}])
-    if all(isinstance(v, int) for v in value):
-        return build_inputs("input", [{"input_ids": value}])
-    if all(isinstance(v, str) for v in value):
-        return build_inputs("input", [{"text": v} for v in value])
-    return build_inputs("input", [{"input_ids": v} for v in value])
-
-
 async def _score(
     body: VllmRequest, request: Request, response: Response
 ) -> tuple[ServedModel, ScoreOutcome, list[float]]:
@@ -108,19 +104,46 @@ async def _score(
     limit = None if body.truncate_prompt_tokens in (None, -1) else body.truncate_prompt_tokens
     truncation = "left" if body.truncate_prompt_tokens is not None else None
     outcome = await score_request(
-        request, response, served, _inputs(body.input), truncation=truncation, max_tokens=limit
+        request,
+        response,
+        served,
+        token_inputs("input", body.input),
+        truncation=truncation,
+        max_tokens=limit,
+        wait_for_room=True,
     )
     activate = body.use_activation if body.use_activation is not None else bool(body.activation)
     values = [1 / (1 + math.exp(-r)) if activate else r for r in outcome.rewards]
     return served, outcome, values
 
 
-@router.post("/classify", response_model=ClassificationResponse, responses=ERROR_RESPONSES)
-@router.post(
-    "/v1/classify", response_model=ClassificationResponse, responses=ERROR_RESPONSES, include_in_schema=False
-)
-async def classify(body: VllmRequest, request: Request, response: Response) -> ClassificationResponse:
-    """vLLM-compatible classification: one class, the reward (raw unless use_activation)."""
+def _validated(model: type[M], body: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+@router.post("/classify", response_model=None, responses=ERROR_RESPONSES)
+@router.post("/v1/classify", response_model=None, responses=ERROR_RESPONSES, include_in_schema=False)
+async def classify(
+    request: Request,
+    response: Response,
+    body: Annotated[
+        dict[str, Any],
+        Body(
+            description="vLLM's {'input': ...} (answered in vLLM's shape) or SGLang's {'text' | 'input_ids': ...}."
+        ),
+    ],
+) -> ClassificationResponse | Any:
+    """vLLM-compatible classification: one class, the reward (raw unless use_activation); a body with
+    ``text`` or ``input_ids`` instead of ``input`` is SGLang's native request, answered in SGLang's shape."""
+    if "input" not in body and ("text" in body or "input_ids" in body):
+        return await sglang_classify(_validated(SglangClassifyRequest, body), request, response)
+    return await _classify(_validated(VllmRequest, body), request, response)
+
+
+async def _classify(body: VllmRequest, request: Request, response: Response) -> ClassificationResponse:
     served, outcome, values = await _score(body, request, response)
     usage = VllmUsage(prompt_tokens=outcome.input_tokens, total_tokens=outcome.input_tokens)
     data = [ClassificationData(index=i, probs=[v]) for i, v in enumerate(values)]

@@ -10,7 +10,9 @@ Guarantees:
 - a failing forward fails exactly the items of its batch (``BatchFailed``); the loop keeps serving;
 - items whose future is already done (their client hung up) are dropped before they are computed;
 - the queue is bounded in tokens: a submit that would overflow it raises ``Overloaded`` with a
-  retry-after estimate; one larger than the whole queue raises ``RequestTooLarge``;
+  retry-after estimate, or, with ``wait=True`` (the trainers' routes: their clients do not retry 429),
+  waits for room, first come first served, until the caller is cancelled; while any submit waits, others
+  get no room before it. One larger than the whole queue raises ``RequestTooLarge``;
 - ``close`` stops intake, lets every accepted item finish, and fails what is left only on timeout.
 """
 
@@ -20,6 +22,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -148,6 +151,8 @@ class Batcher(Generic[P, R]):
         self._task: asyncio.Task[None] | None = None
         self._tokens_per_s = 0.0  # moving average, for Retry-After estimates
         self._batches = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # (tokens, room) in arrival order
+        self._reserved = 0  # tokens of waiters let in that have not queued their items yet
 
     @property
     def queued_items(self) -> int:
@@ -162,15 +167,26 @@ class Batcher(Generic[P, R]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
 
-    async def submit(self, items: Sequence[tuple[P, int]]) -> list[ItemResult[R]]:
+    @property
+    def waiting_requests(self) -> int:
+        """Submits waiting for room in the queue (``wait=True``)."""
+        return len(self._waiters)
+
+    async def submit(self, items: Sequence[tuple[P, int]], *, wait: bool = False) -> list[ItemResult[R]]:
         """Queue items (payload, token count) and wait for all of their results, in order.
 
-        If the caller is cancelled (its client hung up), its items still queued are dropped.
+        If the caller is cancelled (its client hung up, its request timed out), its items still queued are
+        dropped, and a wait for room ends.
+
+        Args:
+            items: (payload, token count) pairs.
+            wait: when the queue is full, wait for room (first come, first served) instead of raising
+                ``Overloaded``.
 
         Raises:
-            Closed: the batcher is shutting down.
+            Closed: the batcher is shutting down (also ending a wait for room).
             RequestTooLarge: the items hold more tokens than the queue may ever hold.
-            Overloaded: the queue has no room for the items now.
+            Overloaded: the queue has no room for the items now, and ``wait`` is false.
             BatchFailed: the forward of a batch holding one of the items failed.
         """
         if self._closing:
@@ -185,12 +201,14 @@ class Batcher(Generic[P, R]):
                 f"the request holds {total} tokens but model {self.name!r} queues at most {self.max_queue_tokens}; "
                 "split it into smaller requests."
             )
-        if self._queued_tokens + total > self.max_queue_tokens:
-            raise Overloaded(
-                f"model {self.name!r} is overloaded ({self._queued_tokens} tokens queued, limit "
-                f"{self.max_queue_tokens}); retry later.",
-                retry_after_s=self._retry_after(total),
-            )
+        if self._waiters or self._queued_tokens + self._reserved + total > self.max_queue_tokens:
+            if not wait:
+                raise Overloaded(
+                    f"model {self.name!r} is overloaded ({self._queued_tokens} tokens queued, limit "
+                    f"{self.max_queue_tokens}); retry later.",
+                    retry_after_s=self._retry_after(total),
+                )
+            await self._wait_for_room(total)
         loop = asyncio.get_running_loop()
         queued = [_Item[P, R](payload, n, loop.create_future()) for payload, n in items]
         self._pending.extend(queued)
@@ -204,12 +222,52 @@ class Batcher(Generic[P, R]):
             if any(dropped):
                 self._prune()  # free their queue room now, not after the running forward
 
+    async def _wait_for_room(self, tokens: int) -> None:
+        """Wait until ``_admit`` lets this submit in; its room stays reserved until the submit, which runs on
+        without yielding once this returns, has queued its items.
+
+        Raises:
+            Closed: the batcher began shutting down during the wait.
+        """
+        room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (tokens, room)
+        self._waiters.append(entry)
+        try:
+            await room
+        except BaseException:
+            if entry in self._waiters:  # cancelled while waiting: leave the line
+                self._waiters.remove(entry)
+            elif room.done() and not room.cancelled() and room.exception() is None:  # let in, then cancelled
+                self._reserved -= tokens
+            self._admit()
+            raise
+        self._reserved -= tokens
+
+    def _admit(self) -> None:
+        """Let waiters in, in arrival order, while the first one fits, reserving their room."""
+        while self._waiters:
+            tokens, room = self._waiters[0]
+            if self._queued_tokens + self._reserved + tokens > self.max_queue_tokens:
+                return
+            self._waiters.popleft()
+            if not room.done():
+                self._reserved += tokens
+                room.set_result(None)
+
     async def close(self, timeout_s: float) -> None:
         """Stop taking work, finish every accepted item, then stop the loop.
 
         Items still unfinished after ``timeout_s`` fail with ``Closed``, so nothing hangs.
         """
         self._closing = True
+        while self._waiters:  # not yet accepted: they fail now, as new submits do
+            _, room = self._waiters.popleft()
+            if not room.done():
+                room.set_exception(
+                    Closed(
+                        f"model {self.name!r} is shutting down and takes no new requests; retry on another replica."
+                    )
+                )
         deadline = time.monotonic() + timeout_s
         while (self._pending or self._busy) and time.monotonic() < deadline:
             self._progress.clear()
@@ -290,6 +348,7 @@ class Batcher(Generic[P, R]):
             self._observer.items_dropped(dropped)
             self._observer.queue_changed(items=len(live), tokens=self._queued_tokens)
             self._progress.set()
+            self._admit()
 
     def _take_batch(self) -> list[_Item[P, R]]:
         self._prune()
@@ -302,6 +361,7 @@ class Batcher(Generic[P, R]):
         self._queued_tokens -= sum(item.n_tokens for item in chosen)
         self._busy = True
         self._observer.queue_changed(items=len(self._pending), tokens=self._queued_tokens)
+        self._admit()
         return chosen
 
     async def _run(self, batch: list[_Item[P, R]]) -> None:

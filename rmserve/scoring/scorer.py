@@ -65,6 +65,7 @@ class ScoreOutcome:
     queue_s: float
     inference_s: float
     categories: list[str] | None = None
+    input_lengths: list[int] | None = None  # each input's tokens (``input_tokens`` is their sum)
 
 
 class ServedModel:
@@ -197,6 +198,7 @@ class ServedModel:
         max_tokens: int | None = None,
         tradeoff_scope: TradeoffScope = "input",
         sample_seed: int | None = None,
+        wait_for_room: bool = False,
     ) -> ScoreOutcome:
         """Score inputs through the batcher.
 
@@ -210,6 +212,8 @@ class ServedModel:
             tradeoff_scope: the trade-off's worst case per ``input`` or per ``request``
                 (``rmserve.aggregation.request_aggregates``).
             sample_seed: brme models: score samples ``mu + a * sigma`` drawn with this seed.
+            wait_for_room: when the model's queue is full, wait for room (until cancelled) instead of
+                failing with ``Overloaded`` (the trainers' routes: their clients do not retry 429).
 
         Raises:
             InputError: an input cannot be encoded, or sampling asked of a model without sigmas (422).
@@ -231,7 +235,9 @@ class ServedModel:
             max_tokens,
         )
         tokenized = time.monotonic()
-        results = await self.batcher.submit([(QueuedInput(e, params), len(e)) for e in encoded])
+        results = await self.batcher.submit(
+            [(QueuedInput(e, params), len(e)) for e in encoded], wait=wait_for_room
+        )
         inference = {r.batch_id: r.inference_s for r in results}
         scores = [r.value for r in results]
         heads = [s.heads for s in scores]
@@ -269,4 +275,5 @@ class ServedModel:
             queue_s=max((r.queue_s for r in results), default=0.0),
             inference_s=sum(inference.values()),
             categories=categories,
+            input_lengths=[len(e) for e in encoded],
         )

@@ -211,6 +211,8 @@ async def test_verl_sends_its_local_model_path_as_the_model(llama, brme, tiny_mo
         ("/v1/classify", {"input": [QUERY, OTHER]}),
         ("/pooling", {"input": QUERY}),
         ("/v1/pooling", {"input": [[1, 2, 3]]}),
+        ("/v1/embeddings", {"input": QUERY}),
+        ("/classify", {"text": [QUERY]}),
     ],
 )
 async def test_every_scoring_route_sends_the_timing_headers(llama, route, body):

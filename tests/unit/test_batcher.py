@@ -404,6 +404,61 @@ async def test_retry_after_follows_the_measured_throughput(forward, executor):
     await b.close(1)
 
 
+async def six_of_ten_queued(forward, executor):
+    """A batcher (queue of 10 tokens) whose forward holds item 1 (gate shut) while item 2 (6 tokens) waits."""
+    forward.gate.clear()
+    b = make(forward, executor, queue=10, size=1)
+    blocker = asyncio.create_task(b.submit([(1, 6)]))  # in the forward
+    await forward.wait_started()
+    queued = asyncio.create_task(b.submit([(2, 6)]))  # 6 of 10 queued
+    await settle(lambda: b.queued_items == 1)
+    return b, blocker, queued
+
+
+async def test_a_waiting_submit_gets_room_in_arrival_order_and_no_one_jumps_the_line(forward, executor):
+    b, blocker, queued = await six_of_ten_queued(forward, executor)
+    big = asyncio.create_task(b.submit([(3, 8)], wait=True))  # 6 + 8 > 10: waits
+    small = asyncio.create_task(b.submit([(4, 1)], wait=True))  # would fit, but waits behind big
+    await settle(lambda: b.waiting_requests == 2)
+    with pytest.raises(Overloaded):
+        await b.submit([(5, 1)])  # 6 + 1 fits, but a request waits for room: 429 for the impatient
+    assert (b.queued_items, b.queued_tokens) == (1, 6)
+    forward.gate.set()
+    results = await asyncio.gather(blocker, queued, big, small)
+    assert [r[0].value for r in results] == [1, 4, 9, 16]
+    assert forward.batches == [[1], [2], [3], [4]]  # big went in before small
+    assert b.waiting_requests == 0
+    await b.close(1)
+
+
+async def test_a_cancelled_wait_leaves_the_line_and_frees_its_place(forward, executor):
+    b, blocker, queued = await six_of_ten_queued(forward, executor)
+    big = asyncio.create_task(b.submit([(3, 8)], wait=True))
+    small = asyncio.create_task(b.submit([(4, 4)], wait=True))
+    await settle(lambda: b.waiting_requests == 2)
+    big.cancel()  # its client hung up (or its request timed out)
+    await settle(lambda: b.queued_items == 2)  # small fits beside the queued 6 now: let in at once
+    assert b.waiting_requests == 0 and b.queued_tokens == 10
+    forward.gate.set()
+    assert [r[0].value for r in await asyncio.gather(blocker, queued, small)] == [1, 4, 16]
+    assert big.cancelled()
+    assert forward.batches == [[1], [2], [4]]  # the cancelled wait never queued its item
+    await b.close(1)
+
+
+async def test_close_ends_waits_for_room(forward, executor):
+    b, blocker, queued = await six_of_ten_queued(forward, executor)
+    waiting = asyncio.create_task(b.submit([(3, 8)], wait=True))
+    await settle(lambda: b.waiting_requests == 1)
+    closing = asyncio.create_task(b.close(5))
+    with pytest.raises(Closed, match="is shutting down and takes no new requests"):
+        await waiting
+    forward.gate.set()
+    await asyncio.wait_for(closing, 2)
+    assert [r[0].value for r in await asyncio.gather(blocker, queued)] == [1, 4]  # accepted work finished
+    assert forward.batches == [[1], [2]]
+
+
 # --- shutdown -------------------------------------------------------------------------------------
 
 

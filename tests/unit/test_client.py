@@ -628,6 +628,47 @@ def test_reward_func_joins_conversational_prompts_and_completions(make_client):
         func(["p"], ["a", "b"])
 
 
+def test_reward_func_can_turn_a_failure_into_none_rows(make_client, caplog):
+    down = FakeServer(*[error(503, "shutting_down", "bye")] * 3)
+    lenient = as_reward_func(make_client(down, max_retries=0), on_error="none")
+    with caplog.at_level("WARNING", logger="rmserve_client"):
+        assert lenient(["p1", "p2"], ["a", "b"]) == [None, None]  # TRL leaves these rows out
+    assert "rmserve reward failed for 2 rows" in caplog.text
+    strict = as_reward_func(make_client(down, max_retries=0))
+    with pytest.raises(Overloaded, match="bye"):
+        strict(["p1"], ["a"])
+    with pytest.raises(ValueError, match="got 1 prompts and 2 completions"):
+        lenient(["p"], ["a", "b"])  # a caller's mistake is not a server failure: it still raises
+    with pytest.raises(ValueError, match="on_error must be 'raise' or 'none'"):
+        as_reward_func(make_client(down), on_error="skip")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_async_reward_funcs_run_concurrently_as_grpo_runs_them(sleeps):
+    # GRPOTrainer gathers every async reward function on its loop: one failing (on_error="none") gives
+    # None rows while the other still scores
+    good = FakeServer(delay=lambda body: 0.05)
+    bad = FakeServer(*[error(503, "shutting_down", "bye")] * 2)
+    async with make_async(good, sleeps) as ok_client, make_async(bad, sleeps, max_retries=1) as bad_client:
+        funcs = [
+            as_async_reward_func(ok_client, name="ok"),
+            as_async_reward_func(bad_client, on_error="none"),
+        ]
+        assert all(inspect.iscoroutinefunction(f) for f in funcs)
+        started = time.perf_counter()
+        results = await asyncio.gather(*(f(prompts=["t5", "t6"], completions=["0", "1"]) for f in funcs))
+    assert results == [[50.0, 61.0], [None, None]]
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_run_name_is_sent_as_a_header_and_checked(make_client):
+    server = FakeServer()
+    make_client(server, run="ppo-7b/seed:1").score(*prompts(1))
+    assert server.requests[0].headers["x-rmserve-run"] == "ppo-7b/seed:1"
+    with pytest.raises(ValueError, match="must be 1 to 128 letters"):
+        RewardClient(URL, run="has space")
+
+
 # -- the async client ----------------------------------------------------------------------------
 
 
