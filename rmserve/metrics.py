@@ -101,6 +101,12 @@ class Metrics:
         )
         self.queue_depth = Gauge("rmserve_queue_depth", "Inputs waiting.", ["model"], registry=r)
         self.queue_tokens = Gauge("rmserve_queue_tokens", "Tokens waiting.", ["model"], registry=r)
+        self.queue_waiting = Gauge(
+            "rmserve_queue_waiting_requests",
+            "Trainer-route requests waiting for room in a full queue.",
+            ["model"],
+            registry=r,
+        )
         self.input_tokens = Counter(
             "rmserve_input_tokens_total", "Tokens of the inputs of answered requests.", ["model"], registry=r
         )
@@ -146,6 +152,9 @@ class ModelObserver:
     def queue_changed(self, *, items: int, tokens: int) -> None:
         self._m.queue_depth.labels(self._model).set(items)
         self._m.queue_tokens.labels(self._model).set(tokens)
+
+    def waiting_changed(self, requests: int) -> None:
+        self._m.queue_waiting.labels(self._model).set(requests)
 
     def items_dropped(self, count: int) -> None:
         self._m.dropped.labels(self._model).inc(count)

@@ -119,31 +119,40 @@ class SglangClassifyRequest(BaseModel):
     def _check(self) -> SglangClassifyRequest:
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("send either text or input_ids (not both, not neither).")
-        value = self.text if self.text is not None else self.input_ids
+        value = self.value
         if isinstance(value, list) and not value:
             raise ValueError("the input is an empty list; send at least one text or token-id list.")
         for name in ("image_data", "lora_path"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name} is not supported by a text reward model; leave it out.")
-        count = len(value) if self.batched else 1  # type: ignore[arg-type]
+        count = len(value) if self.batched and isinstance(value, list) else 1
         if isinstance(self.rid, list) and len(self.rid) != count:
             raise ValueError(f"rid has {len(self.rid)} entries for {count} inputs; send one per input.")
         return self
+
+    @property
+    def value(self) -> TokenInput:
+        """The inputs: ``text`` or ``input_ids``, whichever was sent (``_check`` ensured one)."""
+        if self.text is not None:
+            return self.text
+        return self.input_ids or []
 
     @property
     def batched(self) -> bool:
         """A list of inputs (answered with a list), not a single one."""
         if self.text is not None:
             return isinstance(self.text, list)
-        return bool(self.input_ids) and isinstance(self.input_ids[0], list)  # type: ignore[index]
+        ids = self.input_ids or []
+        return bool(ids) and isinstance(ids[0], list)
 
 
 async def sglang_classify(body: SglangClassifyRequest, request: Request, response: Response) -> Any:
     """SGLang's native classify answer: ``{"embedding": [reward], "meta_info": ...}`` per input."""
     served = resolve_model(request, body.model)
-    value: TokenInput = body.text if body.text is not None else body.input_ids  # type: ignore[assignment]
     field = "text" if body.text is not None else "input_ids"
-    outcome = await score_request(request, response, served, token_inputs(field, value), wait_for_room=True)
+    outcome = await score_request(
+        request, response, served, token_inputs(field, body.value), wait_for_room=True
+    )
     lengths = outcome.input_lengths or [0] * len(outcome.rewards)
     rids = body.rid if isinstance(body.rid, list) else [body.rid] * len(outcome.rewards)
     answers = [

@@ -89,6 +89,8 @@ class BatchObserver(Protocol):
 
     def queue_changed(self, *, items: int, tokens: int) -> None: ...
 
+    def waiting_changed(self, requests: int) -> None: ...
+
     def items_dropped(self, count: int) -> None: ...
 
 
@@ -97,6 +99,9 @@ class _NoObserver:
         pass
 
     def queue_changed(self, **_: object) -> None:
+        pass
+
+    def waiting_changed(self, requests: int) -> None:
         pass
 
     def items_dropped(self, count: int) -> None:
@@ -232,11 +237,13 @@ class Batcher(Generic[P, R]):
         room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (tokens, room)
         self._waiters.append(entry)
+        self._observer.waiting_changed(len(self._waiters))
         try:
             await room
         except BaseException:
             if entry in self._waiters:  # cancelled while waiting: leave the line
                 self._waiters.remove(entry)
+                self._observer.waiting_changed(len(self._waiters))
             elif room.done() and not room.cancelled() and room.exception() is None:  # let in, then cancelled
                 self._reserved -= tokens
             self._admit()
@@ -250,6 +257,7 @@ class Batcher(Generic[P, R]):
             if self._queued_tokens + self._reserved + tokens > self.max_queue_tokens:
                 return
             self._waiters.popleft()
+            self._observer.waiting_changed(len(self._waiters))
             if not room.done():
                 self._reserved += tokens
                 room.set_result(None)
@@ -262,6 +270,7 @@ class Batcher(Generic[P, R]):
         self._closing = True
         while self._waiters:  # not yet accepted: they fail now, as new submits do
             _, room = self._waiters.popleft()
+            self._observer.waiting_changed(len(self._waiters))
             if not room.done():
                 room.set_exception(
                     Closed(

@@ -77,12 +77,16 @@ class Recorder:
         self.batches: list[dict[str, Any]] = []
         self.queue: list[tuple[int, int]] = []
         self.dropped: list[int] = []
+        self.waiting: list[int] = []
 
     def batch_done(self, **kw: Any) -> None:
         self.batches.append(kw)
 
     def queue_changed(self, *, items: int, tokens: int) -> None:
         self.queue.append((items, tokens))
+
+    def waiting_changed(self, requests: int) -> None:
+        self.waiting.append(requests)
 
     def items_dropped(self, count: int) -> None:
         self.dropped.append(count)
@@ -404,10 +408,10 @@ async def test_retry_after_follows_the_measured_throughput(forward, executor):
     await b.close(1)
 
 
-async def six_of_ten_queued(forward, executor):
+async def six_of_ten_queued(forward, executor, observer=None):
     """A batcher (queue of 10 tokens) whose forward holds item 1 (gate shut) while item 2 (6 tokens) waits."""
     forward.gate.clear()
-    b = make(forward, executor, queue=10, size=1)
+    b = make(forward, executor, queue=10, size=1, observer=observer)
     blocker = asyncio.create_task(b.submit([(1, 6)]))  # in the forward
     await forward.wait_started()
     queued = asyncio.create_task(b.submit([(2, 6)]))  # 6 of 10 queued
@@ -416,7 +420,8 @@ async def six_of_ten_queued(forward, executor):
 
 
 async def test_a_waiting_submit_gets_room_in_arrival_order_and_no_one_jumps_the_line(forward, executor):
-    b, blocker, queued = await six_of_ten_queued(forward, executor)
+    rec = Recorder()
+    b, blocker, queued = await six_of_ten_queued(forward, executor, rec)
     big = asyncio.create_task(b.submit([(3, 8)], wait=True))  # 6 + 8 > 10: waits
     small = asyncio.create_task(b.submit([(4, 1)], wait=True))  # would fit, but waits behind big
     await settle(lambda: b.waiting_requests == 2)
@@ -428,6 +433,7 @@ async def test_a_waiting_submit_gets_room_in_arrival_order_and_no_one_jumps_the_
     assert [r[0].value for r in results] == [1, 4, 9, 16]
     assert forward.batches == [[1], [2], [3], [4]]  # big went in before small
     assert b.waiting_requests == 0
+    assert rec.waiting == [1, 2, 1, 0]  # the gauge of requests waiting for room
     await b.close(1)
 
 
