@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from rmserve.cli_lab import lab
+from rmserve.cli_runs import runs
 from rmserve.cli_support import configure_logging as _configure_logging
 from rmserve.cli_support import fail as _fail
 from rmserve.cli_support import load_settings as _settings
@@ -55,6 +56,12 @@ def serve(
     max_request_bytes: Annotated[int | None, typer.Option(help=_help("max_request_bytes"))] = None,
     request_timeout_s: Annotated[float | None, typer.Option(help=_help("request_timeout_s"))] = None,
     shutdown_timeout_s: Annotated[float | None, typer.Option(help=_help("shutdown_timeout_s"))] = None,
+    monitor_window: Annotated[int | None, typer.Option(help=_help("monitor_window"))] = None,
+    monitor_max_runs: Annotated[int | None, typer.Option(help=_help("monitor_max_runs"))] = None,
+    monitor_max_windows: Annotated[int | None, typer.Option(help=_help("monitor_max_windows"))] = None,
+    monitor_baseline_windows: Annotated[
+        int | None, typer.Option(help=_help("monitor_baseline_windows"))
+    ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
     log_level: Annotated[str | None, typer.Option(help=_help("log_level"))] = None,
     log_format: Annotated[str | None, typer.Option(help=_help("log_format"))] = None,
@@ -240,6 +247,7 @@ def calibrate(
 app.add_typer(training)  # upcycle, train, merge, merge-lora, train-heads, train-branches, train-dmoerm
 app.add_typer(dmoerm, name="dmoerm")  # label
 app.add_typer(lab, name="lab")  # prompts, generate, train-proxies, bon
+app.add_typer(runs, name="runs")  # list, plot
 
 demo_app = typer.Typer(help="The built-in demo reward model (SmolLM2-135M-Instruct with a trained head).")
 app.add_typer(demo_app, name="demo")

@@ -136,6 +136,12 @@ class ModelSpec(BaseModel):
     max_batch_tokens: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1)
     max_join_padding: int | None = Field(None, ge=0)
+    reference_p99: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="The 99th percentile of this model's rewards on reference data: the run monitor's "
+        "saturation counts rewards above it (default: each run's own baseline windows).",
+    )
 
 
 class Settings(BaseSettings):
@@ -209,6 +215,20 @@ class Settings(BaseSettings):
     )
     shutdown_timeout_s: float = Field(
         60.0, ge=0, description="On shutdown, how long accepted work may take to finish."
+    )
+    monitor_window: int = Field(
+        256, ge=1, description="Run monitor: scored inputs per window of a run's time series."
+    )
+    monitor_max_runs: int = Field(
+        64, ge=0, description="Run monitor: runs kept (least recently used dropped first); 0 turns it off."
+    )
+    monitor_max_windows: int = Field(
+        512, ge=1, description="Run monitor: windows kept per run and model (oldest dropped first)."
+    )
+    monitor_baseline_windows: int = Field(
+        3,
+        ge=1,
+        description="Run monitor: a run's first windows, which drift (and the default p99) is measured from.",
     )
     cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "rmserve",

@@ -18,14 +18,21 @@ Names (all labelled by ``model``; requests also by ``endpoint`` and ``status``):
 - ``rmserve_model_memory_estimate_bytes``: each model's planned memory, weights plus the activation
   peak of its largest batch (``rmserve.memory.estimate``; only for models the server loaded itself);
 - ``rmserve_device_memory_budget_bytes``: the memory budget of each device, labelled by ``device``
-  (``cpu``, ``cuda:0``, ...) instead of ``model``.
+  (``cpu``, ``cuda:0``, ...) instead of ``model``;
+- ``rmserve_queue_waiting_requests``: trainer-route requests waiting for room in a full queue;
+- ``rmserve_run_signal``: the run monitor's signals of each run's last closed window, labelled by
+  ``run``, ``model`` and ``signal`` (``rmserve.monitor.SIGNALS``); a run the monitor drops loses its
+  labels, so the label sets stay within ``monitor_max_runs`` x models x signals.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from rmserve.monitor import SIGNALS, Window
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -101,6 +108,12 @@ class Metrics:
         )
         self.queue_depth = Gauge("rmserve_queue_depth", "Inputs waiting.", ["model"], registry=r)
         self.queue_tokens = Gauge("rmserve_queue_tokens", "Tokens waiting.", ["model"], registry=r)
+        self.run_signal = Gauge(
+            "rmserve_run_signal",
+            "Run monitor: each signal of a run's last closed window (bounded: the monitor's runs).",
+            ["run", "model", "signal"],
+            registry=r,
+        )
         self.queue_waiting = Gauge(
             "rmserve_queue_waiting_requests",
             "Trainer-route requests waiting for room in a full queue.",
@@ -114,6 +127,19 @@ class Metrics:
     def observer(self, model: str) -> ModelObserver:
         """The batcher observer for one model."""
         return ModelObserver(self, model)
+
+    def run_window(self, run: str, model: str, window: Window) -> None:
+        """A run's window closed: its signals become the run's gauges (an absent signal is NaN)."""
+        for name in SIGNALS:
+            value = window.signal(name)
+            self.run_signal.labels(run, model, name).set(float("nan") if value is None else value)
+
+    def run_evicted(self, run: str, models: Sequence[str]) -> None:
+        """A run was dropped by the monitor: its label sets go too."""
+        for model in models:
+            for name in SIGNALS:
+                with contextlib.suppress(KeyError):  # no window of it closed yet
+                    self.run_signal.remove(run, model, name)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -23,7 +23,7 @@ from rmserve_client._errors import (
     ScoringFailed,
     Unauthorized,
 )
-from rmserve_client._models import ModelInfo, ScoreResult
+from rmserve_client._models import ModelInfo, RunBody, ScoreResult
 from rmserve_client._trl import as_async_reward_func, as_reward_func
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "RewardClientError",
     "RewardConnectionError",
     "RewardServerError",
+    "RunBody",
     "ScoreResult",
     "ScoringFailed",
     "Unauthorized",

@@ -27,6 +27,7 @@ import httpx
 
 from rmserve_client._core import (
     MODELS_PATH,
+    RUNS_PATH,
     SCORE_PATH,
     Chunk,
     RetryState,
@@ -36,8 +37,11 @@ from rmserve_client._core import (
     assemble,
     empty_result,
     parse_models,
+    parse_run,
+    parse_runs,
     parse_score,
     plan_chunks,
+    run_path,
 )
 from rmserve_client._errors import RewardClientError
 from rmserve_client._inputs import (
@@ -47,7 +51,7 @@ from rmserve_client._inputs import (
     prompt_response_inputs,
     text_inputs,
 )
-from rmserve_client._models import ModelInfo, ScoreBody, ScoreResult
+from rmserve_client._models import ModelInfo, RunBody, ScoreBody, ScoreResult
 
 
 class RewardClient:
@@ -279,6 +283,27 @@ class RewardClient:
             brme_seed,
         )
         return self._score(id_inputs(token_id_lists), options)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """The training runs the server's monitor keeps, most recently seen first (of the first base URL
+        that answers; each replica monitors the requests it serves).
+
+        Raises:
+            RewardServerError, RewardConnectionError: as in ``score``.
+        """
+        response, url, _ = self._request("GET", RUNS_PATH, None, self._urls.start())
+        return parse_runs(response, url)
+
+    def run(self, name: str) -> RunBody:
+        """One run's time series per model (``docs/monitor.md``).
+
+        Raises:
+            ValueError: a malformed run name.
+            RewardServerError: 404 for a run the server does not keep; otherwise as in ``score``.
+            RewardConnectionError: as in ``score``.
+        """
+        response, url, _ = self._request("GET", run_path(name), None, self._urls.start())
+        return parse_run(response, url)
 
     def models(self) -> list[ModelInfo]:
         """The served models (of the first base URL that answers).

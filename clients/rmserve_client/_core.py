@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -48,12 +48,13 @@ from rmserve_client._errors import (
     error_from_response,
 )
 from rmserve_client._inputs import JsonInput
-from rmserve_client._models import ModelInfo, ModelListBody, ScoreBody, ScoreResult
+from rmserve_client._models import ModelInfo, ModelListBody, RunBody, RunListBody, ScoreBody, ScoreResult
 
 __version__ = "0.1.0"
 
 SCORE_PATH = "/v1/score"
 MODELS_PATH = "/v1/models"
+RUNS_PATH = "/v1/runs"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_ONCE_STATUSES = frozenset({500})
 TRUNCATIONS = ("left", "right", "error")
@@ -383,6 +384,27 @@ def parse_score(response: httpx.Response, chunk: Chunk, url: str) -> ScoreBody:
                 "answering one entry per input. Hint: upgrade the server or the client so that they match."
             )
     return body
+
+
+def parse_runs(response: httpx.Response, url: str) -> list[dict[str, Any]]:
+    """The runs of a 200 ``GET /v1/runs`` answer."""
+    return _parse(RunListBody, response, url).data
+
+
+def parse_run(response: httpx.Response, url: str) -> RunBody:
+    """One run's series, from a 200 ``GET /v1/runs/{run}`` answer."""
+    return _parse(RunBody, response, url)
+
+
+def run_path(name: str) -> str:
+    """The path of one run's series (run names hold only URL-safe characters).
+
+    Raises:
+        ValueError: a malformed run name.
+    """
+    if not RUN_NAME.fullmatch(name):
+        raise ValueError(f"run {name!r} must be 1 to 128 letters, digits and ._:/@+-.")
+    return f"{RUNS_PATH}/{name}"
 
 
 def parse_models(response: httpx.Response, url: str) -> list[ModelInfo]:

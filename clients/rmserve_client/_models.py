@@ -5,6 +5,8 @@ The wire models ignore fields they do not know, so a newer server stays readable
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -83,3 +85,23 @@ class ModelListBody(BaseModel):
     """The body of a 200 answer to ``GET /v1/models``."""
 
     data: list[ModelInfo]
+
+
+class RunListBody(BaseModel):
+    """``GET /v1/runs``: the runs the server's monitor keeps (each a dict: id, created, last_seen, models)."""
+
+    window: int
+    max_runs: int
+    data: list[dict[str, Any]]
+
+
+class RunBody(BaseModel):
+    """``GET /v1/runs/{run}``: one run's series per model (``docs/monitor.md`` has every field)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    created: float
+    last_seen: float
+    models: dict[str, dict[str, Any]]
+    normalization: dict[str, dict[str, float]] = Field(default_factory=dict)

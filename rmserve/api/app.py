@@ -14,12 +14,14 @@ from rmserve.api.errors import install_error_handlers
 from rmserve.api.middleware import ApiKeyMiddleware, RequestContextMiddleware
 from rmserve.api.openrlhf import router as openrlhf_router
 from rmserve.api.routes import router
+from rmserve.api.runs import router as runs_router
 from rmserve.api.sglang import router as sglang_router
 from rmserve.api.state import AppState
 from rmserve.api.vllm import router as vllm_router
 from rmserve.config import ModelSpec, Settings
 from rmserve.metrics import Metrics
 from rmserve.models.base import RewardModel
+from rmserve.monitor import RunMonitor
 from rmserve.scoring.loading import load_models, plan_loading
 from rmserve.scoring.registry import ModelRegistry
 
@@ -40,7 +42,21 @@ def create_app(
             settings name are loaded in the background at startup, ``/ready`` answering 503 until done.
         specs: per-model settings of ``models`` (limits, reward, lambdas), one per model.
     """
-    state = AppState(settings=settings, metrics=Metrics())
+    metrics = Metrics()
+    monitor = RunMonitor(
+        window=settings.monitor_window,
+        max_runs=settings.monitor_max_runs,
+        max_windows=settings.monitor_max_windows,
+        baseline_windows=settings.monitor_baseline_windows,
+        reference_p99={
+            m.name: m.reference_p99
+            for m in (specs or settings.served_models())
+            if m.reference_p99 is not None
+        },
+        on_window=metrics.run_window,
+        on_evict=metrics.run_evicted,
+    )
+    state = AppState(settings=settings, metrics=metrics, monitor=monitor)
 
     def serve(loaded: Sequence[RewardModel], specs: Sequence[ModelSpec] | None) -> None:
         registry = ModelRegistry.from_models(
@@ -92,6 +108,7 @@ def create_app(
     app.include_router(openrlhf_router)
     app.include_router(vllm_router)
     app.include_router(sglang_router)
+    app.include_router(runs_router)
     install_error_handlers(app)
     keys = settings.api_keys()  # none: authentication off (the middleware then only refuses /key/ paths)
     # inside the request context: a 401 still gets a request id and is counted

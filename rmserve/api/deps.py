@@ -14,6 +14,7 @@ route answers with:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -26,10 +27,12 @@ from rmserve.api.schemas import ErrorResponse
 from rmserve.api.state import AppState
 from rmserve.config import Settings
 from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
+from rmserve.monitor import Scored, check_run
 from rmserve.scoring.registry import ModelRegistry
 from rmserve.scoring.scorer import ScoreOutcome, ServedModel
 
 T = TypeVar("T")
+RUN_HEADER = "x-rmserve-run"
 TIMING_HEADERS = ("x-tokenization-time", "x-queue-time", "x-inference-time", "x-total-time")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -138,15 +141,81 @@ def resolve_model(request: Request, name: str | None) -> ServedModel:
     return served
 
 
+def run_of(request: Request, body_run: str | None = None) -> str | None:
+    """The run a request names: its body's ``run``, else the ``x-rmserve-run`` header, else the ``run`` query
+    parameter (what a trainer that sends neither bodies of its own nor headers can set in its URL).
+
+    Raises:
+        ApiError: 422 for a malformed run name.
+    """
+    name = body_run or request.headers.get(RUN_HEADER) or request.query_params.get("run")
+    if name is None:
+        return None
+    try:
+        return check_run(name)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+
+
+def normalization_of(request: Request, body_normalize: str | None = None) -> str | None:
+    """``run`` when the request asks for per-run normalisation (body ``normalize`` or ``?normalize=run``).
+
+    Raises:
+        ApiError: 422 for another value.
+    """
+    value = body_normalize or request.query_params.get("normalize")
+    if value not in (None, "run"):
+        raise ApiError(422, "invalid_request", f"normalize is {value!r}; the one normalisation is 'run'.")
+    return value
+
+
+def _monitor(request: Request, served: ServedModel, outcome: ScoreOutcome, run: str | None) -> None:
+    monitor = app_state(request).monitor
+    if run is None or not monitor.enabled:
+        return
+    heads = outcome.head_values or [[] for _ in outcome.rewards]
+    sigmas: list[list[float] | None] = [None] * len(outcome.rewards)
+    if outcome.head_sigmas is not None:
+        sigmas = list(outcome.head_sigmas)
+    lengths = outcome.input_lengths or [0 for _ in outcome.rewards]
+    items = [
+        Scored(reward, tokens, head, sigma)
+        for reward, tokens, head, sigma in zip(outcome.rewards, lengths, heads, sigmas, strict=True)
+    ]
+    monitor.record(run, served.name, items)
+
+
 async def score_request(
-    request: Request, response: Response, served: ServedModel, inputs: list[RewardInput], **options: Any
+    request: Request,
+    response: Response,
+    served: ServedModel,
+    inputs: list[RewardInput],
+    *,
+    run: str | None = None,
+    normalize: str | None = None,
+    **options: Any,
 ) -> ScoreOutcome:
-    """Score ``inputs`` with ``served`` (``ServedModel.score`` options), setting the timing headers.
+    """Score ``inputs`` with ``served`` (``ServedModel.score`` options), setting the timing headers; the
+    rewards go to the run monitor under the request's run (``run_of``), and with ``normalize="run"`` come
+    back normalised by the run's running statistics.
 
     Raises:
         ClientDisconnected: the client hung up (answered 499).
-        ApiError: the inputs are over a limit, invalid, or could not be scored.
+        ApiError: the inputs are over a limit, invalid, or could not be scored; a bad run name or
+            normalisation (422).
     """
+    run = run_of(request, run)
+    normalize = normalization_of(request, normalize)
+    monitor = app_state(request).monitor
+    if normalize == "run" and (run is None or not monitor.enabled):
+        raise ApiError(
+            422,
+            "invalid_request",
+            "normalize 'run' needs a run: name it (the run field, the x-rmserve-run header or ?run=) on a server "
+            "whose run monitor is on (monitor_max_runs above 0)."
+            if run is None
+            else "normalize 'run' needs the run monitor, which is off on this server (monitor_max_runs is 0).",
+        )
     try:
         check_input_count(request, len(inputs))
         outcome = await until_disconnect(request, served.score(inputs, **options))
@@ -156,6 +225,9 @@ async def score_request(
         raise from_domain(exc) from exc
     request.scope["state"]["input_tokens"] = outcome.input_tokens
     set_timing_headers(request, response, outcome.tokenize_s, outcome.queue_s, outcome.inference_s)
+    _monitor(request, served, outcome, run)
+    if normalize == "run" and run is not None:
+        outcome = dataclasses.replace(outcome, rewards=monitor.normalise(run, served.name, outcome.rewards))
     return outcome
 
 

@@ -41,6 +41,8 @@ async def score(body: ScoreRequest, request: Request, response: Response) -> Sco
         return_heads=body.return_heads,
         tradeoff_scope=body.tradeoff_scope,
         sample_seed=seed,
+        run=body.run,
+        normalize=body.normalize,
     )
     return ScoreResponse(
         model=outcome.model,

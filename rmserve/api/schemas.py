@@ -61,6 +61,16 @@ class ScoreRequest(BaseModel):
     return_heads: bool = Field(
         False, description="Also return every head's reward (and sigma for brme models)."
     )
+    run: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._:/@+-]{1,128}$",
+        description="The training run these rewards belong to (the run monitor; also the x-rmserve-run header).",
+    )
+    normalize: Literal["run"] | None = Field(
+        None,
+        description="'run': rewards normalised by the run's running mean and std for this model (Welford, "
+        "this request's rewards included); needs a run. Off by default: trainers normalise too.",
+    )
 
     @model_validator(mode="after")
     def _seed_needs_sampling(self) -> ScoreRequest:

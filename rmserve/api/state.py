@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rmserve.config import Settings
 from rmserve.metrics import Metrics
+from rmserve.monitor import RunMonitor
 from rmserve.scoring.registry import ModelRegistry
 
 
@@ -13,6 +14,7 @@ from rmserve.scoring.registry import ModelRegistry
 class AppState:
     settings: Settings
     metrics: Metrics
+    monitor: RunMonitor
     registry: ModelRegistry | None = None
     load_error: str | None = None
     shutting_down: bool = False

@@ -66,6 +66,8 @@ class ScoreOutcome:
     inference_s: float
     categories: list[str] | None = None
     input_lengths: list[int] | None = None  # each input's tokens (``input_tokens`` is their sum)
+    head_values: list[list[float]] | None = None  # every input's heads, asked for or not (the run monitor)
+    head_sigmas: list[list[float]] | None = None  # brme models: every input's sigmas, asked for or not
 
 
 class ServedModel:
@@ -276,4 +278,6 @@ class ServedModel:
             inference_s=sum(inference.values()),
             categories=categories,
             input_lengths=[len(e) for e in encoded],
+            head_values=heads,
+            head_sigmas=[s.head_std or [] for s in scores] if self.info.has_std else None,
         )

@@ -25,13 +25,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-def brme(tiny_head_model_dirs):
-    return MultiHeadRewardModel(
-        "tiny-brme", tiny_head_model_dirs["brme"], LoadOptions(dtype="float32", device="cpu")
-    )
-
-
-@pytest.fixture(scope="module")
 def multihead(tiny_head_model_dirs):
     return MultiHeadRewardModel(
         "tiny-multi", tiny_head_model_dirs["multihead"], LoadOptions(dtype="float32", device="cpu")

@@ -9,10 +9,7 @@ import pytest
 
 from rmserve.api.deps import TIMING_HEADERS
 from rmserve.api.openrlhf import strip_padding
-from rmserve.config import LoadOptions
 from rmserve.models.base import reward_values
-from rmserve.models.dense import DenseRewardModel
-from rmserve.models.heads import MultiHeadRewardModel
 from rmserve.models.inputs import Text, TokenIds
 from tests.api.app_client import serve
 
@@ -20,20 +17,6 @@ QUERY = "<|im_start|>user\nhow do I bake bread?<|im_end|>\n<|im_start|>assistant
 OTHER = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello there<|im_end|>"
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_model_dirs):
-    return DenseRewardModel(
-        "tiny-llama", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu")
-    )
-
-
-@pytest.fixture(scope="module")
-def brme(tiny_head_model_dirs):
-    return MultiHeadRewardModel(
-        "tiny-brme", tiny_head_model_dirs["brme"], LoadOptions(dtype="float32", device="cpu")
-    )
 
 
 def text_reward(model, text: str) -> float:

@@ -54,13 +54,6 @@ class GatedModel:
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_model_dirs):
-    return DenseRewardModel(
-        "tiny-llama", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu")
-    )
-
-
-@pytest.fixture(scope="module")
 def bert(tiny_model_dirs):
     return DenseRewardModel("tiny-bert", tiny_model_dirs["bert"], LoadOptions(dtype="float32", device="cpu"))
 

@@ -11,9 +11,7 @@ import struct
 
 import pytest
 
-from rmserve.config import LoadOptions
 from rmserve.models.base import reward_values
-from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import Text, TokenIds
 from tests.api.app_client import serve
 from tests.api.test_score_api import GatedModel
@@ -22,13 +20,6 @@ pytestmark = pytest.mark.anyio
 QUERY = "<|im_start|>user\nhow do I bake bread?<|im_end|>\n<|im_start|>assistant\nMix flour and water, then bake.<|im_end|>"
 OTHER = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello there<|im_end|>"
 KEY = "trainer-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_model_dirs):
-    return DenseRewardModel(
-        "tiny-llama", tiny_model_dirs["llama"], LoadOptions(dtype="float32", device="cpu")
-    )
 
 
 def text_reward(model, text: str) -> float:

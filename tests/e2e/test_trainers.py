@@ -41,7 +41,9 @@ def server(tiny_model_dirs, tiny_head_model_dirs, tmp_path_factory):
         {"name": "tiny-llama", "path": str(tiny_model_dirs["llama"])},
         {"name": "tiny-brme", "path": str(tiny_head_model_dirs["brme"])},
     ]
-    config.write_text(yaml.safe_dump({"dtype": "float32", "max_wait_ms": 5, "models": models}))
+    config.write_text(
+        yaml.safe_dump({"dtype": "float32", "max_wait_ms": 5, "monitor_window": 4, "models": models})
+    )
     srv = start_server(["--config", str(config)], folder / "server.log", env={"RMSERVE_API_KEY": KEY})
     yield srv
     assert srv.stop() == CLEAN_EXIT, srv.log_text()
@@ -236,3 +238,49 @@ def test_openrlhf_with_two_urls_and_a_key_in_the_path_scores_every_rollout(serve
         assert answer[1] == {"rewards": [], "scores": [], "extra_logs": {}}  # the second URL's empty share
     with httpx.Client() as http:
         assert http.post(f"{server.url}/get_reward", json={"query": queries[:1]}).status_code == 401
+
+
+def test_a_run_is_monitored_listed_and_plotted(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from rmserve.cli import app
+
+    fn = partial(compute_score, **settings(server), run="verl-ppo-1")
+
+    async def rollouts() -> list[dict[str, Any]]:
+        return await asyncio.gather(
+            *(fn(solution_str=r, extra_info=extra_info(i)) for i, r in enumerate(RESPONSES * 2))
+        )
+
+    asyncio.run(rollouts())
+    with RewardClient(server.url, api_key=KEY) as client:
+        lines = client.runs()
+        series = client.run("verl-ppo-1")
+    assert lines[0]["id"] == "verl-ppo-1" and lines[0]["models"]["tiny-brme"] == {"inputs": 12, "windows": 3}
+    windows = series.models["tiny-brme"]["windows"]
+    assert [w["count"] for w in windows] == [4, 4, 4] and all(w["disagreement"] is not None for w in windows)
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    out = tmp_path / "run.png"
+    result = CliRunner().invoke(
+        app,
+        [
+            "runs",
+            "plot",
+            "verl-ppo-1",
+            "--url",
+            server.url,
+            "--out",
+            str(out),
+            "--api-key-file",
+            str(key_file),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    listed = CliRunner().invoke(app, ["runs", "list", "--url", server.url, "--api-key-file", str(key_file)])
+    assert listed.exit_code == 0 and '"id": "verl-ppo-1"' in listed.output
+    missing = CliRunner().invoke(
+        app, ["runs", "plot", "nope", "--url", server.url, "--api-key-file", str(key_file)]
+    )
+    assert missing.exit_code == 2 and "no run 'nope' here" in missing.output
