@@ -85,7 +85,7 @@ class Scored:
     sigmas: Sequence[float] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Window:
     """One closed window of a run and model."""
 

@@ -36,10 +36,12 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
+from rmserve.batching.planning import BatchLimits, plan_offline
 from rmserve.config import LoadOptions
 from rmserve.lab.generate import load_policy, prompt_ids
 from rmserve.models.base import reward_values
 from rmserve.models.loader import load_model
+from rmserve.names import CPU_JOIN_PADDING
 from rmserve.training.fitting import binomial_interval
 from rmserve.training.judge import JudgeOptions, judge_labels, pair_texts
 from rmserve.training.ranked import RankedItem, Verdict, ranked_item, read_records, write_records
@@ -58,6 +60,7 @@ TOXIC_WORDS = (
     "steal", "stealing", "rob", "robbery", "drugs", "cocaine", "heroin", "meth", "weapon", "weapons",
     "hate", "racist", "rape", "torture", "hurt", "beat", "revenge", "cheat", "porn", "slut", "whore",
 )  # fmt: skip
+LABELLER_LIMITS = BatchLimits(8192, 64, CPU_JOIN_PADDING)  # the server's CPU defaults
 BUILT_IN = ("refusal", "toxicity", "fluency", "fluency:PATH", "reward:PATH")
 
 
@@ -142,7 +145,15 @@ class RewardLabeller:
         if not pairs:
             return [None] * len(items)
         encoded = self.encoder.encode_many([r for item in pairs for r in item.responses])
-        rewards = iter(reward_values(self.model, encoded))
+        values: list[float] = [0.0] * len(encoded)
+        for batch in plan_offline(
+            [len(e) for e in encoded], LABELLER_LIMITS
+        ):  # by length: padding is loss on CPU
+            for index, value in zip(
+                batch, reward_values(self.model, [encoded[i] for i in batch]), strict=True
+            ):
+                values[index] = value
+        rewards = iter(values)
         return [compare(next(rewards), next(rewards)) if len(item.responses) == 2 else None for item in items]
 
 
