@@ -32,6 +32,7 @@ Rule-based rewards combine through ``make_compute_score(rule=..., combine=...)``
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import os
 import threading
@@ -192,6 +193,26 @@ _async_clients: weakref.WeakKeyDictionary[
 ] = weakref.WeakKeyDictionary()
 _sync_clients: dict[tuple[Any, ...], tuple[RewardClient, dict[str | None, ModelInfo | None]]] = {}
 _sync_lock = threading.Lock()
+
+
+def close_clients() -> None:
+    """Close the blocking clients ``compute_score_sync`` opened (also run at interpreter exit)."""
+    with _sync_lock:
+        clients = [client for client, _ in _sync_clients.values()]
+        _sync_clients.clear()
+    for client in clients:
+        client.close()
+
+
+async def aclose_clients() -> None:
+    """Close the clients ``compute_score`` opened on the running event loop (call it before the loop ends,
+    as verl's workers never need to: they keep one loop for the whole run)."""
+    per_loop = _async_clients.pop(asyncio.get_running_loop(), {})
+    for client, _ in per_loop.values():
+        await client.aclose()
+
+
+atexit.register(close_clients)
 
 
 def _async_client(settings: VerlSettings) -> tuple[AsyncRewardClient, dict[str | None, ModelInfo | None]]:

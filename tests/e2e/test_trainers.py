@@ -26,7 +26,7 @@ import yaml
 
 from rmserve.launch import CLEAN_EXIT, start_server
 from rmserve_client import RewardClient
-from rmserve_client.verl import VerlSettings, compute_score, make_compute_score
+from rmserve_client.verl import VerlSettings, aclose_clients, close_clients, compute_score, make_compute_score
 
 KEY = "trainer-key-0123456789"
 PROMPT = "How do I bake bread?"
@@ -59,6 +59,18 @@ def reference(server):
         result = client.score_messages(conversations, aggregates=["min", "uwo"], return_heads=True)
         (info,) = [m for m in client.models() if m.id == "tiny-brme"]
     return result, info
+
+
+def run(awaitable: Any) -> Any:
+    """``asyncio.run`` that closes the clients ``compute_score`` opened on that loop before it ends."""
+
+    async def main() -> Any:
+        try:
+            return await awaitable
+        finally:
+            await aclose_clients()
+
+    return asyncio.run(main())
 
 
 def load_like_verl(name: str, reward_kwargs: dict[str, Any]) -> Any:
@@ -106,7 +118,7 @@ def test_verl_reward_loop_awaits_compute_score_per_rollout(server, reference):
             )
         )
 
-    results = asyncio.run(reward_loop())
+    results = run(reward_loop())
     for i, result in enumerate(results):
         assert result == pytest.approx(expected(reference, i), rel=1e-5, abs=1e-5)
     assert len({tuple(r) for r in results}) == 1  # the same keys every row: verl builds its columns so
@@ -126,6 +138,7 @@ def test_verl_sync_managers_call_compute_score_sync(server, reference):
             )
         )
     direct = fn(data_source="hh", solution_str=RESPONSES[0], ground_truth=None, extra_info=extra_info(0))
+    close_clients()
     for i, result in enumerate(threaded):
         assert result == pytest.approx(expected(reference, i), rel=1e-5, abs=1e-5)
     assert direct == pytest.approx(expected(reference, 0), rel=1e-5, abs=1e-5)
@@ -136,12 +149,12 @@ def test_verl_settings_from_the_environment_and_extra_info(server, reference, mo
     monkeypatch.setenv("RMSERVE_API_KEY", KEY)
     monkeypatch.setenv("RMSERVE_MODEL", "tiny-llama")
     info = extra_info(0) | {"rmserve": {"model": "tiny-brme", "reward": "min"}}  # the row's own settings
-    result = asyncio.run(
+    result = run(
         compute_score(data_source="hh", solution_str=RESPONSES[0], ground_truth=None, extra_info=info)
     )
     assert result == pytest.approx({"score": reference[0].aggregates["min"][0], "rm_reward": reference[0].aggregates["min"][0]}, abs=1e-5)  # fmt: skip
     # verl's own keywords when it also runs a reward model are accepted and left alone
-    plain = asyncio.run(
+    plain = run(
         compute_score(
             solution_str=RESPONSES[1], extra_info=extra_info(1), reward_router_address="10.0.0.1:9000",
             reward_model_tokenizer=None,
@@ -158,8 +171,8 @@ def test_a_rule_based_score_combines_with_the_reward(server, reference):
         }
 
     fn = partial(make_compute_score(rule=rule, combine=lambda rule_score, rm: rule_score + 0.5 * rm), **settings(server))  # fmt: skip
-    hit = asyncio.run(fn(data_source="hh", solution_str=RESPONSES[3], ground_truth="3 minutes", extra_info=extra_info(3)))  # fmt: skip
-    miss = asyncio.run(fn(data_source="hh", solution_str=RESPONSES[4], ground_truth="3 minutes", extra_info=extra_info(4)))  # fmt: skip
+    hit = run(fn(data_source="hh", solution_str=RESPONSES[3], ground_truth="3 minutes", extra_info=extra_info(3)))  # fmt: skip
+    miss = run(fn(data_source="hh", solution_str=RESPONSES[4], ground_truth="3 minutes", extra_info=extra_info(4)))  # fmt: skip
     rewards = reference[0].rewards
     assert hit["score"] == pytest.approx(1.0 + 0.5 * rewards[3], abs=1e-5)
     assert miss["score"] == pytest.approx(0.5 * rewards[4], abs=1e-5)
@@ -179,7 +192,7 @@ def test_a_rule_based_score_combines_with_the_reward(server, reference):
 def test_verl_settings_errors_say_how_to_fix_them(kwargs, info, message, monkeypatch):
     monkeypatch.delenv("RMSERVE_URL", raising=False)
     with pytest.raises(ValueError, match=re.escape(message)):
-        asyncio.run(compute_score(solution_str="x", extra_info=info, **kwargs))
+        run(compute_score(solution_str="x", extra_info=info, **kwargs))
     assert VerlSettings.resolve({"url": "http://a:1,http://b:2"}, None, {}).urls == [
         "http://a:1",
         "http://b:2",
@@ -229,7 +242,7 @@ def test_openrlhf_with_two_urls_and_a_key_in_the_path_scores_every_rollout(serve
                 *(fetch_rewards_like_openrlhf(http, urls, [q], [PROMPT], [""]) for q in queries)
             )
 
-    answers = asyncio.run(rollouts())
+    answers = run(rollouts())
     with RewardClient(server.url, api_key=KEY) as client:
         direct = client.score_texts(queries).rewards
     for answer, reward in zip(answers, direct, strict=True):
@@ -252,7 +265,7 @@ def test_a_run_is_monitored_listed_and_plotted(server, tmp_path):
             *(fn(solution_str=r, extra_info=extra_info(i)) for i, r in enumerate(RESPONSES * 2))
         )
 
-    asyncio.run(rollouts())
+    run(rollouts())
     with RewardClient(server.url, api_key=KEY) as client:
         lines = client.runs()
         series = client.run("verl-ppo-1")
