@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rmserve.models.inputs import INPUT_FORMS_HELP, ScoreInput
+from rmserve.monitor import RUN_NAME
 from rmserve.names import AGGREGATES, AggregateName, RewardName, TradeoffScope
 
 MAX_SEED = 2**63 - 1
@@ -63,7 +64,7 @@ class ScoreRequest(BaseModel):
     )
     run: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9._:/@+-]{1,128}$",
+        pattern=f"^{RUN_NAME.pattern}$",
         description="The training run these rewards belong to (the run monitor; also the x-rmserve-run header).",
     )
     normalize: Literal["run"] | None = Field(
