@@ -32,6 +32,7 @@ from rmserve.names import (
     CPU_JOIN_PADDING,
     DEFAULT_DEMOS,
     DEMO_MODELS,
+    PREFIX_MIN_TOKENS,
     DTypeName,
     KernelsName,
     KindName,
@@ -103,6 +104,12 @@ _POOLING_HELP = (
 )
 
 
+_PREFIX_HELP = (
+    "Inputs of a decoder model that begin with the same tokens (GRPO's and best-of-n's responses to one prompt) "
+    "compute that prefix once when it is at least this many tokens; 0 turns prefix sharing off."
+)
+
+
 class ModelSpec(BaseModel):
     """One served model; unset fields take the server-wide value."""
 
@@ -136,6 +143,7 @@ class ModelSpec(BaseModel):
     max_batch_tokens: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1)
     max_join_padding: int | None = Field(None, ge=0)
+    prefix_min_tokens: int | None = Field(None, ge=0, description=_PREFIX_HELP)
     reference_p99: float | None = Field(
         None,
         allow_inf_nan=False,
@@ -197,6 +205,7 @@ class Settings(BaseSettings):
         description="Most padding tokens an input may add to a batch by joining it; default by device: "
         f"{CPU_JOIN_PADDING} on CPU (padding is nearly pure loss there), unlimited on GPU.",
     )
+    prefix_min_tokens: int = Field(PREFIX_MIN_TOKENS, ge=0, description=_PREFIX_HELP)
     max_wait_ms: float = Field(
         2.0,
         ge=0,

@@ -87,6 +87,12 @@ class Metrics:
         self.padded_tokens = Counter(
             "rmserve_padded_tokens_total", "Tokens computed, padding included.", ["model"], registry=r
         )
+        self.prefix_reused = Counter(
+            "rmserve_prefix_tokens_reused_total",
+            "Tokens not computed because inputs shared a prefix (computed once for the group).",
+            ["model"],
+            registry=r,
+        )
         self.batches = Counter("rmserve_batches_total", "Batches run.", ["model", "outcome"], registry=r)
         self.dropped = Counter(
             "rmserve_dropped_inputs_total",
@@ -184,3 +190,6 @@ class ModelObserver:
 
     def items_dropped(self, count: int) -> None:
         self._m.dropped.labels(self._model).inc(count)
+
+    def prefix_reused(self, tokens: int) -> None:
+        self._m.prefix_reused.labels(self._model).inc(tokens)

@@ -77,3 +77,7 @@ looks them up."""
 
 CPU_JOIN_PADDING = 32
 """Default ``max_join_padding`` on CPU, where padding is nearly pure loss (unlimited on GPU)."""
+
+PREFIX_MIN_TOKENS = 32
+"""Default shortest prefix shared by several inputs (``rmserve.batching.prefix``): measured in
+``bench/prefix.py`` (docs/benchmarks.md)."""

@@ -3,7 +3,9 @@
 Requests put items (one per input) on the queue and await their futures. A single loop task owns
 the queue: it waits (event-driven, no polling) until a full batch is waiting or the oldest item has
 waited ``max_wait_s``, cuts a batch around the oldest item with :func:`grow_batch` (length-aware, so
-padding stays low), and runs it on the model's device executor (one thread per device, so one
+padding stays low), or, when the oldest item belongs to a prefix group (inputs that begin with the same
+tokens: ``rmserve.batching.prefix``) with company waiting, from that group alone, so the model computes
+the shared prefix once; and runs it on the model's device executor (one thread per device, so one
 forward at a time). While a forward runs, new items queue up and form the next batch.
 
 Guarantees:
@@ -23,7 +25,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -93,6 +95,10 @@ class BatchObserver(Protocol):
 
     def items_dropped(self, count: int) -> None: ...
 
+    def prefix_reused(self, tokens: int) -> None:
+        """A forward computed ``tokens`` fewer tokens by sharing prefixes (called by the model's forward)."""
+        ...
+
 
 class _NoObserver:
     def batch_done(self, **_: object) -> None:
@@ -107,12 +113,17 @@ class _NoObserver:
     def items_dropped(self, count: int) -> None:
         pass
 
+    def prefix_reused(self, tokens: int) -> None:
+        pass
+
 
 @dataclass(eq=False, slots=True)
 class _Item(Generic[P, R]):
     payload: P
     n_tokens: int
     future: asyncio.Future[ItemResult[R]]
+    group: Hashable | None = None  # inputs with the same group begin with the same ``shared`` tokens
+    shared: int = 0
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -177,7 +188,13 @@ class Batcher(Generic[P, R]):
         """Submits waiting for room in the queue (``wait=True``)."""
         return len(self._waiters)
 
-    async def submit(self, items: Sequence[tuple[P, int]], *, wait: bool = False) -> list[ItemResult[R]]:
+    async def submit(
+        self,
+        items: Sequence[tuple[P, int]],
+        *,
+        wait: bool = False,
+        groups: Sequence[tuple[Hashable, int] | None] | None = None,
+    ) -> list[ItemResult[R]]:
         """Queue items (payload, token count) and wait for all of their results, in order.
 
         If the caller is cancelled (its client hung up, its request timed out), its items still queued are
@@ -187,6 +204,8 @@ class Batcher(Generic[P, R]):
             items: (payload, token count) pairs.
             wait: when the queue is full, wait for room (first come, first served) instead of raising
                 ``Overloaded``.
+            groups: per item, its prefix group and how many leading tokens the group shares (None: in no
+                group); items of one group are batched together.
 
         Raises:
             Closed: the batcher is shutting down (also ending a wait for room).
@@ -214,8 +233,13 @@ class Batcher(Generic[P, R]):
                     retry_after_s=self._retry_after(total),
                 )
             await self._wait_for_room(total)
+        if groups is not None and len(groups) != len(items):
+            raise ValueError(f"{len(groups)} groups were given for {len(items)} items; give one per item.")
         loop = asyncio.get_running_loop()
-        queued = [_Item[P, R](payload, n, loop.create_future()) for payload, n in items]
+        queued = [
+            _Item[P, R](payload, n, loop.create_future(), *(group or (None, 0)))
+            for (payload, n), group in zip(items, groups or [None] * len(items), strict=True)
+        ]
         self._pending.extend(queued)
         self._queued_tokens += total
         self._observer.queue_changed(items=len(self._pending), tokens=self._queued_tokens)
@@ -364,13 +388,35 @@ class Batcher(Generic[P, R]):
         if not self._pending:
             return []
         window = self._pending[:WINDOW]
-        chosen = [window[i] for i in grow_batch([item.n_tokens for item in window], 0, self.limits)]
+        chosen = self._group_batch(window)
+        if not chosen:
+            chosen = [window[i] for i in grow_batch([item.n_tokens for item in window], 0, self.limits)]
         taken = set(map(id, chosen))
         self._pending = [item for item in self._pending if id(item) not in taken]
         self._queued_tokens -= sum(item.n_tokens for item in chosen)
         self._busy = True
         self._observer.queue_changed(items=len(self._pending), tokens=self._queued_tokens)
         self._admit()
+        return chosen
+
+    def _group_batch(self, window: list[_Item[P, R]]) -> list[_Item[P, R]]:
+        """The oldest item's prefix group, oldest first, within the batch caps; empty when it has no company.
+
+        A group's cost counts its shared tokens once: the model computes them once.
+        """
+        anchor = window[0]
+        if anchor.group is None:
+            return []
+        mates = [item for item in window if item.group == anchor.group]
+        if len(mates) < 2:
+            return []
+        chosen, cost = [anchor], anchor.n_tokens
+        for item in mates[1:]:
+            added = item.n_tokens - min(item.shared, anchor.shared)
+            if len(chosen) >= self.limits.max_batch_size or cost + added > self.limits.max_batch_tokens:
+                break
+            chosen.append(item)
+            cost += added
         return chosen
 
     async def _run(self, batch: list[_Item[P, R]]) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import torch
 
 from rmserve.aggregation import AggregationParams
+from rmserve.batching.prefix import PrefixPlan
 from rmserve.config import LoadOptions
 from rmserve.models.inputs import RewardInput
 from rmserve.models.quantize import original_numel, quantization_state_tensors
@@ -68,6 +69,7 @@ class ModelInfo:
     reward: RewardName = "mean"
     defaults: AggregationParams = field(default_factory=AggregationParams)
     categories: tuple[str, ...] = ()  # dmoerm: the task categories its router picks from
+    shares_prefixes: bool = False  # whether ``score`` runs prefix plans (decoder backbones)
 
     @property
     def has_combined(self) -> bool:
@@ -119,6 +121,19 @@ class ForwardError(RuntimeError):
     """A forward pass failed or produced unusable numbers; fails only its own batch."""
 
 
+def refuse_plan(info: ModelInfo, plan: PrefixPlan | None) -> None:
+    """For backends that cannot share prefixes: a plan is a caller's bug, said as such.
+
+    Raises:
+        ValueError: a plan was passed.
+    """
+    if plan is not None:
+        raise ValueError(
+            f"{info.name!r} is a {info.kind} model, which does not share prefixes; its ModelInfo says "
+            "shares_prefixes=False, so pass no prefix plan."
+        )
+
+
 class RewardModel(Protocol):
     """A loaded reward model: encoders for the tokenisation threads, and a batched forward.
 
@@ -133,7 +148,12 @@ class RewardModel(Protocol):
         ...
 
     def score(
-        self, batch: Sequence[Encoded], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
+        self,
+        batch: Sequence[Encoded],
+        *,
+        uwo_lambda: torch.Tensor,
+        tradeoff_lambda: torch.Tensor,
+        plan: PrefixPlan | None = None,
     ) -> HeadOutputs:
         """Head rewards and aggregates for a batch, in batch order, on the CPU.
 
@@ -141,6 +161,8 @@ class RewardModel(Protocol):
             batch: inputs from this model's encoders.
             uwo_lambda: each input's UWO lambda, (B,) float32.
             tradeoff_lambda: each input's trade-off lambda, (B,) float32.
+            plan: which rows compute a shared prefix once (``rmserve.batching.prefix``); only for models
+                whose ``info.shares_prefixes``; None: one right-padded forward.
 
         Any exception fails the batch.
         """
@@ -157,7 +179,14 @@ class Backend(Protocol):
         ...
 
 
-def lambdas_for(params: AggregationParams, rows: int) -> dict[str, torch.Tensor]:
+class Lambdas(TypedDict):
+    """``score``'s lambda keyword arguments."""
+
+    uwo_lambda: torch.Tensor
+    tradeoff_lambda: torch.Tensor
+
+
+def lambdas_for(params: AggregationParams, rows: int) -> Lambdas:
     """The same lambdas for ``rows`` inputs, as ``score`` keyword arguments."""
     return {
         "uwo_lambda": torch.full((rows,), params.uwo_lambda),

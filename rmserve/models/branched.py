@@ -46,8 +46,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.cache_utils import Cache
 
 from rmserve.aggregation import AggregationParams, aggregate_rows, brme_nominal_index
+from rmserve.batching.prefix import PrefixGroup, PrefixPlan
 from rmserve.config import LoadOptions
 from rmserve.models.base import (
     MetaPart,
@@ -74,6 +76,7 @@ from rmserve.models.inputs import EncodedInput, InputEncoder
 from rmserve.models.lora import load_merged_classifier
 from rmserve.models.moe import decoder_layers
 from rmserve.models.pooling import log_pooling, pooling_rule
+from rmserve.models.prefix import frozen_layers, new_cache, padded_rows, scored_positions, shared_cache
 from rmserve.names import DEFAULT_POOLING, AggregateName, HeadKind, Pooling
 from rmserve_kernels.heads import HeadOutputs
 
@@ -199,16 +202,96 @@ class BranchStack(nn.Module):
         self.score: nn.Linear = score
 
 
-def run_trunk(base: nn.Module, trunk_layers: nn.ModuleList, ids: torch.Tensor) -> torch.Tensor:
-    """The hidden states leaving the trunk (``base``'s embeddings and ``trunk_layers``), (B, T, H)."""
+def run_trunk(
+    base: nn.Module, trunk_layers: nn.ModuleList, ids: torch.Tensor, cache: Cache | None = None
+) -> torch.Tensor:
+    """The hidden states leaving the trunk (``base``'s embeddings and ``trunk_layers``), (B, T, H).
+
+    ``cache``: filled by a prefix forward, or read by a suffix forward (``rmserve.models.prefix``).
+    """
     with running(base, trunk_layers, nn.Identity()):
-        return base(input_ids=ids, use_cache=False).last_hidden_state
+        return base(input_ids=ids, cache=cache, use_cache=cache is not None).last_hidden_state
 
 
-def run_stack(base: nn.Module, stack: BranchStack, states: torch.Tensor) -> torch.Tensor:
-    """One stack's final hidden states from the trunk's ``states`` (B, T, H), (B, T, H)."""
+def run_stack(
+    base: nn.Module, stack: BranchStack, states: torch.Tensor, cache: Cache | None = None
+) -> torch.Tensor:
+    """One stack's final hidden states from the trunk's ``states`` (B, T, H), (B, T, H); ``cache`` as for
+    ``run_trunk`` (its first layer must say how many tokens precede, so positions continue from them)."""
     with running(base, stack.layers, stack.norm):
-        return base(inputs_embeds=states, use_cache=False).last_hidden_state
+        return base(inputs_embeds=states, cache=cache, use_cache=cache is not None).last_hidden_state
+
+
+def planned_branch_states(
+    base: nn.Module,
+    trunk_layers: nn.ModuleList,
+    branches: Sequence[BranchStack],
+    batch: Sequence[EncodedInput],
+    plan: PrefixPlan,
+    positions: Sequence[int],
+    pad_id: int,
+) -> torch.Tensor:
+    """Each branch's final hidden state at each input's scored position, computed as ``plan`` says, (B, k, H)."""
+    device = next(base.parameters()).device
+    pooled: list[torch.Tensor | None] = [None] * len(batch)
+    if plan.rest:
+        ids = padded_rows([batch[r].token_ids for r in plan.rest], pad_id, device)  # (R, T)
+        states = run_trunk(base, trunk_layers, ids)  # (R, T, H)
+        rows = torch.arange(len(plan.rest), device=device)  # (R,)
+        at = torch.tensor([positions[r] for r in plan.rest], device=device)  # (R,)
+        rest = torch.stack([run_stack(base, b, states)[rows, at] for b in branches], dim=1)  # (R, k, H)
+        for i, row in enumerate(plan.rest):
+            pooled[row] = rest[i]
+    for group in plan.groups:
+        for row, state in _group_branch_states(base, trunk_layers, branches, batch, group, positions, pad_id):
+            pooled[row] = state
+    if any(state is None for state in pooled):
+        raise ValueError("the prefix plan leaves rows of the batch uncomputed.")
+    return torch.stack([state for state in pooled if state is not None])  # (B, k, H)
+
+
+def _group_branch_states(
+    base: nn.Module,
+    trunk_layers: nn.ModuleList,
+    branches: Sequence[BranchStack],
+    batch: Sequence[EncodedInput],
+    group: PrefixGroup,
+    positions: Sequence[int],
+    pad_id: int,
+) -> list[tuple[int, torch.Tensor]]:
+    """One prefix group's (row, (k, H) state) pairs: the trunk and each stack run the prefix once.
+
+    A stack's suffix cache holds its own layers' prefix keys and values and, in the trunk's slots, the
+    trunk's (so its first layer reports the prefix length: positions and mask continue from it).
+    """
+    device = next(base.parameters()).device
+    p = group.prefix
+    prefix_ids = torch.tensor([batch[group.rows[0]].token_ids[:p]], device=device)  # (1, P)
+    trunk_cache = new_cache() if len(trunk_layers) else None  # a trunk of no layers has nothing to cache
+    trunk_prefix = run_trunk(base, trunk_layers, prefix_ids, trunk_cache)  # (1, P, H)
+    trunk_frozen = frozen_layers(trunk_cache) if trunk_cache is not None else []
+    stack_frozen, stack_prefix = [], []
+    for stack in branches:
+        cache = new_cache()
+        stack_prefix.append(run_stack(base, stack, trunk_prefix, cache)[0])  # (P, H)
+        layers = frozen_layers(cache)
+        layers[: len(trunk_frozen)] = trunk_frozen
+        stack_frozen.append(layers)
+    out = []
+    for rows in group.suffix_batches:
+        ids = padded_rows([batch[r].token_ids[p:] for r in rows], pad_id, device)  # (S, T)
+        states = run_trunk(base, trunk_layers, ids, shared_cache(trunk_frozen) if trunk_frozen else None)
+        finals = [
+            run_stack(base, stack, states, shared_cache(layers))  # (S, T, H)
+            for stack, layers in zip(branches, stack_frozen, strict=True)
+        ]
+        for i, row in enumerate(rows):
+            at = positions[row]
+            if at < p:
+                out.append((row, torch.stack([h[at] for h in stack_prefix])))  # (k, H)
+            else:
+                out.append((row, torch.stack([h[i, at - p] for h in finals])))  # (k, H)
+    return out
 
 
 @torch.inference_mode()
@@ -297,6 +380,7 @@ class BranchedRewardModel:
             path=str(path),
             weights_bytes=weights,
             pooling=self.pooling.name,
+            shares_prefixes=True,
             heads=names,
             has_std=config.head_kind == "brme",
             nominal_head=config.nominal_head,
@@ -334,16 +418,28 @@ class BranchedRewardModel:
 
     @torch.inference_mode()
     def score(
-        self, batch: Sequence[EncodedInput], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
+        self,
+        batch: Sequence[EncodedInput],
+        *,
+        uwo_lambda: torch.Tensor,
+        tradeoff_lambda: torch.Tensor,
+        plan: PrefixPlan | None = None,
     ) -> HeadOutputs:
-        """Each branch's reward (and sigma for brme) with every aggregate, in batch order, on the CPU."""
-        ids, lengths = right_padded(batch, self.pad_id, self.device)
-        positions = self.pooling.positions(ids, lengths)  # (B,)
-        rows = torch.arange(len(batch), device=self.device)  # (B,)
-        states = run_trunk(self.base, self.trunk_layers, ids)  # (B, T, H)
-        pooled = torch.stack(
-            [run_stack(self.base, b, states)[rows, positions] for b in self.branches], dim=1
-        )  # (B, k, H)
+        """Each branch's reward (and sigma for brme) with every aggregate, in batch order, on the CPU;
+        ``plan``: which rows share a prefix."""
+        if plan is None:
+            ids, lengths = right_padded(batch, self.pad_id, self.device)
+            positions = self.pooling.positions(ids, lengths)  # (B,)
+            rows = torch.arange(len(batch), device=self.device)  # (B,)
+            states = run_trunk(self.base, self.trunk_layers, ids)  # (B, T, H)
+            pooled = torch.stack(
+                [run_stack(self.base, b, states)[rows, positions] for b in self.branches], dim=1
+            )  # (B, k, H)
+        else:
+            at = scored_positions(batch, self.pooling, self.pad_id)
+            pooled = planned_branch_states(
+                self.base, self.trunk_layers, self.branches, batch, plan, at, self.pad_id
+            )  # (B, k, H)
         pooled = pooled.float()
         scores = torch.stack(
             [

@@ -26,9 +26,11 @@ from transformers import (
     PretrainedConfig,
 )
 
+from rmserve.batching.prefix import PrefixPlan
 from rmserve.models.base import resolve_device, resolve_dtype
 from rmserve.models.inputs import EncodedInput, InputEncoder
 from rmserve.models.pooling import PoolingRule, log_pooling, pooling_rule
+from rmserve.models.prefix import base_run, planned_states
 from rmserve.models.quantize import check_quantize, finish_quantized, pretrained_kwargs
 from rmserve.names import DEFAULT_POOLING, DTypeName, Pooling, QuantizeName
 
@@ -98,6 +100,27 @@ def pooled_hidden_states(
     hidden = final_hidden_states(base, ids)  # (B, T, H)
     rows = torch.arange(ids.shape[0], device=ids.device)  # (B,)
     return hidden[rows, pooling.positions(ids, lengths)]  # (B, H)
+
+
+def scored_states(
+    base: nn.Module,
+    batch: Sequence[EncodedInput],
+    plan: PrefixPlan | None,
+    *,
+    pooling: PoolingRule,
+    pad_id: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a head reads: final hidden states (B, T, H) and each input's scored position in them, (B,).
+
+    Without a plan: one right-padded forward, positions by the pooling rule. With one: each input's
+    scored state computed as the plan says (``rmserve.models.prefix``), as (B, 1, H) at position 0.
+    """
+    if plan is None:
+        ids, lengths = right_padded(batch, pad_id, device)
+        return final_hidden_states(base, ids), pooling.positions(ids, lengths)  # (B, T, H), (B,)
+    states = planned_states(base_run(base), batch, plan, pooling=pooling, pad_id=pad_id, device=device)
+    return states[:, None, :], torch.zeros(len(batch), dtype=torch.long, device=device)  # (B, 1, H), (B,)
 
 
 def pad_token_id(tokenizer: object, config: object) -> int:

@@ -28,12 +28,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig
 
 from rmserve.aggregation import aggregate_rows
+from rmserve.batching.prefix import PrefixPlan
 from rmserve.config import LoadOptions
 from rmserve.models.base import (
     MetaPart,
     ModelInfo,
     module_bytes,
     parameter_count,
+    refuse_plan,
     resolve_device,
     resolve_dtype,
 )
@@ -41,7 +43,6 @@ from rmserve.models.decoder import (
     base_of,
     config_of,
     embeddings_of,
-    final_hidden_states,
     folder_max_length,
     has_score_head,
     meta_classifier,
@@ -49,6 +50,7 @@ from rmserve.models.decoder import (
     pooled_hidden_states,
     resolve_max_length,
     right_padded,
+    scored_states,
 )
 from rmserve.models.inputs import EncodedInput, InputEncoder
 from rmserve.models.pooling import log_pooling, pooling_rule, resolve_pooling
@@ -143,6 +145,7 @@ class DenseRewardModel:
             weights_bytes=module_bytes(model),
             quantize=self.quantize,
             pooling=self.pooling.name,
+            shares_prefixes=self.decoder,
         )
 
     @classmethod
@@ -181,14 +184,20 @@ class DenseRewardModel:
 
     @torch.inference_mode()
     def score(
-        self, batch: Sequence[EncodedInput], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
+        self,
+        batch: Sequence[EncodedInput],
+        *,
+        uwo_lambda: torch.Tensor,
+        tradeoff_lambda: torch.Tensor,
+        plan: PrefixPlan | None = None,
     ) -> HeadOutputs:
-        """The reward (raw logit) of each input as one head, with its aggregates, in batch order."""
-        ids, lengths = right_padded(batch, self.pad_id, self.device)
+        """The reward (raw logit) of each input as one head, with its aggregates, in batch order; decoders
+        run ``plan`` if given (``shares_prefixes``)."""
         if self.decoder:
             assert self.head is not None and self.base is not None
-            hidden = final_hidden_states(self.base, ids)  # (B, T, H)
-            positions = self.pooling.positions(ids, lengths)  # (B,)
+            hidden, positions = scored_states(
+                self.base, batch, plan, pooling=self.pooling, pad_id=self.pad_id, device=self.device
+            )  # (B, T, H), (B,)
             out = self._heads_aggregate(
                 hidden,
                 self.head.weight,
@@ -203,6 +212,8 @@ class DenseRewardModel:
             )
             return HeadOutputs(out.heads.cpu(), None, out.aggregates.cpu())
         else:
+            refuse_plan(self.info, plan)
+            ids, lengths = right_padded(batch, self.pad_id, self.device)
             mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]  # (B, T)
             kwargs = {"attention_mask": mask.long()}
             if batch[0].token_type_ids is not None:

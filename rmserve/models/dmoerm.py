@@ -50,12 +50,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from rmserve.aggregation import AggregationParams, aggregate_rows
+from rmserve.batching.prefix import PrefixPlan
 from rmserve.config import LoadOptions
 from rmserve.models.base import (
     MetaPart,
     ModelInfo,
     module_bytes,
     parameter_count,
+    refuse_plan,
     resolve_device,
     resolve_dtype,
 )
@@ -333,9 +335,16 @@ class DmoermRewardModel:
 
     @torch.inference_mode()
     def score(
-        self, batch: Sequence[EncodedInput], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
+        self,
+        batch: Sequence[EncodedInput],
+        *,
+        uwo_lambda: torch.Tensor,
+        tradeoff_lambda: torch.Tensor,
+        plan: PrefixPlan | None = None,
     ) -> HeadOutputs:
-        """Each expert's score, every aggregate over them, the MLP's reward and the route, on the CPU."""
+        """Each expert's score, every aggregate over them, the MLP's reward and the route, on the CPU
+        (one right-padded forward: ``plan`` must be None)."""
+        refuse_plan(self.info, plan)
         ids, lengths = right_padded(batch, self.pad_id, self.device)
         positions = self.pooling.positions(ids, lengths)  # (B,)
         states = run_trunk(self.base, self.trunk_layers, ids)  # (B, T, H)

@@ -31,8 +31,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rmserve.aggregation import AggregationParams, aggregate_rows
+from rmserve.batching.prefix import PrefixPlan
 from rmserve.config import LoadOptions
-from rmserve.models.base import MetaPart, ModelInfo
+from rmserve.models.base import MetaPart, ModelInfo, refuse_plan
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder, InputError, RewardInput
@@ -260,13 +261,20 @@ class EnsembleRewardModel:
         return torch.stack(columns, dim=-1)  # (B, k)
 
     def score(
-        self, batch: Sequence[MemberInputs], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
+        self,
+        batch: Sequence[MemberInputs],
+        *,
+        uwo_lambda: torch.Tensor,
+        tradeoff_lambda: torch.Tensor,
+        plan: PrefixPlan | None = None,
     ) -> HeadOutputs:
         """Calibrated member rewards as heads, with every aggregate, in batch order, on the CPU.
 
         Aggregation of the (B, k) member rewards uses the torch reference on every device: it is
-        negligible next to k full forwards, so there is nothing for a kernel to fuse.
+        negligible next to k full forwards, so there is nothing for a kernel to fuse. Members tokenise
+        apart, so there is no one prefix to share (``plan`` must be None).
         """
+        refuse_plan(self.info, plan)
         raw = self.raw_member_rewards(batch)  # (B, k)
         heads = ((raw.double() - self.shift) / self.scale).float()  # (B, k)
         nominal = torch.full((len(batch),), self.config.nominal_member, dtype=torch.long)  # (B,)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from rmserve.aggregation import AggregationParams
+from rmserve.batching.prefix import PrefixPlan
 from rmserve.config import LoadOptions
 from rmserve.models.base import (
     MetaPart,
@@ -44,10 +45,9 @@ from rmserve.models.base import (
 )
 from rmserve.models.decoder import (
     DecoderBackbone,
-    final_hidden_states,
     folder_max_length,
     meta_base,
-    right_padded,
+    scored_states,
 )
 from rmserve.models.descriptor import DESCRIPTOR, read_descriptor
 from rmserve.models.inputs import EncodedInput, InputEncoder
@@ -256,6 +256,7 @@ class MultiHeadRewardModel:
             weights_bytes=module_bytes(self.backbone.base) + 4 * head_parameters,
             quantize=self.backbone.quantize,
             pooling=self.backbone.pooling.name,
+            shares_prefixes=True,
             heads=config.heads,
             has_std=config.kind == "brme",
             nominal_head=config.nominal_head,
@@ -289,12 +290,23 @@ class MultiHeadRewardModel:
 
     @torch.inference_mode()
     def score(
-        self, batch: Sequence[EncodedInput], *, uwo_lambda: torch.Tensor, tradeoff_lambda: torch.Tensor
+        self,
+        batch: Sequence[EncodedInput],
+        *,
+        uwo_lambda: torch.Tensor,
+        tradeoff_lambda: torch.Tensor,
+        plan: PrefixPlan | None = None,
     ) -> HeadOutputs:
-        """Head rewards (and sigmas for brme) with every aggregate, in batch order, on the CPU."""
-        ids, lengths = right_padded(batch, self.backbone.pad_id, self.device)
-        hidden = final_hidden_states(self.backbone.base, ids)  # (B, T, H)
-        positions = self.backbone.pooling.positions(ids, lengths)  # (B,)
+        """Head rewards (and sigmas for brme) with every aggregate, in batch order, on the CPU; ``plan``:
+        which rows share a prefix."""
+        hidden, positions = scored_states(
+            self.backbone.base,
+            batch,
+            plan,
+            pooling=self.backbone.pooling,
+            pad_id=self.backbone.pad_id,
+            device=self.device,
+        )  # (B, T, H), (B,)
         out = self._heads_aggregate(
             hidden,
             self.weights["weight"],

@@ -144,6 +144,11 @@ class ModelRegistry:
                     observer=observer_for(model.info.name) if observer_for else None,
                     reward=spec.reward if spec else None,
                     defaults=spec_defaults(spec, model.info),
+                    prefix_min_tokens=(
+                        spec.prefix_min_tokens
+                        if spec and spec.prefix_min_tokens is not None
+                        else settings.prefix_min_tokens
+                    ),
                 )
             )
         return cls(served, executors)

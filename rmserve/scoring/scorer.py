@@ -20,8 +20,9 @@ import torch
 from rmserve.aggregation import AggregationParams, request_aggregates
 from rmserve.batching.batcher import Batcher, BatchObserver
 from rmserve.batching.planning import BatchLimits
+from rmserve.batching.prefix import plan_prefixes, prefix_key
 from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel
-from rmserve.models.inputs import InputError, RewardInput
+from rmserve.models.inputs import EncodedInput, InputError, RewardInput
 from rmserve.names import AGGREGATES, COMBINED, AggregateName, RewardName, TradeoffScope, Truncation
 
 
@@ -85,6 +86,8 @@ class ServedModel:
         reward: what ``rewards`` returns (default: the model's own choice); ``combined`` only for
             models that compute one (dmoerm).
         defaults: lambdas for requests that set none (default: the model's own).
+        prefix_min_tokens: the shortest shared prefix computed once for several inputs (0: never share);
+            only for models that share prefixes (``ModelInfo.shares_prefixes``).
 
     Raises:
         ValueError: ``max_length`` cannot fit a batch, or ``combined`` was asked of a model without one.
@@ -103,6 +106,7 @@ class ServedModel:
         observer: BatchObserver | None = None,
         reward: RewardName | None = None,
         defaults: AggregationParams | None = None,
+        prefix_min_tokens: int = 0,
     ) -> None:
         if reward == COMBINED and not model.info.has_combined:
             raise ValueError(
@@ -126,6 +130,9 @@ class ServedModel:
             defaults=defaults or model.info.defaults,
         )
         self.truncation = truncation
+        self.limits = limits
+        self.prefix_min_tokens = prefix_min_tokens if model.info.shares_prefixes else 0
+        self._observer = observer
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{model.info.name}")
         self.batcher: Batcher[QueuedInput, InputScores] = Batcher(
             self._forward,
@@ -138,13 +145,21 @@ class ServedModel:
         )
 
     def _forward(self, batch: list[QueuedInput]) -> list[InputScores]:
-        """The model's forward, with its output checked (runs on the device thread).
+        """The model's forward, with its output checked (runs on the device thread); inputs that share a
+        prefix compute it once.
 
         Raises:
             ForwardError: a head reward, sigma or aggregate is NaN or infinite.
         """
+        plan = None
+        if self.prefix_min_tokens:
+            ids = [item.encoded.token_ids for item in batch if isinstance(item.encoded, EncodedInput)]
+            if len(ids) == len(batch):
+                plan = plan_prefixes(ids, self.prefix_min_tokens, self.limits)
+                plan = plan if plan.groups else None
         out = self.model.score(
             [item.encoded for item in batch],
+            plan=plan,
             uwo_lambda=torch.tensor([item.params.uwo_lambda for item in batch], dtype=torch.float32),
             tradeoff_lambda=torch.tensor(
                 [item.params.tradeoff_lambda for item in batch], dtype=torch.float32
@@ -163,6 +178,8 @@ class ServedModel:
                 f"the model produced a non-finite reward for {bad} of {len(batch)} inputs in this batch; "
                 "check the checkpoint's weights, or use --dtype float32 if it runs in bfloat16."
             )
+        if plan is not None and self._observer is not None:
+            self._observer.prefix_reused(plan.reused_tokens)
         heads = out.heads.tolist()
         aggregates = out.aggregates.tolist()
         stds = out.head_std.tolist() if out.head_std is not None else [None] * len(batch)
@@ -237,8 +254,15 @@ class ServedModel:
             max_tokens,
         )
         tokenized = time.monotonic()
+        groups = None
+        if self.prefix_min_tokens:
+            keys = [
+                prefix_key(e.token_ids, self.prefix_min_tokens) if isinstance(e, EncodedInput) else None
+                for e in encoded
+            ]
+            groups = [None if key is None else (key, self.prefix_min_tokens) for key in keys]
         results = await self.batcher.submit(
-            [(QueuedInput(e, params), len(e)) for e in encoded], wait=wait_for_room
+            [(QueuedInput(e, params), len(e)) for e in encoded], wait=wait_for_room, groups=groups
         )
         inference = {r.batch_id: r.inference_s for r in results}
         scores = [r.value for r in results]

@@ -27,6 +27,7 @@ from rmserve.models.inputs import PromptResponse, Text
 from rmserve.models.loader import load_model
 from rmserve.models.lora import quiet_peft
 from rmserve.training.branches import branch_shares
+from tests.prefix_batches import check_prefix_parity, shared_prompt_inputs
 
 INPUTS = [
     PromptResponse(prompt="How do I bake bread?", response="Mix flour, water, yeast and salt, then bake."),
@@ -183,3 +184,11 @@ def test_train_branches_refuses_what_it_cannot_do(tiny_model_dirs, pairs_file, t
     result = CliRunner().invoke(app, [*base, "--train", "top:1"])
     assert result.exit_code == 2 and "exists and is not empty" in result.output, result.output
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("fixture", ["full_multihead", "lora_brme"])
+def test_branches_with_shared_prefixes_equal_their_one_forward(fixture, request):
+    folder, _ = request.getfixturevalue(fixture)
+    served = load_model("b", folder, FP32_HF)
+    assert served.info.shares_prefixes
+    check_prefix_parity(served, served.new_encoder().encode_many(shared_prompt_inputs()))

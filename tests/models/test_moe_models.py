@@ -32,6 +32,7 @@ from rmserve.training.pairs import read_preference_pairs
 from rmserve.training.trainer import balance_loss, cache_prefix, encode_pairs, encoder_for, pair_loss, rewards
 from rmserve.training.upcycle import save_moe, upcycle
 from rmserve_kernels.routing import route_reference
+from tests.prefix_batches import check_prefix_parity, shared_prompt_inputs
 
 INPUTS = [
     PromptResponse(prompt="How do I bake bread?", response="Mix flour, water, yeast and salt, then bake."),
@@ -350,3 +351,11 @@ def test_pair_loss_and_balance_loss_on_hand_examples(tiny_model_dirs, tmp_path):
     moe.last_expert_index = torch.tensor([[0], [0], [0], [0]])  # every token on expert 0
     moe.last_router_probs = torch.tensor([[1.0, 0.0]] * 4)  # and a router sure of it: 2 * (1 * 1) = 2
     torch.testing.assert_close(balance_loss(model), torch.tensor(2.0))
+
+
+def test_moe_rewards_with_shared_prefixes_equal_its_one_forward(tiny_model_dirs, tmp_path):
+    upcycle(tiny_model_dirs["llama"], tmp_path / "moe", experts=5, top_k=3, last=1, seed=1)
+    perturb(tmp_path / "moe")
+    served = MoERewardModel("m", tmp_path / "moe", LoadOptions(dtype="float32", device="cpu"))
+    assert served.info.shares_prefixes
+    check_prefix_parity(served, served.new_encoder().encode_many(shared_prompt_inputs()))

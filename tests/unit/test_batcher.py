@@ -583,3 +583,59 @@ async def test_observer_sees_each_batch_and_the_queue(forward, executor):
     assert done["inference_s"] == results[0].inference_s >= 0
     assert rec.dropped == []
     await b.close(1)
+
+
+# --- prefix groups --------------------------------------------------------------------------------
+
+
+async def test_the_oldest_items_prefix_group_is_batched_together(forward, executor):
+    forward.gate.clear()
+    b = make(forward, executor, tokens=1000, size=8)
+    first = asyncio.create_task(b.submit([(0, 1)]))
+    await forward.wait_started()
+    # by length alone 1 and 2 (100 tokens) would go with 3 (100), apart from 4 and 5 (300 and 40)
+    sizes = {1: 100, 2: 300, 3: 100, 4: 40, 5: 120}
+    groups = {1: ("p", 30), 2: ("p", 30), 3: None, 4: ("p", 30), 5: ("q", 30)}
+    tasks = [asyncio.create_task(b.submit([(i, n)], groups=[groups[i]])) for i, n in sizes.items()]
+    await settle(lambda: b.queued_items == 5)
+    forward.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert forward.batches == [[0], [1, 2, 4], [3, 5]]
+    await b.close(1)
+
+
+async def test_a_group_counts_its_shared_tokens_once_within_the_budget(forward, executor):
+    forward.gate.clear()
+    b = make(forward, executor, tokens=400, size=8)
+    first = asyncio.create_task(b.submit([(0, 1)]))
+    await forward.wait_started()
+    # each mate adds 150 - 100 tokens: six make 150 + 5 x 50 = 400, which fits 400; a seventh does not
+    tasks = [asyncio.create_task(b.submit([(i, 150)], groups=[("p", 100)])) for i in range(1, 8)]
+    await settle(lambda: b.queued_items == 7)
+    forward.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert forward.batches == [[0], [1, 2, 3, 4, 5, 6], [7]]
+    await b.close(1)
+
+
+async def test_a_lone_group_member_is_batched_by_length(forward, executor):
+    forward.gate.clear()
+    b = make(forward, executor, size=8)
+    first = asyncio.create_task(b.submit([(0, 1)]))
+    await forward.wait_started()
+    tasks = [
+        asyncio.create_task(b.submit([(1, 10)], groups=[("p", 8)])),
+        asyncio.create_task(b.submit([(2, 10)])),
+    ]
+    await settle(lambda: b.queued_items == 2)
+    forward.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert forward.batches == [[0], [1, 2]]
+    await b.close(1)
+
+
+async def test_groups_must_match_the_items(forward, executor):
+    b = make(forward, executor)
+    with pytest.raises(ValueError, match="one per item"):
+        await b.submit([(1, 1), (2, 1)], groups=[None])
+    await b.close(1)
