@@ -11,8 +11,10 @@ token ids, two neighbours share their longest common prefix, and a run of rows s
 its neighbours' prefixes; a run splits at that weakest link when its two halves save more apart. A group
 whose prefix is shorter than ``min_tokens`` is not worth a forward of its own and is not formed.
 
-Each group's suffixes are cut into batches with ``plan_offline`` under the model's batch limits, so
-padding among suffixes follows the same rule as padding among whole inputs.
+Each group's suffixes are cut into batches with ``plan_offline`` under the model's batch limits, each
+suffix counted with the prefix it attends to (``prefix + suffix`` tokens wide): a suffix forward then
+holds no more keys, values and mask than a whole-input forward within the limits, and padding among
+suffixes follows the same rule as padding among whole inputs.
 """
 
 from __future__ import annotations
@@ -133,8 +135,8 @@ def plan_prefixes(token_ids: Sequence[Sequence[int]], min_tokens: int, limits: B
             continue
         for lo, hi, prefix in _split(links, start, end, min_tokens):
             rows = tuple(sorted(candidates[lo : hi + 1]))
-            suffixes = [len(token_ids[row]) - prefix for row in rows]
-            batches = tuple(tuple(rows[i] for i in batch) for batch in plan_offline(suffixes, limits))
+            spans = [len(token_ids[row]) for row in rows]  # prefix + suffix: what each suffix attends over
+            batches = tuple(tuple(rows[i] for i in batch) for batch in plan_offline(spans, limits))
             groups.append(PrefixGroup(rows, prefix, batches))
             grouped.update(rows)
         start = end + 1

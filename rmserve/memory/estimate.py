@@ -28,6 +28,13 @@ the models of a device fit it together is ``rmserve.memory.plan``'s.
       + N x T x (e eager, 1 masked SDPA, else 0)  the (B, 1, T, T) mask
       + 8 MiB                                    batch-independent buffers (measured 1.5-4.5 MiB)
       + the MoE and quantised-matmul workspaces   (``_moe_workspace``, ``_quantized_workspace``)
+      + with prefix sharing: N x (2K e + T)      a suffix forward's keys and values concatenated
+                             + L x T x 2K e      to its prefix's, and its boolean mask; the prefix's
+                                                 cache, L attention layers (``prefix_cache_layers``)
+
+  Prefix sharing (``rmserve.batching.prefix``) cuts suffix batches so that rows x (prefix + suffix)
+  stays within N, so the widest suffix forward is bounded like a whole-input one; the cache of one
+  prefix (at most T tokens, batch of one) is held for all of its group's suffix forwards.
 
   SDPA (what transformers gives the backends by default, on CPU and CUDA alike, whenever the
   architecture supports it; read off the meta model) never materialises the (T, T) scores: decoders run
@@ -87,6 +94,9 @@ def device_key(device: str) -> str:
     if dev.type == "cuda" and dev.index is None:
         return f"cuda:{torch.cuda.current_device()}"
     return str(dev)
+
+
+_ONE_FORWARD_KINDS = ("ensemble", "dmoerm")  # backends that never share prefixes (ModelInfo.shares_prefixes)
 
 
 @dataclass(frozen=True)
@@ -197,7 +207,12 @@ class Transformer:
 
 
 def activation_bytes(
-    arch: Transformer, shape: ForwardShape, dtype: torch.dtype, quantize: QuantizeName = "none"
+    arch: Transformer,
+    shape: ForwardShape,
+    dtype: torch.dtype,
+    quantize: QuantizeName = "none",
+    *,
+    prefix_cache_layers: int = 0,
 ) -> int:
     """The peak activation memory of one forward (the module docstring's formula).
 
@@ -206,6 +221,8 @@ def activation_bytes(
         shape: the largest batch (padded tokens, sequence length).
         dtype: the dtype activations are computed in.
         quantize: the weights' quantisation (adds its matmul workspace).
+        prefix_cache_layers: with prefix sharing, the attention layers whose prefix keys and values are
+            cached (every layer the model runs, each branch's included); 0: no sharing.
     """
     e = torch.empty((), dtype=dtype).element_size()
     n, t = shape.tokens, shape.length
@@ -224,6 +241,8 @@ def activation_bytes(
         phases.append((3 * h + a + 2 * k + (2 * a if k < a else 0)) * e + t * arch.heads * (e + 4))
     mask = t * e if eager else t if masked else 0  # (B, 1, T, T): float for eager, boolean for SDPA
     total = n * (max(phases) + mask) + FORWARD_FIXED_BYTES
+    if prefix_cache_layers:
+        total += n * (2 * k * e + t) + prefix_cache_layers * t * 2 * k * e
     return total + _moe_workspace(arch, n, e) + _quantized_workspace(arch, e, quantize)
 
 
@@ -351,6 +370,7 @@ def estimate_model(
     *,
     max_batch_tokens: int,
     max_batch_size: int,
+    prefix_sharing: bool = False,
 ) -> ModelEstimate:
     """Estimate a model folder's memory without loading its weights.
 
@@ -362,6 +382,8 @@ def estimate_model(
         path: the model folder (demos must already be built).
         options: as the model will be loaded; the scored token (pooling) does not change the memory.
         max_batch_tokens, max_batch_size: the model's batch limits.
+        prefix_sharing: whether the model will share prefixes (counts their caches, for backends whose
+            parts run decoders).
 
     Raises:
         ValueError: the folder is not a model of a known kind, a CUDA device is asked for without one,
@@ -371,6 +393,7 @@ def estimate_model(
     dev = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, dev)
     parts = backend.meta_parts(path, options)
+    shares = prefix_sharing and kind not in _ONE_FORWARD_KINDS and not any(p.masked for p in parts)
     sized = []
     for part in parts:
         shape = ForwardShape.of(
@@ -387,7 +410,13 @@ def estimate_model(
         sized.append(
             _Part(
                 weights=quantized_bytes(part.module, options.quantize, part.keep) + part.extra_bytes,
-                activations=activation_bytes(arch, shape, dtype, options.quantize),
+                activations=activation_bytes(
+                    arch,
+                    shape,
+                    dtype,
+                    options.quantize,
+                    prefix_cache_layers=part.attention_layers if shares else 0,
+                ),
                 parameters=sum(p.numel() for p in part.module.parameters()) + part.extra_parameters,
             )
         )

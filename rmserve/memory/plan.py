@@ -188,6 +188,9 @@ def plan_served_models(settings: Settings, specs: Sequence[ModelSpec], paths: Se
             settings.load_options(spec),
             max_batch_tokens=spec.max_batch_tokens or settings.max_batch_tokens,
             max_batch_size=spec.max_batch_size or settings.max_batch_size,
+            prefix_sharing=bool(
+                settings.prefix_min_tokens if spec.prefix_min_tokens is None else spec.prefix_min_tokens
+            ),
         )
         for spec, path in zip(specs, paths, strict=True)
     ]

@@ -103,6 +103,8 @@ class MetaPart:
         experts: MoE experts per layer (0: a dense FFN).
         top_k: experts active per token.
         moe_triton: whether the MoE layers run the Triton kernels.
+        cached_layers: attention layers whose keys and values a prefix group caches (0: those of
+            ``module``; a branched model also counts its other branches' top layers).
     """
 
     folder: Path
@@ -115,6 +117,19 @@ class MetaPart:
     experts: int = 0
     top_k: int = 0
     moe_triton: bool = False
+    cached_layers: int = 0
+
+    @property
+    def attention_layers(self) -> int:
+        """The attention layers a prefix's cache holds (``cached_layers``, else the module's own)."""
+        if self.cached_layers:
+            return self.cached_layers
+        config = getattr(self.module, "config", None)
+        text = (
+            config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+        )
+        layers = getattr(text, "num_hidden_layers", 0)
+        return layers if isinstance(layers, int) else 0
 
 
 class ForwardError(RuntimeError):

@@ -407,6 +407,8 @@ class BranchedRewardModel:
                 masked=False,
                 extra_bytes=extra * dtype.itemsize,
                 extra_parameters=extra,
+                cached_layers=config.trunk_layers
+                + len(config.branches) * (len(layers) - config.trunk_layers),
             )
         ]
 

@@ -122,6 +122,20 @@ def test_weights_estimate_is_the_loaded_module_bytes(
     assert _estimate(model_dirs[kind], dtype=dtype).weights_bytes == loaded.info.weights_bytes
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefix_sharing_adds_its_caches_only_where_the_model_shares(
+    model_dirs: dict[str, Path], kind: str
+) -> None:
+    loaded = load_model("m", model_dirs[kind], LoadOptions(dtype="float32", device="cpu"))
+    plain = _estimate(model_dirs[kind], dtype="float32")
+    shared = estimate_model(
+        "m", model_dirs[kind], LoadOptions(device="cpu", dtype="float32"), max_batch_tokens=256, max_batch_size=8,
+        prefix_sharing=True,
+    )  # fmt: skip
+    assert (shared.activation_bytes > plain.activation_bytes) is loaded.info.shares_prefixes
+    assert shared.weights_bytes == plain.weights_bytes
+
+
 @pytest.mark.parametrize("quantize", ["int8", "nf4"])
 @pytest.mark.parametrize("kind", ["llama", "bert", "brme", "moe"])
 def test_quantized_weights_estimate_is_the_loaded_module_bytes(
@@ -164,7 +178,11 @@ MEASURE = textwrap.dedent(
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
 
+    from rmserve.batching.planning import BatchLimits
+    from rmserve.batching.prefix import plan_prefixes
+
     path, batch, length, attention = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    prefix = int(sys.argv[5]) if len(sys.argv) > 5 else 0  # > 0: every row starts with the same prefix
     torch.set_num_threads(1)
     model = DenseRewardModel("m", path, LoadOptions(dtype="float32", device="cpu"))
     model.model.set_attn_implementation(attention)
@@ -174,22 +192,29 @@ MEASURE = textwrap.dedent(
     with torch.inference_mode():  # warm-up: threads and kernels initialised before measuring
         model.score(inputs(2, 8), **lambdas_for(model.info.defaults, 2))
     items = inputs(batch, length)
+    plan = None
+    if prefix:
+        shared = items[0].token_ids[:prefix]
+        items = [EncodedInput(shared + x.token_ids[prefix:], None, False) for x in items]
+        plan = plan_prefixes([x.token_ids for x in items], 1, BatchLimits(batch * length, batch))
+        assert len(plan.groups) == 1 and plan.groups[0].prefix >= prefix
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak (VmHWM) to the current RSS
     before = status("VmRSS")
     with torch.inference_mode():
-        model.score(items, **lambdas_for(model.info.defaults, batch))
+        model.score(items, **lambdas_for(model.info.defaults, batch), plan=plan)
     print(json.dumps({"peak": status("VmHWM") - before}))
     """
 )
 
 
-def measured_peak(path: Path, batch: int, length: int, attention: str) -> int:
-    """The RSS increase of one forward in a fresh process, freed blocks returned to the OS at once."""
+def measured_peak(path: Path, batch: int, length: int, attention: str, prefix: int = 0) -> int:
+    """The RSS increase of one forward in a fresh process, freed blocks returned to the OS at once; with
+    ``prefix``, every row shares its first ``prefix`` tokens, computed once."""
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(path), str(batch), str(length), attention],
+        [sys.executable, "-c", MEASURE, str(path), str(batch), str(length), attention, str(prefix)],
         capture_output=True, text=True, env=env, check=True, timeout=300,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
@@ -227,6 +252,21 @@ def test_activation_formula_bounds_the_measured_peak(
     assert peak <= formula <= 1.2 * peak, (
         f"formula {formula / 2**20:.1f} MiB, measured {peak / 2**20:.1f} MiB"
     )
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="measures the peak RSS through Linux /proc"
+)
+def test_the_prefix_sharing_term_bounds_the_measured_peak(small_llama: Path) -> None:
+    """16 rows of 512 tokens sharing 384: the suffix forward attends over 512 per row, as the planner counts."""
+    with torch.device("meta"):
+        meta = LlamaForSequenceClassification(LlamaConfig.from_pretrained(small_llama))
+    arch = Transformer.of(meta, masked=False)
+    shape = ForwardShape.of(max_batch_tokens=16 * 512, max_batch_size=16, length=512)
+    formula = activation_bytes(arch, shape, torch.float32, prefix_cache_layers=2)
+    peak = measured_peak(small_llama, 16, 512, "sdpa", prefix=384)
+    assert peak <= formula, f"formula {formula / 2**20:.1f} MiB, measured {peak / 2**20:.1f} MiB"
+    assert formula <= 1.5 * activation_bytes(arch, shape, torch.float32)
 
 
 def test_the_planner_sees_the_attention_the_backends_get(small_llama: Path) -> None:
