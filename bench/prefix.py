@@ -176,9 +176,8 @@ def main(argv: list[str] | None = None) -> None:
                                 drive(url, groups, args.clients, shape == "response")
                             )
                             results.setdefault((size, shape, name), []).append(tokens / seconds)
-                            reuse[(size, shape)] = (
-                                (reused(url) - before) / tokens if name == "shared" else 0.0
-                            )
+                            if name == "shared":
+                                reuse[(size, shape)] = (reused(url) - before) / tokens
         finally:
             for server in servers.values():
                 server.stop()
