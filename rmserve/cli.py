@@ -51,6 +51,9 @@ def serve(
     max_batch_size: Annotated[int | None, typer.Option(help=_help("max_batch_size"))] = None,
     max_join_padding: Annotated[int | None, typer.Option(help=_help("max_join_padding"))] = None,
     prefix_min_tokens: Annotated[int | None, typer.Option(help=_help("prefix_min_tokens"))] = None,
+    duplicate_cache_entries: Annotated[
+        int | None, typer.Option(help=_help("duplicate_cache_entries"))
+    ] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help=_help("max_wait_ms"))] = None,
     max_queue_tokens: Annotated[int | None, typer.Option(help=_help("max_queue_tokens"))] = None,
     max_inputs_per_request: Annotated[int | None, typer.Option(help=_help("max_inputs_per_request"))] = None,

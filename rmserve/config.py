@@ -110,6 +110,12 @@ _PREFIX_HELP = (
 )
 
 
+_DUPLICATES_HELP = (
+    "Scored inputs each model keeps (least recently used dropped first) to answer exact repeats (same tokens, "
+    "same lambdas) without a forward; 0 turns the duplicate cache off."
+)
+
+
 class ModelSpec(BaseModel):
     """One served model; unset fields take the server-wide value."""
 
@@ -144,6 +150,7 @@ class ModelSpec(BaseModel):
     max_batch_size: int | None = Field(None, ge=1)
     max_join_padding: int | None = Field(None, ge=0)
     prefix_min_tokens: int | None = Field(None, ge=0, description=_PREFIX_HELP)
+    duplicate_cache_entries: int | None = Field(None, ge=0, description=_DUPLICATES_HELP)
     reference_p99: float | None = Field(
         None,
         allow_inf_nan=False,
@@ -206,6 +213,7 @@ class Settings(BaseSettings):
         f"{CPU_JOIN_PADDING} on CPU (padding is nearly pure loss there), unlimited on GPU.",
     )
     prefix_min_tokens: int = Field(PREFIX_MIN_TOKENS, ge=0, description=_PREFIX_HELP)
+    duplicate_cache_entries: int = Field(8192, ge=0, description=_DUPLICATES_HELP)
     max_wait_ms: float = Field(
         2.0,
         ge=0,

@@ -93,6 +93,18 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.duplicate_lookups = Counter(
+            "rmserve_duplicate_cache_lookups_total",
+            "Inputs looked up in the exact-duplicate cache.",
+            ["model"],
+            registry=r,
+        )
+        self.duplicate_hits = Counter(
+            "rmserve_duplicate_cache_hits_total",
+            "Inputs answered from the exact-duplicate cache, without a forward.",
+            ["model"],
+            registry=r,
+        )
         self.batches = Counter("rmserve_batches_total", "Batches run.", ["model", "outcome"], registry=r)
         self.dropped = Counter(
             "rmserve_dropped_inputs_total",
@@ -193,3 +205,7 @@ class ModelObserver:
 
     def prefix_reused(self, tokens: int) -> None:
         self._m.prefix_reused.labels(self._model).inc(tokens)
+
+    def duplicates_looked_up(self, *, lookups: int, hits: int) -> None:
+        self._m.duplicate_lookups.labels(self._model).inc(lookups)
+        self._m.duplicate_hits.labels(self._model).inc(hits)

@@ -95,10 +95,6 @@ class BatchObserver(Protocol):
 
     def items_dropped(self, count: int) -> None: ...
 
-    def prefix_reused(self, tokens: int) -> None:
-        """A forward computed ``tokens`` fewer tokens by sharing prefixes (called by the model's forward)."""
-        ...
-
 
 class _NoObserver:
     def batch_done(self, **_: object) -> None:
@@ -111,9 +107,6 @@ class _NoObserver:
         pass
 
     def items_dropped(self, count: int) -> None:
-        pass
-
-    def prefix_reused(self, tokens: int) -> None:
         pass
 
 

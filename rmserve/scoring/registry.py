@@ -13,13 +13,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from rmserve.aggregation import AggregationParams
-from rmserve.batching.batcher import BatchObserver
 from rmserve.batching.planning import UNLIMITED, BatchLimits
 from rmserve.config import ModelSpec, Settings
 from rmserve.memory import device_key
 from rmserve.models.base import ModelInfo, RewardModel
 from rmserve.names import CPU_JOIN_PADDING, Truncation
-from rmserve.scoring.scorer import ServedModel
+from rmserve.scoring.scorer import ScoringObserver, ServedModel
 
 
 class UnknownModel(LookupError):
@@ -121,7 +120,7 @@ class ModelRegistry:
         settings: Settings,
         *,
         specs: Sequence[ModelSpec] | None = None,
-        observer_for: Callable[[str], BatchObserver] | None = None,
+        observer_for: Callable[[str], ScoringObserver] | None = None,
     ) -> ModelRegistry:
         """Wrap loaded models with their batchers, using ``settings`` (and per-model specs) for limits."""
         executors: dict[str, ThreadPoolExecutor] = {}
@@ -148,6 +147,11 @@ class ModelRegistry:
                         spec.prefix_min_tokens
                         if spec and spec.prefix_min_tokens is not None
                         else settings.prefix_min_tokens
+                    ),
+                    duplicate_cache_entries=(
+                        spec.duplicate_cache_entries
+                        if spec and spec.duplicate_cache_entries is not None
+                        else settings.duplicate_cache_entries
                     ),
                 )
             )

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -24,6 +25,19 @@ from rmserve.batching.prefix import plan_prefixes, prefix_key
 from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel
 from rmserve.models.inputs import EncodedInput, InputError, RewardInput
 from rmserve.names import AGGREGATES, COMBINED, AggregateName, RewardName, TradeoffScope, Truncation
+from rmserve.scoring.duplicates import DuplicateCache, input_digest
+
+
+class ScoringObserver(BatchObserver, Protocol):
+    """Receives what a served model measures besides its batches (implemented by the metrics module)."""
+
+    def prefix_reused(self, tokens: int) -> None:
+        """A forward computed ``tokens`` fewer tokens by sharing prefixes."""
+        ...
+
+    def duplicates_looked_up(self, *, lookups: int, hits: int) -> None:
+        """``lookups`` inputs were looked up in the duplicate cache, ``hits`` of them found."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +102,8 @@ class ServedModel:
         defaults: lambdas for requests that set none (default: the model's own).
         prefix_min_tokens: the shortest shared prefix computed once for several inputs (0: never share);
             only for models that share prefixes (``ModelInfo.shares_prefixes``).
+        duplicate_cache_entries: scored inputs kept to answer exact repeats without a forward
+            (``rmserve.scoring.duplicates``; 0: no cache).
 
     Raises:
         ValueError: ``max_length`` cannot fit a batch, or ``combined`` was asked of a model without one.
@@ -103,10 +119,11 @@ class ServedModel:
         device_executor: ThreadPoolExecutor,
         max_wait_s: float,
         max_queue_tokens: int,
-        observer: BatchObserver | None = None,
+        observer: ScoringObserver | None = None,
         reward: RewardName | None = None,
         defaults: AggregationParams | None = None,
         prefix_min_tokens: int = 0,
+        duplicate_cache_entries: int = 0,
     ) -> None:
         if reward == COMBINED and not model.info.has_combined:
             raise ValueError(
@@ -133,6 +150,9 @@ class ServedModel:
         self.limits = limits
         self.prefix_min_tokens = prefix_min_tokens if model.info.shares_prefixes else 0
         self._observer = observer
+        self._duplicates: DuplicateCache[InputScores] | None = (
+            DuplicateCache(duplicate_cache_entries) if duplicate_cache_entries else None
+        )
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{model.info.name}")
         self.batcher: Batcher[QueuedInput, InputScores] = Batcher(
             self._forward,
@@ -261,11 +281,44 @@ class ServedModel:
                 for e in encoded
             ]
             groups = [None if key is None else (key, self.prefix_min_tokens) for key in keys]
+        digests = [input_digest(e, params) for e in encoded] if self._duplicates is not None else []
+        known: dict[bytes, InputScores] = {}
+        if self._duplicates is not None:
+            for digest in digests:
+                hit = self._duplicates.get(digest) if digest is not None else None
+                if digest is not None and hit is not None:
+                    known[digest] = hit
+            if self._observer is not None:
+                hits = sum(d is not None and d in known for d in digests)
+                self._observer.duplicates_looked_up(lookups=len(digests), hits=hits)
+        # each input not known is computed once, however often it repeats in the request
+        todo: dict[bytes | int, int] = {}
+        for i in range(len(encoded)):
+            digest = digests[i] if digests else None
+            if digest is None or digest not in known:
+                todo.setdefault(i if digest is None else digest, i)
+        rows = list(todo.values())
         results = await self.batcher.submit(
-            [(QueuedInput(e, params), len(e)) for e in encoded], wait=wait_for_room, groups=groups
+            [(QueuedInput(encoded[i], params), len(encoded[i])) for i in rows],
+            wait=wait_for_room,
+            groups=None if groups is None else [groups[i] for i in rows],
         )
+        computed = dict(zip(rows, results, strict=True))
+        if self._duplicates is not None:
+            for i, result in computed.items():
+                digest = digests[i]
+                if digest is not None:
+                    self._duplicates.put(digest, result.value)
+                    known[digest] = result.value
+        scores: list[InputScores] = []
+        for i in range(len(encoded)):
+            if i in computed:
+                scores.append(computed[i].value)
+                continue
+            digest = digests[i]  # not computed: known before, or a repeat of an input computed above
+            assert digest is not None
+            scores.append(known[digest])
         inference = {r.batch_id: r.inference_s for r in results}
-        scores = [r.value for r in results]
         heads = [s.heads for s in scores]
         table = [s.aggregates for s in scores]
         if tradeoff_scope == "request" or sample_seed is not None:
@@ -298,7 +351,7 @@ class ServedModel:
             truncated=[e.truncated for e in encoded],
             input_tokens=sum(len(e) for e in encoded),
             tokenize_s=tokenized - start,
-            queue_s=max((r.queue_s for r in results), default=0.0),
+            queue_s=max((r.queue_s for r in results), default=0.0),  # 0: every input was a known duplicate
             inference_s=sum(inference.values()),
             categories=categories,
             input_lengths=[len(e) for e in encoded],

@@ -34,7 +34,7 @@ async def test_one_request_per_group_and_one_per_response_score_as_without_shari
         assert r.status_code == 200, r.text
         want = r.json()["rewards"]
         assert reused((await client.get("/metrics")).text) == 0
-    async with serve([llama], prefix_min_tokens=16, max_wait_ms=200) as client:
+    async with serve([llama], prefix_min_tokens=16, max_wait_ms=200, duplicate_cache_entries=0) as client:
         r = await client.post("/v1/score", json={"inputs": group})
         assert r.status_code == 200, r.text
         assert r.json()["rewards"] == pytest.approx(want, abs=1e-4)

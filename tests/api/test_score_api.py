@@ -208,7 +208,7 @@ async def test_limits_give_413(llama):
 async def test_queue_full_gives_429_with_retry_after(llama):
     gated = GatedModel(llama)
     gated.gate.clear()
-    async with serve([gated], max_queue_tokens=64, max_batch_size=1) as client:
+    async with serve([gated], max_queue_tokens=64, max_batch_size=1, duplicate_cache_entries=0) as client:
         first = asyncio.create_task(client.post("/v1/score", json={"inputs": [{"input_ids": [5] * 40}]}))
         await asyncio.sleep(0.2)  # the first input is now in the (blocked) forward
         second = asyncio.create_task(client.post("/v1/score", json={"inputs": [{"input_ids": [6] * 40}]}))
@@ -323,7 +323,7 @@ async def test_a_request_past_its_timeout_gets_504_and_its_inputs_are_dropped(ll
 
 
 async def test_metrics_after_requests(llama):
-    async with serve([llama]) as client:
+    async with serve([llama], duplicate_cache_entries=0) as client:
         await client.post("/v1/score", json={"inputs": [BREAD, BREAD]})
         await client.post("/v1/score", json={"model": "nope", "inputs": [BREAD]})
         await client.post("/v1/score", json={"inputs": [BREAD], "aggregates": ["nope"]})  # 422: not counted

@@ -48,6 +48,8 @@ def test_defaults():
         "max_batch_tokens": 8192,
         "max_batch_size": 64,
         "max_join_padding": None,
+        "prefix_min_tokens": 32,
+        "duplicate_cache_entries": 8192,
         "max_wait_ms": 2.0,
         "max_queue_tokens": 1_048_576,
         "max_inputs_per_request": 4096,

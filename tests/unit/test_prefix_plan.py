@@ -23,7 +23,7 @@ def test_common_prefix():
 
 def test_responses_to_one_prompt_form_one_group_and_others_run_whole():
     prompt = list(range(100, 140))  # 40 tokens
-    rows = [prompt + [1, 2], prompt + [3], [7] * 50, prompt + [4, 5, 6], [8] * 10]
+    rows = [[*prompt, 1, 2], [*prompt, 3], [7] * 50, [*prompt, 4, 5, 6], [8] * 10]
     plan = plan_prefixes(rows, 8, WIDE)
     assert plan.groups == (PrefixGroup((0, 1, 3), 40, ((1, 0, 3),)),)  # suffixes in length order
     assert plan.rest == (2, 4)
@@ -46,16 +46,16 @@ def test_a_prefix_shorter_than_the_minimum_is_not_shared():
 def test_a_weak_common_link_splits_into_the_longer_prefixes():
     system = [9] * 10
     a, b = system + [1] * 50, system + [2] * 50
-    rows = [a + [3], b + [4], a + [5], b + [6]]
+    rows = [[*a, 3], [*b, 4], [*a, 5], [*b, 6]]
     plan = plan_prefixes(rows, 8, WIDE)
     assert sorted(g.rows for g in plan.groups) == [(0, 2), (1, 3)]
     assert {g.prefix for g in plan.groups} == {60}
     # splitting saves 60 + 9 x 10 tokens where one group of all twelve saves 11 x 10
-    rows = [system + [k, k + 1] for k in range(20, 40, 2)] + [a + [3], a + [4]]
+    rows = [[*system, k, k + 1] for k in range(20, 40, 2)] + [[*a, 3], [*a, 4]]
     plan = plan_prefixes(rows, 8, WIDE)
     assert sorted((len(g.rows), g.prefix) for g in plan.groups) == [(2, 60), (10, 10)]
     # one group of all twelve saves 11 x 10 tokens, more than 14 + 9 x 10 apart
-    rows = [system + [k, k + 1] for k in range(20, 40, 2)] + [system + [1] * 4 + [3], system + [1] * 4 + [4]]
+    rows = [[*system, k, k + 1] for k in range(20, 40, 2)] + [system + [1] * 4 + [3], system + [1] * 4 + [4]]
     plan = plan_prefixes(rows, 8, WIDE)
     assert [(len(g.rows), g.prefix) for g in plan.groups] == [(12, 10)]
 
