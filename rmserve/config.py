@@ -217,7 +217,8 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         2.0,
         ge=0,
-        description="How long the oldest queued input waits for company before a partial batch runs.",
+        description="How long the oldest queued input waits for company before a partial batch runs, while its "
+        "device is busy with another model's forward (on an idle device a batch runs at once).",
     )
     max_queue_tokens: int = Field(
         1_048_576, ge=16, description="Tokens that may wait per model; past it requests get 429."

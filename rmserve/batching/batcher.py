@@ -1,8 +1,9 @@
 """The dynamic batcher: one bounded queue per model, batches cut by a padded-token budget.
 
 Requests put items (one per input) on the queue and await their futures. A single loop task owns
-the queue: it waits (event-driven, no polling) until a full batch is waiting or the oldest item has
-waited ``max_wait_s``, cuts a batch around the oldest item with :func:`grow_batch` (length-aware, so
+the queue: it waits (event-driven, no polling) until a full batch is waiting, the device is idle (a
+batch would run at once: waiting for company would only add latency), or the oldest item has waited
+``max_wait_s``, cuts a batch around the oldest item with :func:`grow_batch` (length-aware, so
 padding stays low), or, when the oldest item belongs to a prefix group (inputs that begin with the same
 tokens: ``rmserve.batching.prefix``) with company waiting, from that group alone, so the model computes
 the shared prefix once; and runs it on the model's device executor (one thread per device, so one
@@ -131,6 +132,8 @@ class Batcher(Generic[P, R]):
         max_queue_tokens: tokens that may wait in the queue.
         observer: receives batch and queue measurements.
         name: used in log lines and errors.
+        device_idle: whether the device has no forward running or waiting; when it has none, a batch
+            goes at once instead of waiting ``max_wait_s`` for company (None: always wait).
     """
 
     def __init__(
@@ -143,8 +146,10 @@ class Batcher(Generic[P, R]):
         max_queue_tokens: int,
         observer: BatchObserver | None = None,
         name: str = "model",
+        device_idle: Callable[[], bool] | None = None,
     ) -> None:
         self._run_batch = run_batch
+        self._device_idle = device_idle
         self._executor = executor
         self.limits = limits
         self.max_wait_s = max_wait_s
@@ -353,6 +358,7 @@ class Batcher(Generic[P, R]):
             if (
                 self._queued_tokens >= self.limits.max_batch_tokens
                 or len(self._pending) >= self.limits.max_batch_size
+                or (self._device_idle is not None and self._device_idle())
             ):
                 return
             remaining = self._pending[0].enqueued + self.max_wait_s - time.monotonic()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from rmserve.aggregation import AggregationParams
+from rmserve.batching.device import DeviceExecutor
 from rmserve.batching.planning import UNLIMITED, BatchLimits
 from rmserve.config import ModelSpec, Settings
 from rmserve.memory import device_key
@@ -74,9 +74,7 @@ class ModelRegistry:
     """The models a server serves, by name (or by the path of the folder each was loaded from); the first
     is the default."""
 
-    def __init__(
-        self, models: Sequence[ServedModel], device_executors: dict[str, ThreadPoolExecutor]
-    ) -> None:
+    def __init__(self, models: Sequence[ServedModel], device_executors: dict[str, DeviceExecutor]) -> None:
         if not models:
             raise ValueError("no models to serve; pass --model or list models in the config.")
         self.models = {m.name: m for m in models}
@@ -123,13 +121,13 @@ class ModelRegistry:
         observer_for: Callable[[str], ScoringObserver] | None = None,
     ) -> ModelRegistry:
         """Wrap loaded models with their batchers, using ``settings`` (and per-model specs) for limits."""
-        executors: dict[str, ThreadPoolExecutor] = {}
+        executors: dict[str, DeviceExecutor] = {}
         served = []
         for i, model in enumerate(models):
             spec = specs[i] if specs is not None else None
             device = device_key(model.info.device)  # cuda and cuda:0 share one thread, as memory plans
             if device not in executors:
-                executors[device] = ThreadPoolExecutor(1, thread_name_prefix=f"forward-{device}")
+                executors[device] = DeviceExecutor(device)
             limits, max_length, truncation = resolve_limits(settings, spec, model.info)
             served.append(
                 ServedModel(

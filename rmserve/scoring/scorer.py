@@ -20,6 +20,7 @@ import torch
 
 from rmserve.aggregation import AggregationParams, request_aggregates
 from rmserve.batching.batcher import Batcher, BatchObserver
+from rmserve.batching.device import DeviceExecutor
 from rmserve.batching.planning import BatchLimits
 from rmserve.batching.prefix import plan_prefixes, prefix_key
 from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel
@@ -116,7 +117,7 @@ class ServedModel:
         max_length: int,
         truncation: Truncation,
         limits: BatchLimits,
-        device_executor: ThreadPoolExecutor,
+        device_executor: DeviceExecutor,
         max_wait_s: float,
         max_queue_tokens: int,
         observer: ScoringObserver | None = None,
@@ -162,6 +163,7 @@ class ServedModel:
             max_queue_tokens=max_queue_tokens,
             observer=observer,
             name=model.info.name,
+            device_idle=device_executor.idle,
         )
 
     def _forward(self, batch: list[QueuedInput]) -> list[InputScores]:

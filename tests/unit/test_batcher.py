@@ -27,6 +27,7 @@ from rmserve.batching.batcher import (
     Overloaded,
     RequestTooLarge,
 )
+from rmserve.batching.device import DeviceExecutor
 from rmserve.batching.planning import BatchLimits
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
@@ -549,6 +550,42 @@ async def test_no_wait_runs_a_lone_item_at_once(forward, executor):
     assert forward.batches == [[1], [2]]
     assert results[0][0].queue_s < 0.2
     await b.close(1)
+
+
+async def test_an_idle_device_runs_a_lone_item_at_once_and_a_busy_one_waits_for_company(forward, executor):
+    idle = [True]
+    b = make(forward, executor, wait=30.0)
+    b._device_idle = lambda: idle[0]
+    results = await asyncio.wait_for(b.submit([(3, 1)]), 2)  # no 30 s wait for company
+    assert [r.value for r in results] == [9]
+    idle[0] = False  # another model's forward holds the device: wait for company (here: a full batch)
+    lone = asyncio.create_task(b.submit([(1, 1)]))
+    await asyncio.sleep(0.05)
+    assert b.queued_items == 1 and not lone.done()
+    await b.submit([(i, 1) for i in range(2, 9)])  # fills the batch of 8
+    assert [r.value for r in await lone] == [1]
+    assert forward.batches == [[3], [1, 2, 3, 4, 5, 6, 7, 8]]
+    await b.close(1)
+
+
+async def test_the_device_executor_knows_when_it_is_idle():
+    gate = threading.Event()
+    device = DeviceExecutor("cpu")
+    try:
+        assert device.idle()
+        running = device.submit(gate.wait, 5)
+        queued = device.submit(lambda: 1)
+        assert not device.idle()
+        gate.set()
+        assert running.result(5) is True and queued.result(5) == 1
+        for _ in range(500):  # the done callbacks run on the worker thread just after the results are set
+            if device.idle():
+                break
+            await asyncio.sleep(0.01)
+        assert device.idle()
+    finally:
+        gate.set()
+        device.shutdown(wait=True)
 
 
 async def test_a_full_batch_does_not_wait(forward, executor):
