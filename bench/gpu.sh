@@ -5,8 +5,10 @@
 #   3. serves each demo model in bfloat16 on the GPU and loads it with concurrent HH-RLHF dialogues, the
 #      dense demo also int8 and nf4 (bench/gpu_serving.py);
 #   4. scores the held-out HH pairs with the demo unquantised, int8 and nf4 in bfloat16 on the GPU:
-#      agreement with the unquantised model, accuracy, memory (bench/quantize.py).
-# Steps 2 to 4 write their sections of docs/benchmarks-gpu.md. Without a CUDA GPU it stops at step 1.
+#      agreement with the unquantised model, accuracy, memory (bench/quantize.py);
+#   5. times GRPO-shaped groups (G responses to one HH prompt) with and without prefix sharing, and the
+#      shortest prefix worth sharing, offline in bfloat16 on the GPU (bench/prefix.py --offline).
+# Steps 2 to 5 write their sections of docs/benchmarks-gpu.md. Without a CUDA GPU it stops at step 1.
 #
 #   bash bench/gpu.sh          (or: make bench-gpu)
 #
@@ -56,4 +58,5 @@ nvidia-smi
 "$PYTHON" -m rmserve demo build-moe --data "${HH_DATA:-$ROOT/../shared/data/hh-rlhf-harmless-base-test.jsonl.gz}"
 "$PYTHON" bench/gpu_serving.py
 "$PYTHON" bench/quantize.py --device cuda --dtype bfloat16
+"$PYTHON" bench/prefix.py --offline --device cuda --dtype bfloat16 --out docs/benchmarks-gpu.md
 echo "bench/gpu.sh: wrote docs/benchmarks-gpu.md"

@@ -12,10 +12,13 @@ Two servers run side by side, one with ``--prefix-min-tokens`` at its default an
 runs are interleaved and each figure is the median of ``--repeats`` runs. Tokens are the inputs' full
 token counts (prompt and response), the same for both servers.
 
-A second table sizes the minimum prefix worth sharing: offline, one group of G = 8 responses of 64
-tokens to prompts of P tokens, scored by the demo model with and without a prefix plan.
+Offline, the same groups are scored by the model directly, each group with and without a prefix plan
+(the forward alone, no server; ``--offline`` runs only the offline tables, as ``bench/gpu.sh`` does on a
+GPU). A last table sizes the minimum prefix worth sharing: one group of G = 8 responses of 64 tokens to
+prompts of P tokens, with and without a plan.
 
     python bench/prefix.py --out docs/benchmarks.md
+    python bench/prefix.py --offline --device cuda --dtype bfloat16 --out docs/benchmarks-gpu.md
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ import httpx
 import torch
 from report import machine, write_section  # bench/report.py: run as python bench/prefix.py
 
-from rmserve.batching.planning import BatchLimits
-from rmserve.batching.prefix import plan_prefixes
+from rmserve.batching.planning import BatchLimits, plan_offline
+from rmserve.batching.prefix import PrefixPlan, plan_prefixes
 from rmserve.config import LoadOptions, ModelSpec, Settings
 from rmserve.launch import start_server
 from rmserve.models.base import lambdas_for
 from rmserve.models.dense import DenseRewardModel
-from rmserve.models.inputs import EncodedInput, Messages
+from rmserve.models.inputs import INPUT_ADAPTER, EncodedInput, Messages
 from rmserve.names import PREFIX_MIN_TOKENS
 from rmserve.scoring.loading import resolve_model_path
 from rmserve.scoring.registry import resolve_limits
@@ -105,6 +108,55 @@ def reused(url: str) -> float:
     )
 
 
+def sync(model: DenseRewardModel) -> None:
+    """Wait for the GPU, so the clock measures its work."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+def timed_groups(
+    model: DenseRewardModel,
+    encoded: list[list[EncodedInput]],
+    plans: list[PrefixPlan],
+    cuts: list[list[list[int]]],
+    *,
+    shared: bool,
+) -> float:
+    """Seconds to score every group: in one call with its prefix plan, or cut into batches without one."""
+    start = time.perf_counter()
+    for group, plan, batches in zip(encoded, plans, cuts, strict=True):
+        if shared:
+            model.score(group, **lambdas_for(model.info.defaults, len(group)), plan=plan)
+            continue
+        for batch in batches:
+            rows = [group[i] for i in batch]
+            model.score(rows, **lambdas_for(model.info.defaults, len(rows)))
+    sync(model)
+    return time.perf_counter() - start
+
+
+def offline_table(
+    model: DenseRewardModel, encoder, loads: dict[int, list[list[dict]]], limits: BatchLimits, repeats: int
+) -> dict[int, tuple[float, float]]:
+    """Per G: (tokens/s without a plan, with one), each group scored alone, runs interleaved."""
+    out = {}
+    for size, groups in loads.items():
+        encoded = [[encoder.encode(INPUT_ADAPTER.validate_python(x)) for x in g] for g in groups]
+        tokens = sum(len(x) for g in encoded for x in g)
+        plans = [plan_prefixes([x.token_ids for x in g], PREFIX_MIN_TOKENS, limits) for g in encoded]
+        cuts = [plan_offline([len(x) for x in g], limits) for g in encoded]
+
+        work = (model, encoded, plans, cuts)
+        timed_groups(*work, shared=False)  # warm-up
+        timed_groups(*work, shared=True)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for repeat in range(repeats):
+            for shared in (False, True) if repeat % 2 == 0 else (True, False):
+                times[shared].append(timed_groups(*work, shared=shared))
+        out[size] = (tokens / statistics.median(times[False]), tokens / statistics.median(times[True]))
+    return out
+
+
 def min_prefix_table(
     model: DenseRewardModel, limits: BatchLimits, repeats: int
 ) -> list[tuple[int, float, float]]:
@@ -121,35 +173,20 @@ def min_prefix_table(
         lambdas = lambdas_for(model.info.defaults, len(batch))
         times: dict[bool, list[float]] = {False: [], True: []}
         model.score(batch, **lambdas)  # warm-up
-        for _ in range(repeats):
-            for use in (False, True):
+        for repeat in range(repeats):
+            for use in (False, True) if repeat % 2 == 0 else (True, False):
                 start = time.perf_counter()
                 model.score(batch, **lambdas, plan=plan if use else None)
+                sync(model)
                 times[use].append(time.perf_counter() - start)
         rows.append((prefix, statistics.median(times[False]), statistics.median(times[True])))
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16], help="responses per prompt (G)")
-    parser.add_argument("--groups", type=int, default=4, help="prompts per run")
-    parser.add_argument("--clients", type=int, default=2, help="groups in flight")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    args = parser.parse_args(argv)
-
-    settings = Settings()
-    demo_path = resolve_model_path(ModelSpec(name="demo", path="demo"), settings.cache_dir)
-    model = DenseRewardModel("demo", demo_path, LoadOptions(dtype="float32", device="cpu"))
-    limits, max_length, _ = resolve_limits(settings, None, model.info)
-    encoder = model.new_encoder(max_length)
-    tokenizer = encoder.tokenizer
-    pairs = load_pairs(default_data_path(ROOT))
-    loads = {g: groups_of(encoder, tokenizer, pairs, groups=args.groups, size=g, seed=g) for g in args.sizes}
-
+def served_table(
+    demo_path: Path, loads: dict[int, list[list[dict]]], clients: int, repeats: int
+) -> tuple[dict[tuple[int, str, str], list[float]], dict[tuple[int, str], float]]:
+    """Tokens/s per (G, shape, server) over interleaved runs, and the share of tokens the sharing server reused."""
     results: dict[tuple[int, str, str], list[float]] = {}
     reuse: dict[tuple[int, str], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,62 +201,118 @@ def main(argv: list[str] | None = None) -> None:
                 for shape in ("group", "response"):
                     for server in servers.values():  # warm-up
                         asyncio.run(drive(server.url, groups[:1], 1, shape == "response"))
-                    for repeat in range(args.repeats):
-                        order = list(servers) if repeat % 2 == 0 else list(servers)[::-1]
-                        for name in order:
+                    for repeat in range(repeats):
+                        for name in list(servers) if repeat % 2 == 0 else list(servers)[::-1]:
                             url = servers[name].url
                             before = reused(url)
                             print(
                                 f"G={size} {shape} {name} run {repeat + 1} ...", file=sys.stderr, flush=True
                             )
-                            seconds, tokens = asyncio.run(
-                                drive(url, groups, args.clients, shape == "response")
-                            )
+                            seconds, tokens = asyncio.run(drive(url, groups, clients, shape == "response"))
                             results.setdefault((size, shape, name), []).append(tokens / seconds)
                             if name == "shared":
                                 reuse[(size, shape)] = (reused(url) - before) / tokens
         finally:
             for server in servers.values():
                 server.stop()
-    print("minimum prefix: offline ...", file=sys.stderr, flush=True)
+    return results, reuse
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16], help="responses per prompt (G)")
+    parser.add_argument("--groups", type=int, default=4, help="prompts per run")
+    parser.add_argument("--clients", type=int, default=2, help="groups in flight (served runs)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--offline", action="store_true", help="only the offline tables (no servers)")
+    parser.add_argument("--device", default="cpu", help="for the offline tables (the servers run on CPU)")
+    parser.add_argument("--dtype", default="float32", help="for the offline tables")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    demo_path = resolve_model_path(ModelSpec(name="demo", path="demo"), settings.cache_dir)
+    model = DenseRewardModel("demo", demo_path, LoadOptions(dtype=args.dtype, device=args.device))
+    limits, max_length, _ = resolve_limits(settings, None, model.info)
+    encoder = model.new_encoder(max_length)
+    pairs = load_pairs(default_data_path(ROOT))
+    loads = {
+        g: groups_of(encoder, encoder.tokenizer, pairs, groups=args.groups, size=g, seed=g)
+        for g in args.sizes
+    }
+    served = None if args.offline else served_table(demo_path, loads, args.clients, args.repeats)
+    print("offline ...", file=sys.stderr, flush=True)
+    offline = offline_table(model, encoder, loads, limits, args.repeats)
     table = min_prefix_table(model, limits, args.repeats)
-    report = render(args, loads, results, reuse, table)
+    report = render(args, model, loads, served, offline, table)
     write_section(args.out, "bench/prefix.py", report)
     print(report)
 
 
-def render(args, loads, results, reuse, table) -> str:
+def shown(path: Path) -> str:
+    """A path as the command in the report gives it: relative to the repository when inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
+def render(args, model, loads, served, offline, table) -> str:
+    command = "python bench/prefix.py " + (
+        f"--offline --device {args.device} --dtype {args.dtype} " if args.offline else ""
+    )
     lines = [
         "## Prefix sharing on GRPO-shaped load (`bench/prefix.py`)",
         "",
-        f"Command: `python bench/prefix.py --out docs/benchmarks.md` ({machine()}). The demo model, float32; "
-        f"{args.groups} HH prompts of 200-600 tokens per run, each with G responses of 32-128 tokens, "
-        f"{args.clients} groups in flight; two servers side by side, `--prefix-min-tokens {PREFIX_MIN_TOKENS}` "
-        f"(the default) and `0` (off), runs interleaved, median of {args.repeats}. Tokens are the inputs' full "
-        "token counts, the same for both servers.",
+        f"Command: `{command}--out {shown(args.out)}` "
+        f"({machine()}). The demo model; {args.groups} HH prompts of 200-600 tokens, each with G responses "
+        f"of 32-128 tokens; median of {args.repeats} interleaved runs. Tokens are the inputs' full token "
+        f"counts (prompt and response), the same with and without sharing; minimum prefix {PREFIX_MIN_TOKENS} "
+        "(the default).",
         "",
-        "| G | sent as | tokens/s, sharing off | tokens/s, sharing on | speed-up | prefix tokens not recomputed |",
-        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for size in loads:
-        for shape, words in (("group", "one request per group"), ("response", "one request per response")):
-            off = statistics.median(results[(size, shape, "off")])
-            on = statistics.median(results[(size, shape, "shared")])
-            lines.append(
-                f"| {size} | {words} | {off:.0f} | {on:.0f} | {on / off:.2f}x | {reuse[(size, shape)]:.0%} |"
-            )
+    if served is not None:
+        results, reuse = served
+        lines += [
+            f"**Served** (float32, CPU): two servers side by side, `--prefix-min-tokens {PREFIX_MIN_TOKENS}` and "
+            f"`0` (off), {args.clients} groups in flight.",
+            "",
+            "| G | sent as | tokens/s, sharing off | tokens/s, sharing on | speed-up | tokens not recomputed |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for size in loads:
+            for shape, words in (
+                ("group", "one request per group"),
+                ("response", "one request per response"),
+            ):
+                off = statistics.median(results[(size, shape, "off")])
+                on = statistics.median(results[(size, shape, "shared")])
+                lines.append(
+                    f"| {size} | {words} | {off:.0f} | {on:.0f} | {on / off:.2f}x | {reuse[(size, shape)]:.0%} |"
+                )
+        lines += [
+            "",
+            "The last column is the sharing server's `rmserve_prefix_tokens_reused_total` over the run's "
+            "tokens (its last run).",
+            "",
+        ]
+    lines += [
+        f"**Offline** ({model.info.dtype} on {model.info.device}): each group scored by the model directly, "
+        "cut into batches by the server's limits without a plan, or in one call with its prefix plan.",
+        "",
+        "| G | tokens/s, no plan | tokens/s, prefix plan | speed-up |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {size} | {off:.0f} | {on:.0f} | {on / off:.2f}x |" for size, (off, on) in offline.items()]
     lines += [
         "",
-        "The last column is the share of the input tokens the sharing server did not compute (its "
-        "`rmserve_prefix_tokens_reused_total` over the run's tokens, last run).",
-        "",
-        "**The shortest prefix worth sharing.** Offline, one group of 8 responses of 64 tokens with a "
-        f"shared prompt of P tokens (random ids), median of {args.repeats}:",
+        "**The shortest prefix worth sharing**: one group of 8 responses of 64 tokens (random ids) with a "
+        "shared prefix of P tokens, scored in one batch, with and without a plan.",
         "",
         "| P | one forward (s) | prefix once (s) | speed-up |",
         "| --- | --- | --- | --- |",
     ]
-    lines += [f"| {p} | {full:.3f} | {shared:.3f} | {full / shared:.2f}x |" for p, full, shared in table]
+    lines += [f"| {p} | {full:.4f} | {shared:.4f} | {full / shared:.2f}x |" for p, full, shared in table]
     return "\n".join(lines)
 
 
