@@ -1,4 +1,10 @@
-"""Offline scoring (``rmserve score``): the server's encoder and forward, batched by sorted length."""
+"""Offline scoring (``rmserve score``): the server's encoder and forward, batched by sorted length.
+
+As in the server, inputs that begin with the same tokens (best-of-n candidates for one prompt) compute
+that prefix once (``rmserve.batching.prefix``), for models that share prefixes, unless
+``prefix_min_tokens`` is 0: the inputs are sorted by token ids, each window of ``PREFIX_WINDOW`` of them
+is planned, and each prefix group runs as one call; the other inputs are batched by sorted length.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,15 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from rmserve.batching.planning import plan_offline
+from rmserve.batching.planning import BatchLimits, plan_offline
+from rmserve.batching.prefix import PrefixGroup, PrefixPlan, plan_prefixes
 from rmserve.config import Settings
 from rmserve.models.base import RewardModel, lambdas_for, reward_column
-from rmserve.models.inputs import INPUT_ADAPTER, RewardInput
+from rmserve.models.inputs import INPUT_ADAPTER, EncodedInput, RewardInput
 from rmserve.names import AGGREGATES
 from rmserve.scoring.registry import resolve_limits
+
+PREFIX_WINDOW = 256  # inputs planned together (neighbours in token-id order)
 
 
 @dataclass(frozen=True)
@@ -63,10 +72,17 @@ def score_model(
     limits, max_length, truncation = resolve_limits(settings, None, model.info)
     encoded = model.new_encoder(max_length).encode_many(inputs, truncation)
     results: list[OfflineResult | None] = [None] * len(encoded)
-    batches = plan_offline([len(e) for e in encoded], limits)
+    work: list[tuple[list[int], PrefixPlan | None]] = []
+    rest = list(range(len(encoded)))
+    if settings.prefix_min_tokens and model.info.shares_prefixes:
+        work, rest = prefix_work(encoded, settings.prefix_min_tokens, limits)
+    work += [
+        ([rest[i] for i in batch], None) for batch in plan_offline([len(encoded[i]) for i in rest], limits)
+    ]
     with tqdm(total=sum(map(len, encoded)), unit="tok", disable=not progress, desc="scoring") as bar:
-        for batch in batches:
-            out = model.score([encoded[i] for i in batch], **lambdas_for(model.info.defaults, len(batch)))
+        for batch, plan in work:
+            lambdas = lambdas_for(model.info.defaults, len(batch))
+            out = model.score([encoded[i] for i in batch], **lambdas, plan=plan)
             stds = out.head_std.tolist() if out.head_std is not None else [None] * len(batch)
             routes = out.routes.tolist() if out.routes is not None else [None] * len(batch)
             rewards = reward_column(out, model.info.reward).tolist()
@@ -83,3 +99,23 @@ def score_model(
                 )
             bar.update(sum(len(encoded[i]) for i in batch))
     return [r for r in results if r is not None]
+
+
+def prefix_work(
+    encoded: Sequence[object], min_tokens: int, limits: BatchLimits
+) -> tuple[list[tuple[list[int], PrefixPlan | None]], list[int]]:
+    """The prefix groups among ``encoded`` (each a batch with its one-group plan), and the inputs in none."""
+    ids = [e.token_ids if isinstance(e, EncodedInput) else () for e in encoded]
+    order = sorted(range(len(ids)), key=lambda i: (ids[i], i))
+    work: list[tuple[list[int], PrefixPlan | None]] = []
+    rest: list[int] = []
+    for start in range(0, len(order), PREFIX_WINDOW):
+        window = order[start : start + PREFIX_WINDOW]
+        plan = plan_prefixes([ids[i] for i in window], min_tokens, limits)
+        rest += [window[r] for r in plan.rest]
+        for group in plan.groups:
+            local = {row: k for k, row in enumerate(group.rows)}  # window row -> row of the group's batch
+            suffixes = tuple(tuple(local[r] for r in batch) for batch in group.suffix_batches)
+            one = PrefixGroup(tuple(range(len(group.rows))), group.prefix, suffixes)
+            work.append(([window[r] for r in group.rows], PrefixPlan((one,), ())))
+    return work, sorted(rest)

@@ -91,3 +91,19 @@ def test_encoders_and_ensembles_refuse_a_plan(tiny_model_dirs):
             tradeoff_lambda=torch.zeros(len(encoded)),
             plan=plan,
         )
+
+
+def test_offline_scoring_shares_prefixes_and_scores_as_without(tiny_model_dirs):
+    from rmserve.config import Settings
+    from rmserve.scoring.offline import prefix_work, score_model
+
+    model = DenseRewardModel("m", tiny_model_dirs["llama"], LoadOptions(**FP32))
+    inputs = shared_prompt_inputs() * 2  # every input twice: repeats share all but their last token
+    shared = score_model(model, inputs, Settings(prefix_min_tokens=4))
+    plain = score_model(model, inputs, Settings(prefix_min_tokens=0))
+    assert [r.reward for r in shared] == pytest.approx([r.reward for r in plain], abs=1e-4)
+    assert [r.input_tokens for r in shared] == [r.input_tokens for r in plain]
+    encoded = model.new_encoder().encode_many(inputs)
+    work, rest = prefix_work(encoded, 4, BatchLimits(8192, 64, 8))
+    assert sorted([i for batch, _ in work for i in batch] + rest) == list(range(len(inputs)))
+    assert len(work) >= 2 and all(plan is not None and len(plan.groups) == 1 for _, plan in work)
