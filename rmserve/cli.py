@@ -54,6 +54,7 @@ def serve(
     duplicate_cache_entries: Annotated[
         int | None, typer.Option(help=_help("duplicate_cache_entries"))
     ] = None,
+    autocast: Annotated[bool | None, typer.Option("--autocast", help=_help("autocast"))] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help=_help("max_wait_ms"))] = None,
     max_queue_tokens: Annotated[int | None, typer.Option(help=_help("max_queue_tokens"))] = None,
     max_inputs_per_request: Annotated[int | None, typer.Option(help=_help("max_inputs_per_request"))] = None,

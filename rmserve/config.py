@@ -116,6 +116,12 @@ _DUPLICATES_HELP = (
 )
 
 
+_AUTOCAST_HELP = (
+    "Run float32 models' forwards under torch.autocast in bfloat16: matmuls in bfloat16, weights and heads kept "
+    "in float32 (measured speed and agreement with float32: docs/benchmarks.md)."
+)
+
+
 class ModelSpec(BaseModel):
     """One served model; unset fields take the server-wide value."""
 
@@ -151,6 +157,7 @@ class ModelSpec(BaseModel):
     max_join_padding: int | None = Field(None, ge=0)
     prefix_min_tokens: int | None = Field(None, ge=0, description=_PREFIX_HELP)
     duplicate_cache_entries: int | None = Field(None, ge=0, description=_DUPLICATES_HELP)
+    autocast: bool | None = Field(None, description=_AUTOCAST_HELP)
     reference_p99: float | None = Field(
         None,
         allow_inf_nan=False,
@@ -214,6 +221,7 @@ class Settings(BaseSettings):
     )
     prefix_min_tokens: int = Field(PREFIX_MIN_TOKENS, ge=0, description=_PREFIX_HELP)
     duplicate_cache_entries: int = Field(8192, ge=0, description=_DUPLICATES_HELP)
+    autocast: bool = Field(False, description=_AUTOCAST_HELP)
     max_wait_ms: float = Field(
         2.0,
         ge=0,

@@ -189,12 +189,13 @@ def heads_aggregate_reference(
         rows = torch.arange(pooled.shape[0], device=pooled.device)  # (B,)
         pooled = pooled[rows, positions.long()]  # (B, H)
     x = pooled.float()  # (B, H)
-    mu = x @ weight.float().T  # (B, k)
+    with torch.autocast(x.device.type, enabled=False):  # float32 even inside a bfloat16-autocast forward
+        mu = x @ weight.float().T  # (B, k)
+        logits = None if std_weight is None else x @ std_weight.float().T  # (B, k)
     if bias is not None:
         mu = mu + bias.float()  # (B, k)
     sigma = None
-    if std_weight is not None:
-        logits = x @ std_weight.float().T  # (B, k)
+    if logits is not None:
         if std_bias is not None:
             logits = logits + std_bias.float()  # (B, k)
         sigma = F.softplus(logits) + eps  # (B, k)

@@ -146,6 +146,7 @@ class ModelRegistry:
                         if spec and spec.prefix_min_tokens is not None
                         else settings.prefix_min_tokens
                     ),
+                    autocast=spec.autocast if spec and spec.autocast is not None else settings.autocast,
                     duplicate_cache_entries=(
                         spec.duplicate_cache_entries
                         if spec and spec.duplicate_cache_entries is not None

@@ -105,6 +105,8 @@ class ServedModel:
             only for models that share prefixes (``ModelInfo.shares_prefixes``).
         duplicate_cache_entries: scored inputs kept to answer exact repeats without a forward
             (``rmserve.scoring.duplicates``; 0: no cache).
+        autocast: run the forward under ``torch.autocast`` in bfloat16 (matmuls in bfloat16, float32
+            weights kept; the heads stay float32); only for float32 models.
 
     Raises:
         ValueError: ``max_length`` cannot fit a batch, or ``combined`` was asked of a model without one.
@@ -125,6 +127,7 @@ class ServedModel:
         defaults: AggregationParams | None = None,
         prefix_min_tokens: int = 0,
         duplicate_cache_entries: int = 0,
+        autocast: bool = False,
     ) -> None:
         if reward == COMBINED and not model.info.has_combined:
             raise ValueError(
@@ -133,6 +136,11 @@ class ServedModel:
                 + ", ".join(AGGREGATES)
                 + "."
             )
+        if autocast and model.info.dtype != "float32":
+            raise ValueError(
+                f"model {model.info.name!r}: autocast runs a float32 model's matmuls in bfloat16, but its weights "
+                f"are {model.info.dtype}; serve it with --dtype float32, or without --autocast."
+            )
         if max_length > limits.max_batch_tokens:
             raise ValueError(
                 f"model {model.info.name!r}: max_length={max_length} exceeds max_batch_tokens="
@@ -140,9 +148,11 @@ class ServedModel:
                 "or lower max_length."
             )
         self.model = model
+        self.autocast = autocast
         self.encoder: Encoder = model.new_encoder(max_length)
         self.info: ModelInfo = dataclasses.replace(
             model.info,
+            dtype="float32 (bfloat16 autocast)" if autocast else model.info.dtype,
             max_length=self.encoder.max_length,
             reward=reward or model.info.reward,
             defaults=defaults or model.info.defaults,
@@ -179,14 +189,16 @@ class ServedModel:
             if len(ids) == len(batch):
                 plan = plan_prefixes(ids, self.prefix_min_tokens, self.limits)
                 plan = plan if plan.groups else None
-        out = self.model.score(
-            [item.encoded for item in batch],
-            plan=plan,
-            uwo_lambda=torch.tensor([item.params.uwo_lambda for item in batch], dtype=torch.float32),
-            tradeoff_lambda=torch.tensor(
-                [item.params.tradeoff_lambda for item in batch], dtype=torch.float32
-            ),
-        )
+        device = self.model.info.device.split(":")[0]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model.score(
+                [item.encoded for item in batch],
+                plan=plan,
+                uwo_lambda=torch.tensor([item.params.uwo_lambda for item in batch], dtype=torch.float32),
+                tradeoff_lambda=torch.tensor(
+                    [item.params.tradeoff_lambda for item in batch], dtype=torch.float32
+                ),
+            )
         if self.model.info.has_combined and out.combined is None:
             raise ForwardError(
                 f"the {self.model.info.kind} model returned no combined reward for this batch."

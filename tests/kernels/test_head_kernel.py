@@ -667,3 +667,20 @@ def test_every_autotune_candidate_matches_reference(kernel_device, monkeypatch: 
     launch_candidate_alone(monkeypatch, rmserve_kernels.heads, "_heads_aggregate_tuned", index)
     assert_matches(*run_both(make_fused_inputs(37, 5, 200, 5, seed=48, std=True), kernel_device))
     assert_matches(*run_both(make_inputs(70, 96, 20, seed=49, std=True, nominal_head=None), kernel_device))
+
+
+def test_the_reference_stays_float32_inside_a_bfloat16_autocast_forward():
+    g = torch.Generator().manual_seed(0)
+    pooled, weight, std_weight = (torch.randn(4, 64, generator=g) for _ in range(3))
+    weight, std_weight = weight[:3], std_weight[:3]
+    kwargs = dict(
+        nominal_head=None, uwo_lambda=torch.full((4,), 0.5), tradeoff_lambda=torch.full((4,), 0.3), eps=1e-3
+    )
+    plain = rmserve_kernels.heads.heads_aggregate_reference(pooled, weight, None, std_weight, None, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = rmserve_kernels.heads.heads_aggregate_reference(
+            pooled, weight, None, std_weight, None, **kwargs
+        )
+    assert inside.heads.dtype == torch.float32
+    torch.testing.assert_close(inside.heads, plain.heads, rtol=0, atol=0)
+    torch.testing.assert_close(inside.head_std, plain.head_std, rtol=0, atol=0)
