@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(
-            ["--model", "demo", "--dtype", "float32"], Path(tmp) / "server.log", ready_timeout=900
+            ["--model", "demo", "--dtype", "float32", "--duplicate-cache-entries", "0"],
+            Path(tmp) / "server.log",
+            ready_timeout=900,
         )
         try:
             client = RewardClient(

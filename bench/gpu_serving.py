@@ -47,6 +47,7 @@ from rmserve.scoring.loading import resolve_model_path
 from rmserve.training.hh import default_data_path, load_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_CACHE = ("--duplicate-cache-entries", "0")
 MODELS = ("demo", "demo-merged", "demo-moe", "demo-ensemble", "demo-brme")
 QUANTIZED_MODES = ("int8", "nf4")
 
@@ -160,7 +161,8 @@ def measure(
     index = gpu_index()
     baseline = memory_used_mib(index)
     server = start_server(
-        ["--model", name, "--dtype", "bfloat16", "--device", "cuda", "--quantize", quantize],
+        # every run repeats the inputs: the duplicate cache is off, so the forwards are measured
+        ["--model", name, "--dtype", "bfloat16", "--device", "cuda", "--quantize", quantize, *NO_CACHE],
         log,
         ready_timeout=args.ready_timeout,
     )

@@ -36,6 +36,7 @@ def create_naive_app(model: DenseRewardModel, max_length: int) -> FastAPI:
         rewards = reward_values(model, encoded)  # blocks the loop: one request at a time
         return ScoreResponse(
             model=model.info.name,
+            reward=model.info.reward,
             rewards=rewards,
             truncated=[e.truncated for e in encoded],
             usage=Usage(input_tokens=sum(len(e) for e in encoded)),

@@ -49,6 +49,7 @@ from rmserve.scoring.registry import resolve_limits
 from rmserve.training.hh import default_data_path, load_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_CACHE = ("--duplicate-cache-entries", "0")
 
 
 def groups_of(encoder, tokenizer, pairs, *, groups: int, size: int, seed: int) -> list[list[dict]]:
@@ -194,7 +195,16 @@ def served_table(
         try:
             for name, flag in (("shared", PREFIX_MIN_TOKENS), ("off", 0)):
                 servers[name] = start_server(
-                    ["--model", str(demo_path), "--dtype", "float32", "--prefix-min-tokens", str(flag)],
+                    # runs repeat the inputs: the duplicate cache is off, so the forwards are measured
+                    [
+                        "--model",
+                        str(demo_path),
+                        "--dtype",
+                        "float32",
+                        "--prefix-min-tokens",
+                        str(flag),
+                        *NO_CACHE,
+                    ],
                     Path(tmp) / f"{name}.log",
                 )
             for size, groups in loads.items():

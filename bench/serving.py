@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in models:
             mine = [r for r in regimes if r.model_path == path]
             for name, command, extra in (
-                ("rmserve", None, ["--dtype", "float32"]),
+                ("rmserve", None, ["--dtype", "float32", "--duplicate-cache-entries", "0"]),
                 ("naive", [sys.executable, str(ROOT / "bench" / "naive_server.py"), "serve"], []),
             ):
                 log = Path(tmp) / f"{name}-{path.name}.log"

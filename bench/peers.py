@@ -1,0 +1,286 @@
+"""rmserve side by side with its peers, in one interleaved run: ratios, not absolute figures.
+
+Contenders, each scoring the same inputs:
+
+- ``rmserve``: ``rmserve serve`` with its defaults (float32 on CPU);
+- ``naive``: ``bench/naive_server.py``, the same tokenisation and model code scoring each request alone in
+  its handler, as OpenRLHF's ``serve_rm`` does;
+- ``offline, one at a time``: the model's forward on each input alone, in this process, tokenised up
+  front (no HTTP, no batching: what a trainer scoring in-process one rollout at a time gets);
+- ``offline, batched``: the same inputs sorted by length and cut into the server's batches (``rmserve
+  score``);
+- ``infinity`` (with ``--infinity-url``): an infinity server (``infinity_emb``) already serving the same
+  model folder, sent the chat-templated texts on its ``/classify`` route. It is not installed with
+  rmserve; docs/benchmarks.md says how to run it in its own environment.
+
+Regimes: ``realistic``, the demo model on HH dialogues; ``small``, a 4-layer, 512-wide model (random
+weights, the demo's tokenizer) on rollouts of at most 32 tokens, where a forward costs little and the
+per-request cost shows. Each request carries one input, from ``--concurrency`` clients. The contenders'
+runs rotate order each repeat; each figure is the median. Last, the requests per second one rmserve
+process answers over a backend that computes nothing (``bench/noop_server.py``).
+
+    python bench/peers.py --out docs/benchmarks.md
+    python bench/peers.py --infinity-url http://127.0.0.1:7997 --out docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+from report import machine, write_section  # bench/report.py: run as python bench/peers.py
+
+from rmserve.batching.planning import plan_offline
+from rmserve.config import LoadOptions, ModelSpec, Settings
+from rmserve.launch import start_server
+from rmserve.models.base import reward_values
+from rmserve.models.dense import DenseRewardModel
+from rmserve.models.inputs import EncodedInput, Messages, TokenIds
+from rmserve.scoring.loading import resolve_model_path
+from rmserve.scoring.registry import resolve_limits
+from rmserve.training.hh import default_data_path, load_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVED = ("rmserve", "naive")
+
+
+@dataclass
+class Regime:
+    name: str
+    description: str
+    path: Path
+    payloads: list[dict]  # one input each, as rmserve and naive take it
+    texts: list[str]  # the same inputs as text, for infinity
+    encoded: list[EncodedInput]
+    tokens_per_s: dict[str, list[float]] = field(default_factory=dict)
+
+
+def small_model(cache_dir: Path, demo_path: Path) -> Path:
+    """A 4-layer, 512-wide Llama (random weights, seed 0) with the demo's tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    target = cache_dir / "bench-small-4x512"
+    if (target / "config.json").is_file():
+        return target
+    config = AutoConfig.from_pretrained(demo_path)
+    config.num_hidden_layers, config.hidden_size, config.intermediate_size = 4, 512, 1408
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 8, 2, 64
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(target)
+    AutoTokenizer.from_pretrained(demo_path).save_pretrained(target)
+    return target
+
+
+async def drive(url: str, route: str, bodies: list[dict], concurrency: int) -> float:
+    """Send each body as its own request from ``concurrency`` clients; return the seconds taken."""
+    queue = iter(bodies)
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for body in queue:
+            r = await client.post(route, json=body)
+            r.raise_for_status()
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+
+def offline(model: DenseRewardModel, encoded: list[EncodedInput], batches: list[list[int]]) -> float:
+    """Seconds to score every input, in ``batches``."""
+    start = time.perf_counter()
+    for batch in batches:
+        reward_values(model, [encoded[i] for i in batch])
+    return time.perf_counter() - start
+
+
+def regimes_of(settings: Settings, demo_path: Path, small_path: Path, requests: int) -> list[Regime]:
+    demo = DenseRewardModel("demo", demo_path, LoadOptions(dtype="float32", device="cpu"))
+    encoder = demo.new_encoder()
+    tokenizer = encoder.tokenizer
+    pairs = load_pairs(default_data_path(ROOT))
+    dialogues = [p.chosen for p in pairs[:requests]]
+    short = [
+        list(encoder.encode(Messages(messages=p.rejected)).token_ids[-(8 + i % 25) :])
+        for i, p in enumerate(pairs[: 4 * requests])
+    ]
+    return [
+        Regime(
+            "realistic",
+            f"the demo model (SmolLM2-135M reward model) on {len(dialogues)} HH-RLHF dialogues (chat-templated)",
+            demo_path,
+            [{"inputs": [{"messages": d}]} for d in dialogues],
+            [tokenizer.apply_chat_template(d, tokenize=False) for d in dialogues],
+            [encoder.encode(Messages(messages=d)) for d in dialogues],
+        ),
+        Regime(
+            "small",
+            f"a 4-layer, 512-wide model on {len(short)} rollouts of 8 to 32 tokens (token ids): a forward costs "
+            "little, so the per-request cost shows",
+            small_path,
+            [{"inputs": [{"input_ids": ids}]} for ids in short],
+            [tokenizer.decode(ids) for ids in short],
+            [encoder.encode(TokenIds(input_ids=ids)) for ids in short],
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--requests", type=int, default=128, help="dialogues (realistic); 4x as many rollouts (small)"
+    )
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--noop-requests", type=int, default=4000)
+    parser.add_argument("--infinity-url", default=None, help="an infinity server already serving the model")
+    parser.add_argument(
+        "--infinity-model", default=None, help="the model id infinity serves (default: its path)"
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    demo_path = resolve_model_path(ModelSpec(name="demo", path="demo"), settings.cache_dir)
+    small_path = small_model(settings.cache_dir, demo_path)
+    regimes = regimes_of(settings, demo_path, small_path, args.requests)
+    with tempfile.TemporaryDirectory() as tmp:
+        for regime in regimes:
+            model = DenseRewardModel(
+                regime.path.name, regime.path, LoadOptions(dtype="float32", device="cpu")
+            )
+            limits, _, _ = resolve_limits(settings, None, model.info)
+            alone = [[i] for i in range(len(regime.encoded))]
+            batched = plan_offline([len(e) for e in regime.encoded], limits)
+            tokens = sum(len(e) for e in regime.encoded)
+            servers = {}
+            try:
+                servers["rmserve"] = start_server(
+                    ["--model", str(regime.path), "--dtype", "float32", "--duplicate-cache-entries", "0"],
+                    Path(tmp) / "r.log",
+                )
+                servers["naive"] = start_server(
+                    ["--model", str(regime.path)], Path(tmp) / "n.log",
+                    command=[sys.executable, str(ROOT / "bench" / "naive_server.py"), "serve"],
+                )  # fmt: skip
+                runs: dict[str, object] = {name: None for name in SERVED}
+                runs |= {"offline, one at a time": alone, "offline, batched": batched}
+                if args.infinity_url and regime.name == "realistic":
+                    runs["infinity"] = None
+                names = list(runs)
+                for name in names:  # warm-up
+                    once(name, servers, regime, model, runs, args, warm=True)
+                for repeat in range(args.repeats):
+                    shift = repeat % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        print(f"{regime.name}: {name} run {repeat + 1} ...", file=sys.stderr, flush=True)
+                        seconds = once(name, servers, regime, model, runs, args, warm=False)
+                        regime.tokens_per_s.setdefault(name, []).append(tokens / seconds)
+            finally:
+                for server in servers.values():
+                    server.stop()
+        noop = noop_rate(Path(tmp), args)
+    report = render(args, regimes, noop)
+    write_section(args.out, "bench/peers.py", report)
+    print(report)
+
+
+def once(name, servers, regime: Regime, model, runs, args, *, warm: bool) -> float:
+    """One run of one contender over the regime's inputs (a few inputs when ``warm``); its seconds."""
+    count = args.concurrency if warm else len(regime.payloads)
+    if name in servers:
+        return asyncio.run(drive(servers[name].url, "/v1/score", regime.payloads[:count], args.concurrency))
+    if name == "infinity":
+        model_id = args.infinity_model or str(regime.path)
+        bodies = [{"model": model_id, "input": [t], "raw_scores": True} for t in regime.texts[:count]]
+        return asyncio.run(drive(args.infinity_url, "/classify", bodies, args.concurrency))
+    batches = runs[name]
+    if warm:
+        batches = batches[:2]
+    return offline(model, regime.encoded, batches)
+
+
+def noop_rate(tmp: Path, args) -> dict[int, float]:
+    """Requests per second of one rmserve process over the no-op backend, by concurrency."""
+    server = start_server(
+        [], tmp / "noop.log", command=[sys.executable, str(ROOT / "bench" / "noop_server.py")]
+    )
+    bodies = [{"inputs": [{"input_ids": list(range(1, 17))}]} for _ in range(args.noop_requests)]
+    rates = {}
+    try:
+        for concurrency in (1, 32, 128):
+            asyncio.run(drive(server.url, "/v1/score", bodies[:200], concurrency))  # warm-up
+            times = [
+                asyncio.run(drive(server.url, "/v1/score", bodies, concurrency)) for _ in range(args.repeats)
+            ]
+            rates[concurrency] = len(bodies) / statistics.median(times)
+    finally:
+        server.stop()
+    return rates
+
+
+def render(args, regimes: list[Regime], noop: dict[int, float]) -> str:
+    lines = [
+        "## rmserve and its peers, interleaved (`bench/peers.py`)",
+        "",
+        f"Machine: {machine()}. No GPU.",
+        "",
+        "```",
+        f"python bench/peers.py --requests {args.requests} --concurrency {args.concurrency} --repeats {args.repeats}"
+        + (" --infinity-url URL" if args.infinity_url else ""),
+        "```",
+        "",
+        f"One input per request from {args.concurrency} concurrent clients; the contenders' runs interleaved "
+        f"(rotating order), median of {args.repeats}. Server defaults, float32. The load generator runs on the "
+        "same 2 cores, so absolute figures understate every server alike: read the ratios.",
+        "",
+    ]
+    for regime in regimes:
+        ours = statistics.median(regime.tokens_per_s["rmserve"])
+        lines += [
+            f"### {regime.name}",
+            "",
+            f"{regime.description}.",
+            "",
+            "| contender | tokens/s | rmserve is |",
+            "| --- | ---: | ---: |",
+        ]
+        for name, runs in regime.tokens_per_s.items():
+            tps = statistics.median(runs)
+            lines.append(f"| {name} | {tps:.0f} | {'' if name == 'rmserve' else f'{ours / tps:.2f}x'} |")
+        if "infinity" not in regime.tokens_per_s:
+            lines += ["", "infinity: not run (give `--infinity-url`; see the note below)."]
+        lines.append("")
+    lines += [
+        "### One server process, no forward",
+        "",
+        "`bench/noop_server.py`: rmserve's app over a backend that returns zeros at once, every request "
+        "access-logged as under `rmserve serve`; one input of 16 token ids per request.",
+        "",
+        "| concurrent clients | requests/s |",
+        "| ---: | ---: |",
+    ]
+    lines += [f"| {c} | {rate:.0f} |" for c, rate in noop.items()]
+    lines += [
+        "",
+        "**infinity**, in its own environment (it is not a dependency of rmserve): "
+        "`python -m venv /tmp/infinity && /tmp/infinity/bin/pip install torch==2.13.0 'infinity-emb[server]'`, "
+        "then `/tmp/infinity/bin/infinity_emb v2 --model-id <the demo folder> --engine torch --device cpu "
+        "--port 7997` and `python bench/peers.py --infinity-url http://127.0.0.1:7997`.",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
