@@ -226,8 +226,8 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: DTypeName, device: torch.device) -> torch.dtype:
     """``auto`` is bfloat16 on a GPU that supports it and float32 elsewhere.
 
-    On CPU float32 is the fast choice: bfloat16 transformer forwards measured several times slower
-    than float32 on the reference machine, and float16 is never used on CPU.
+    On CPU float32 is the exact choice; bfloat16 (weights, or ``--autocast``) is an option whose speed and
+    agreement with float32 ``bench/cpu_precision.py`` measures. float16 is never used on CPU.
     """
     if dtype == "float32":
         return torch.float32
