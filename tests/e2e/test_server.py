@@ -143,7 +143,9 @@ def _counter(metrics: str, name: str) -> float:
 
 def test_a_client_that_hangs_up_has_its_queued_inputs_dropped(tiny_model_dirs, tmp_path):
     srv = start_server(
-        ["--model", str(tiny_model_dirs["llama"]), "--max-batch-size", "1"], tmp_path / "server.log"
+        # the duplicate cache off: the repeated inputs must really queue
+        ["--model", str(tiny_model_dirs["llama"]), "--max-batch-size", "1", "--duplicate-cache-entries", "0"],
+        tmp_path / "server.log",
     )
     try:
 
