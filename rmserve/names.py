@@ -79,5 +79,6 @@ CPU_JOIN_PADDING = 32
 """Default ``max_join_padding`` on CPU, where padding is nearly pure loss (unlimited on GPU)."""
 
 PREFIX_MIN_TOKENS = 32
-"""Default shortest prefix shared by several inputs (``rmserve.batching.prefix``): measured in
-``bench/prefix.py`` (docs/benchmarks.md)."""
+"""Default shortest prefix shared by several inputs (``rmserve.batching.prefix``): on the 2-core CPU a
+separate prefix forward breaks even at about 8 tokens and gains 1.2x at 32 (``bench/prefix.py``,
+docs/benchmarks.md); 32 leaves room for devices whose per-forward cost is higher."""
