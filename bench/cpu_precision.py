@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from quantize import Scored, agreement, score_round_robin  # bench/quantize.py: the same harness
+from quantize import (  # bench/quantize.py: the same harness
+    Scored,
+    agreement,
+    held_out_dialogues,
+    score_round_robin,
+)
 from report import machine, write_section
 
 from rmserve.batching.planning import plan_offline
@@ -31,10 +36,10 @@ from rmserve.config import LoadOptions, Settings
 from rmserve.demo.build import build_demo
 from rmserve.models.base import HeadOutputs
 from rmserve.models.dense import DenseRewardModel
-from rmserve.models.inputs import EncodedInput, Messages
+from rmserve.models.inputs import EncodedInput
 from rmserve.scoring.registry import resolve_limits
 from rmserve.training.fitting import binomial_interval
-from rmserve.training.hh import default_data_path, load_pairs, split_indices
+from rmserve.training.hh import default_data_path
 from rmserve.training.recipes.demo_head import MAX_LENGTH
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     settings = Settings()
-    pairs = load_pairs(args.data)
-    _, held_out = split_indices(len(pairs))
-    chosen = held_out if args.pairs is None else held_out[: args.pairs]
-    dialogues = [Messages(messages=d) for i in chosen for d in (pairs[i].chosen, pairs[i].rejected)]
+    chosen, _, dialogues = held_out_dialogues(args.data, args.pairs)
     folder = build_demo("demo", settings.cache_dir)
     fp32 = DenseRewardModel("demo", folder, LoadOptions(dtype="float32", device="cpu"))
     models = {

@@ -227,6 +227,16 @@ def sensitivity_report(scored: dict[str, Scored], *, setup: str, command: str, t
     return "\n".join(lines) + "\n"
 
 
+def held_out_dialogues(data: Path, limit: int | None) -> tuple[list[int], list[int], list[Messages]]:
+    """The held-out pairs to score (the first ``limit``, or all), every held-out pair, and the chosen pairs'
+    dialogues in order (chosen_0, rejected_0, chosen_1, ...)."""
+    pairs = load_pairs(data)
+    _, held_out = split_indices(len(pairs))
+    chosen = held_out if limit is None else held_out[:limit]
+    dialogues = [Messages(messages=d) for i in chosen for d in (pairs[i].chosen, pairs[i].rejected)]
+    return chosen, held_out, dialogues
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -248,10 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     settings = Settings()
-    pairs = load_pairs(args.data)
-    _, held_out = split_indices(len(pairs))
-    chosen = held_out if args.pairs is None else held_out[: args.pairs]
-    dialogues = [Messages(messages=d) for i in chosen for d in (pairs[i].chosen, pairs[i].rejected)]
+    chosen, held_out, dialogues = held_out_dialogues(args.data, args.pairs)
     folder = build_demo("demo", settings.cache_dir)
     target = Target(args.device, args.dtype)
     models: dict[str, DenseRewardModel] = {"none": load_demo(folder, "none", target)}
