@@ -16,8 +16,9 @@ Contenders, each scoring the same inputs:
 Regimes: ``realistic``, the demo model on HH dialogues; ``small``, a 4-layer, 512-wide model (random
 weights, the demo's tokenizer) on rollouts of at most 32 tokens, where a forward costs little and the
 per-request cost shows. Each request carries one input, from ``--concurrency`` clients. The contenders'
-runs rotate order each repeat; each figure is the median. Last, the requests per second one rmserve
-process answers over a backend that computes nothing (``bench/noop_server.py``).
+runs rotate order each repeat; each figure is the median. The requests per second one rmserve process
+answers without a forward are ``bench/noop_server.py --measure``'s (a load generator in Python would be
+the bottleneck there).
 
     python bench/peers.py --out docs/benchmarks.md
     python bench/peers.py --infinity-url http://127.0.0.1:7997 --out docs/benchmarks.md
@@ -143,7 +144,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--noop-requests", type=int, default=4000)
     parser.add_argument("--infinity-url", default=None, help="an infinity server already serving the model")
     parser.add_argument(
         "--infinity-model", default=None, help="the model id infinity serves (default: its path)"
@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 for server in servers.values():
                     server.stop()
-        noop = noop_rate(Path(tmp), args)
-    report = render(args, regimes, noop)
+    report = render(args, regimes)
     write_section(args.out, "bench/peers.py", report)
     print(report)
 
@@ -211,26 +210,7 @@ def once(name, servers, regime: Regime, model, runs, args, *, warm: bool) -> flo
     return offline(model, regime.encoded, batches)
 
 
-def noop_rate(tmp: Path, args) -> dict[int, float]:
-    """Requests per second of one rmserve process over the no-op backend, by concurrency."""
-    server = start_server(
-        [], tmp / "noop.log", command=[sys.executable, str(ROOT / "bench" / "noop_server.py")]
-    )
-    bodies = [{"inputs": [{"input_ids": list(range(1, 17))}]} for _ in range(args.noop_requests)]
-    rates = {}
-    try:
-        for concurrency in (1, 32, 128):
-            asyncio.run(drive(server.url, "/v1/score", bodies[:200], concurrency))  # warm-up
-            times = [
-                asyncio.run(drive(server.url, "/v1/score", bodies, concurrency)) for _ in range(args.repeats)
-            ]
-            rates[concurrency] = len(bodies) / statistics.median(times)
-    finally:
-        server.stop()
-    return rates
-
-
-def render(args, regimes: list[Regime], noop: dict[int, float]) -> str:
+def render(args, regimes: list[Regime]) -> str:
     lines = [
         "## rmserve and its peers, interleaved (`bench/peers.py`)",
         "",
@@ -262,16 +242,6 @@ def render(args, regimes: list[Regime], noop: dict[int, float]) -> str:
         if "infinity" not in regime.tokens_per_s:
             lines += ["", "infinity: not run (give `--infinity-url`; see the note below)."]
         lines.append("")
-    lines += [
-        "### One server process, no forward",
-        "",
-        "`bench/noop_server.py`: rmserve's app over a backend that returns zeros at once, every request "
-        "access-logged as under `rmserve serve`; one input of 16 token ids per request.",
-        "",
-        "| concurrent clients | requests/s |",
-        "| ---: | ---: |",
-    ]
-    lines += [f"| {c} | {rate:.0f} |" for c, rate in noop.items()]
     lines += [
         "",
         "**infinity**, in its own environment (it is not a dependency of rmserve): "
