@@ -30,7 +30,7 @@ from rmserve.batching.prefix import PrefixPlan
 from rmserve.models.base import resolve_device, resolve_dtype
 from rmserve.models.inputs import EncodedInput, InputEncoder
 from rmserve.models.pooling import PoolingRule, log_pooling, pooling_rule
-from rmserve.models.prefix import base_run, planned_states
+from rmserve.models.prefix import base_run, padded_rows, planned_states
 from rmserve.models.quantize import check_quantize, finish_quantized, pretrained_kwargs
 from rmserve.names import DEFAULT_POOLING, DTypeName, Pooling, QuantizeName
 
@@ -78,11 +78,8 @@ def right_padded(
     batch: Sequence[EncodedInput], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids right-padded with ``pad_id``, (B, T), and the sequence lengths, (B,)."""
-    lengths = torch.tensor([len(x) for x in batch])  # (B,)
-    ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)  # (B, T)
-    for row, item in enumerate(batch):
-        ids[row, : len(item)] = torch.tensor(item.token_ids)
-    return ids.to(device), lengths.to(device)
+    lengths = torch.tensor([len(x) for x in batch], device=device)  # (B,)
+    return padded_rows([x.token_ids for x in batch], pad_id, device), lengths  # (B, T), (B,)
 
 
 def final_hidden_states(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
