@@ -3,6 +3,8 @@
 Contenders, each scoring the same inputs:
 
 - ``rmserve``: ``rmserve serve`` with its defaults (float32 on CPU);
+- ``rmserve, padded`` (small regime): the same with packing off (``--max-packed-tokens 0``), every batch
+  right-padded;
 - ``naive``: ``bench/naive_server.py``, the same tokenisation and model code scoring each request alone in
   its handler, as OpenRLHF's ``serve_rm`` does;
 - ``offline, one at a time``: the model's forward on each input alone, in this process, tokenised up
@@ -35,9 +37,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import torch
-from report import machine, write_section  # bench/report.py: run as python bench/peers.py
+from loadgen import drive  # bench/loadgen.py: run as python bench/peers.py
+from report import machine, write_section
 
 from rmserve.batching.planning import plan_offline
 from rmserve.config import LoadOptions, ModelSpec, Settings
@@ -50,7 +52,7 @@ from rmserve.scoring.registry import resolve_limits
 from rmserve.training.hh import default_data_path, load_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVED = ("rmserve", "naive")
+PADDED = "rmserve, padded (--max-packed-tokens 0)"
 
 
 @dataclass
@@ -80,20 +82,14 @@ def small_model(cache_dir: Path, demo_path: Path) -> Path:
     return target
 
 
-async def drive(url: str, route: str, bodies: list[dict], concurrency: int) -> float:
-    """Send each body as its own request from ``concurrency`` clients; return the seconds taken."""
-    queue = iter(bodies)
-
-    async def client_loop(client: httpx.AsyncClient) -> None:
-        for body in queue:
-            r = await client.post(route, json=body)
-            r.raise_for_status()
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        return time.perf_counter() - start
+def rollout_ids(demo_path: Path, count: int) -> list[list[int]]:
+    """``count`` short rollouts as token ids: the last 8 to 32 tokens of HH dialogues (chat-templated)."""
+    encoder = DenseRewardModel("demo", demo_path, LoadOptions(dtype="float32", device="cpu")).new_encoder()
+    pairs = load_pairs(default_data_path(ROOT))
+    return [
+        list(encoder.encode(Messages(messages=p.rejected)).token_ids[-(8 + i % 25) :])
+        for i, p in enumerate(pairs[:count])
+    ]
 
 
 def offline(model: DenseRewardModel, encoded: list[EncodedInput], batches: list[list[int]]) -> float:
@@ -110,10 +106,7 @@ def regimes_of(settings: Settings, demo_path: Path, small_path: Path, requests: 
     tokenizer = encoder.tokenizer
     pairs = load_pairs(default_data_path(ROOT))
     dialogues = [p.chosen for p in pairs[:requests]]
-    short = [
-        list(encoder.encode(Messages(messages=p.rejected)).token_ids[-(8 + i % 25) :])
-        for i, p in enumerate(pairs[: 4 * requests])
-    ]
+    short = rollout_ids(demo_path, 4 * requests)
     return [
         Regime(
             "realistic",
@@ -174,7 +167,13 @@ def main(argv: list[str] | None = None) -> None:
                     ["--model", str(regime.path)], Path(tmp) / "n.log",
                     command=[sys.executable, str(ROOT / "bench" / "naive_server.py"), "serve"],
                 )  # fmt: skip
-                runs: dict[str, object] = {name: None for name in SERVED}
+                if regime.name == "small":  # short ragged rollouts: what packing is for
+                    servers[PADDED] = start_server(
+                        ["--model", str(regime.path), "--dtype", "float32", "--duplicate-cache-entries", "0",
+                         "--max-packed-tokens", "0"],
+                        Path(tmp) / "p.log",
+                    )  # fmt: skip
+                runs: dict[str, object] = {name: None for name in servers}
                 runs |= {"offline, one at a time": alone, "offline, batched": batched}
                 if args.infinity_url and regime.name == "realistic":
                     runs["infinity"] = None
@@ -222,8 +221,9 @@ def render(args, regimes: list[Regime]) -> str:
         "```",
         "",
         f"One input per request from {args.concurrency} concurrent clients; the contenders' runs interleaved "
-        f"(rotating order), median of {args.repeats}. Server defaults, float32. The load generator runs on the "
-        "same 2 cores, so absolute figures understate every server alike: read the ratios.",
+        f"(rotating order), median of {args.repeats}. Server defaults, float32. The load generator "
+        "(`bench/loadgen.py`: prepared requests on keep-alive connections, tens of microseconds each) runs on the "
+        "same 2 cores.",
         "",
     ]
     for regime in regimes:

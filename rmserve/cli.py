@@ -50,6 +50,7 @@ def serve(
     max_batch_tokens: Annotated[int | None, typer.Option(help=_help("max_batch_tokens"))] = None,
     max_batch_size: Annotated[int | None, typer.Option(help=_help("max_batch_size"))] = None,
     max_join_padding: Annotated[int | None, typer.Option(help=_help("max_join_padding"))] = None,
+    max_packed_tokens: Annotated[int | None, typer.Option(help=_help("max_packed_tokens"))] = None,
     prefix_min_tokens: Annotated[int | None, typer.Option(help=_help("prefix_min_tokens"))] = None,
     duplicate_cache_entries: Annotated[
         int | None, typer.Option(help=_help("duplicate_cache_entries"))
@@ -129,6 +130,7 @@ def score(
     max_batch_tokens: Annotated[int | None, typer.Option(help=_help("max_batch_tokens"))] = None,
     max_batch_size: Annotated[int | None, typer.Option(help=_help("max_batch_size"))] = None,
     max_join_padding: Annotated[int | None, typer.Option(help=_help("max_join_padding"))] = None,
+    max_packed_tokens: Annotated[int | None, typer.Option(help=_help("max_packed_tokens"))] = None,
     prefix_min_tokens: Annotated[int | None, typer.Option(help=_help("prefix_min_tokens"))] = None,
     cache_dir: Annotated[Path | None, typer.Option(help=_help("cache_dir"))] = None,
 ) -> None:
@@ -143,7 +145,7 @@ def score(
     settings = _settings(
         model=model, dtype=dtype, device=device, pooling=pooling, max_length=max_length, truncation=truncation,
         max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, max_join_padding=max_join_padding,
-        prefix_min_tokens=prefix_min_tokens, cache_dir=cache_dir,
+        max_packed_tokens=max_packed_tokens, prefix_min_tokens=prefix_min_tokens, cache_dir=cache_dir,
     )  # fmt: skip
     _configure_logging("warning")
     try:

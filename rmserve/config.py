@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from rmserve.names import (
     CPU_JOIN_PADDING,
+    CPU_PACKED_TOKENS,
     DEFAULT_DEMOS,
     DEMO_MODELS,
     PREFIX_MIN_TOKENS,
@@ -86,6 +87,8 @@ class LoadOptions:
         kernels: ``auto`` (Triton on CUDA, torch elsewhere), ``triton`` or ``reference``.
         quantize: ``none``, ``int8`` or ``nf4`` (bitsandbytes, ``rmserve.models.quantize``).
         pooling: ``hf`` or ``last`` (``rmserve.models.pooling``); None: the folder's declaration, else hf.
+        max_packed_tokens: decoders: the most tokens of a batch run packed, without padding
+            (``rmserve.models.packing``); 0: never; None: by device.
     """
 
     kind: KindName = "auto"
@@ -95,12 +98,20 @@ class LoadOptions:
     kernels: KernelsName = "auto"
     quantize: QuantizeName = "none"
     pooling: Pooling | None = None
+    max_packed_tokens: int | None = None
 
 
 _POOLING_HELP = (
     "Which token decoders score: hf (transformers' rule: the last token that is not the pad token) or last "
     "(the final token: OpenRLHF's and vLLM's convention); default: what the model folder's rmserve.json "
     "declares, else hf."
+)
+
+
+_PACKED_HELP = (
+    "Decoder models (Llama, Qwen2, GPT-NeoX): a batch of at most this many tokens runs as one packed sequence, "
+    "each input attending only to itself (exact), whenever that costs less than padding it; 0: always padded. "
+    f"Default by device: {CPU_PACKED_TOKENS} on CPU (padding costs as much as real tokens there), 0 on GPU."
 )
 
 
@@ -155,6 +166,7 @@ class ModelSpec(BaseModel):
     max_batch_tokens: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1)
     max_join_padding: int | None = Field(None, ge=0)
+    max_packed_tokens: int | None = Field(None, ge=0, description=_PACKED_HELP)
     prefix_min_tokens: int | None = Field(None, ge=0, description=_PREFIX_HELP)
     duplicate_cache_entries: int | None = Field(None, ge=0, description=_DUPLICATES_HELP)
     autocast: bool | None = Field(None, description=_AUTOCAST_HELP)
@@ -219,6 +231,7 @@ class Settings(BaseSettings):
         description="Most padding tokens an input may add to a batch by joining it; default by device: "
         f"{CPU_JOIN_PADDING} on CPU (padding is nearly pure loss there), unlimited on GPU.",
     )
+    max_packed_tokens: int | None = Field(None, ge=0, description=_PACKED_HELP)
     prefix_min_tokens: int = Field(PREFIX_MIN_TOKENS, ge=0, description=_PREFIX_HELP)
     duplicate_cache_entries: int = Field(8192, ge=0, description=_DUPLICATES_HELP)
     autocast: bool = Field(False, description=_AUTOCAST_HELP)
@@ -341,6 +354,9 @@ class Settings(BaseSettings):
             kernels=self.kernels,
             quantize=spec.quantize or self.quantize,
             pooling=spec.pooling or self.pooling,
+            max_packed_tokens=self.max_packed_tokens
+            if spec.max_packed_tokens is None
+            else spec.max_packed_tokens,
         )
 
     @classmethod

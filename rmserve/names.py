@@ -78,6 +78,10 @@ looks them up."""
 CPU_JOIN_PADDING = 32
 """Default ``max_join_padding`` on CPU, where padding is nearly pure loss (unlimited on GPU)."""
 
+CPU_PACKED_TOKENS = 2048
+"""Default ``max_packed_tokens`` on CPU: decoder batches up to this many tokens may run packed, without
+padding (``rmserve.models.packing``); 0 (always padded) on GPU."""
+
 PREFIX_MIN_TOKENS = 32
 """Default shortest prefix shared by several inputs (``rmserve.batching.prefix``): on the 2-core CPU a
 separate prefix forward breaks even at about 8 tokens and gains 1.2x at 32 (``bench/prefix.py``,

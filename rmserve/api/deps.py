@@ -91,38 +91,53 @@ def check_input_count(request: Request, count: int) -> None:
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work``, cancelling it if the client disconnects first or the request timeout passes.
+    """Run ``work`` in this request's task, cancelling it if the client disconnects first or the request
+    timeout passes.
 
-    Cancelled work's queued inputs are dropped before they are computed.
+    Cancelled work's queued inputs are dropped before they are computed. One watcher task per request
+    reads the connection and a timer handle keeps the timeout; the work runs in the request's own task.
 
     Raises:
         ClientDisconnected: the client hung up.
         ApiError: 504 once ``request_timeout_s`` has passed.
     """
-    task = asyncio.ensure_future(work)
+    current = asyncio.current_task()
+    assert current is not None, "until_disconnect runs inside a request's task"
+    reason: list[str] = []  # why this function cancelled the request's task: "disconnect" or "timeout"
 
-    async def wait_disconnect() -> None:
+    def stop(why: str) -> None:
+        if not reason:
+            reason.append(why)
+            current.cancel()
+
+    async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        stop("disconnect")
 
     timeout = settings_of(request).request_timeout_s
-    watcher = asyncio.ensure_future(wait_disconnect())
+    watcher = asyncio.ensure_future(watch())
+    timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, stop, "timeout")
     try:
-        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        if watcher.done() and not watcher.cancelled():
-            raise ClientDisconnected
+        return await work
+    except asyncio.CancelledError:
+        if not reason:
+            raise  # cancelled from outside (shutdown): not this request's doing
+        uncancel = getattr(current, "uncancel", None)  # Python 3.11+: this cancellation is handled here
+        if uncancel is not None:
+            uncancel()
+        if reason[0] == "disconnect":
+            raise ClientDisconnected from None
         raise ApiError(
             504,
             "timeout",
             f"the request was not answered within request_timeout_s={timeout:g} s and was cancelled (its queued "
             "inputs dropped); send fewer inputs per request, add replicas, or raise --request-timeout-s.",
-        )
-    return task.result()
+        ) from None
+    finally:
+        watcher.cancel()
+        if timer is not None:
+            timer.cancel()
 
 
 def resolve_model(request: Request, name: str | None) -> ServedModel:
@@ -141,6 +156,19 @@ def resolve_model(request: Request, name: str | None) -> ServedModel:
     return served
 
 
+def _query_value(request: Request, name: str) -> str | None:
+    """A query parameter's value, without parsing the query string when there is none (the common case)."""
+    return request.query_params.get(name) if request.scope.get("query_string") else None
+
+
+def _header_value(request: Request, name: bytes) -> str | None:
+    """A request header's value (``name`` lower-case), read off the raw ASGI headers."""
+    for key, value in request.scope.get("headers") or ():
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def run_of(request: Request, body_run: str | None = None) -> str | None:
     """The run a request names: its body's ``run``, else the ``x-rmserve-run`` header, else the ``run`` query
     parameter (what a trainer that sends neither bodies of its own nor headers can set in its URL).
@@ -148,7 +176,7 @@ def run_of(request: Request, body_run: str | None = None) -> str | None:
     Raises:
         ApiError: 422 for a malformed run name.
     """
-    name = body_run or request.headers.get(RUN_HEADER) or request.query_params.get("run")
+    name = body_run or _header_value(request, RUN_HEADER.encode()) or _query_value(request, "run")
     if name is None:
         return None
     try:
@@ -163,7 +191,7 @@ def normalization_of(request: Request, body_normalize: str | None = None) -> str
     Raises:
         ApiError: 422 for another value.
     """
-    value = body_normalize or request.query_params.get("normalize")
+    value = body_normalize or _query_value(request, "normalize")
     if value not in (None, "run"):
         raise ApiError(422, "invalid_request", f"normalize is {value!r}; the one normalisation is 'run'.")
     return value

@@ -31,6 +31,8 @@ the models of a device fit it together is ``rmserve.memory.plan``'s.
       + with prefix sharing: N x (2K e + T)      a suffix forward's keys and values concatenated
                              + L x T x 2K e      to its prefix's, and its boolean mask; the prefix's
                                                  cache, L attention layers (``prefix_cache_layers``)
+      + with packing: 5 P^2                      a packed row's (1, 1, P, P) block mask, boolean and
+                                                 SDPA's float copy, P = min(max_packed_tokens, N)
 
   Prefix sharing (``rmserve.batching.prefix``) cuts suffix batches so that rows x (prefix + suffix)
   stays within N, so the widest suffix forward is bounded like a whole-input one; the cache of one
@@ -62,6 +64,7 @@ from rmserve.config import LoadOptions
 from rmserve.models.base import module_bytes, resolve_device, resolve_dtype
 from rmserve.models.decoder import config_of
 from rmserve.models.loader import backend_for
+from rmserve.models.packing import packing_for
 from rmserve.models.quantize import NF4_BLOCKSIZE
 from rmserve.names import QuantizeName
 
@@ -213,6 +216,7 @@ def activation_bytes(
     quantize: QuantizeName = "none",
     *,
     prefix_cache_layers: int = 0,
+    packed_tokens: int = 0,
 ) -> int:
     """The peak activation memory of one forward (the module docstring's formula).
 
@@ -223,6 +227,8 @@ def activation_bytes(
         quantize: the weights' quantisation (adds its matmul workspace).
         prefix_cache_layers: with prefix sharing, the attention layers whose prefix keys and values are
             cached (every layer the model runs, each branch's included); 0: no sharing.
+        packed_tokens: the most tokens of a packed forward (``rmserve.models.packing``); it adds the
+            (1, 1, T, T) block mask, boolean and as SDPA's float copy; 0: the model never packs.
     """
     e = torch.empty((), dtype=dtype).element_size()
     n, t = shape.tokens, shape.length
@@ -241,6 +247,8 @@ def activation_bytes(
         phases.append((3 * h + a + 2 * k + (2 * a if k < a else 0)) * e + t * arch.heads * (e + 4))
     mask = t * e if eager else t if masked else 0  # (B, 1, T, T): float for eager, boolean for SDPA
     total = n * (max(phases) + mask) + FORWARD_FIXED_BYTES
+    packed = min(packed_tokens, n)
+    total += packed * packed * 5  # a packed row's block mask: bool, then float32 in SDPA
     if prefix_cache_layers:
         total += n * (2 * k * e + t) + prefix_cache_layers * t * 2 * k * e
     return total + _moe_workspace(arch, n, e) + _quantized_workspace(arch, e, quantize)
@@ -363,6 +371,13 @@ class _Part:
     parameters: int
 
 
+def _packed_tokens(module: torch.nn.Module, options: LoadOptions, device: torch.device) -> int:
+    """The most tokens a decoder part runs packed (0: never); counted for every kind with such a part,
+    including those that always pad (a few MB at most)."""
+    packing = packing_for(getattr(module, "config", None), options.max_packed_tokens, device)
+    return 0 if packing is None else packing.max_tokens
+
+
 def estimate_model(
     name: str,
     path: Path,
@@ -416,6 +431,7 @@ def estimate_model(
                     dtype,
                     options.quantize,
                     prefix_cache_layers=part.attention_layers if shares else 0,
+                    packed_tokens=0 if part.masked else _packed_tokens(part.module, options, dev),
                 ),
                 parameters=sum(p.numel() for p in part.module.parameters()) + part.extra_parameters,
             )

@@ -35,7 +35,8 @@ class Encoded(Protocol):
 
 
 class Encoder(Protocol):
-    """Tokenises inputs for one backend; one instance per thread (tokenizers are not thread-safe)."""
+    """Tokenises inputs for one backend; one instance per thread (tokenizers are not thread-safe), except
+    that encoding ``TokenIds`` alone never touches the tokenizer and is safe from any thread."""
 
     @property
     def max_length(self) -> int: ...

@@ -29,6 +29,7 @@ from transformers import (
 from rmserve.batching.prefix import PrefixPlan
 from rmserve.models.base import resolve_device, resolve_dtype
 from rmserve.models.inputs import EncodedInput, InputEncoder
+from rmserve.models.packing import Packing, packed_states, packing_for
 from rmserve.models.pooling import PoolingRule, log_pooling, pooling_rule
 from rmserve.models.prefix import base_run, padded_rows, planned_states
 from rmserve.models.quantize import check_quantize, finish_quantized, pretrained_kwargs
@@ -107,16 +108,23 @@ def scored_states(
     pooling: PoolingRule,
     pad_id: int,
     device: torch.device,
+    packing: Packing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What a head reads: final hidden states (B, T, H) and each input's scored position in them, (B,).
 
-    Without a plan: one right-padded forward, positions by the pooling rule. With one: each input's
-    scored state computed as the plan says (``rmserve.models.prefix``), as (B, 1, H) at position 0.
+    Without a plan: one right-padded forward, positions by the pooling rule, or, when ``packing`` says it
+    is cheaper, one packed forward (``rmserve.models.packing``). With a plan: each input's scored state
+    computed as the plan says (``rmserve.models.prefix``). Packed or planned, the states come as
+    (B, 1, H) at position 0.
     """
-    if plan is None:
+    rows = packing.rows([len(x) for x in batch]) if plan is None and packing is not None else None
+    if rows is not None:
+        states = packed_states(base, batch, rows, pooling=pooling, pad_id=pad_id, device=device)  # (B, H)
+    elif plan is None:
         ids, lengths = right_padded(batch, pad_id, device)
         return final_hidden_states(base, ids), pooling.positions(ids, lengths)  # (B, T, H), (B,)
-    states = planned_states(base_run(base), batch, plan, pooling=pooling, pad_id=pad_id, device=device)
+    else:
+        states = planned_states(base_run(base), batch, plan, pooling=pooling, pad_id=pad_id, device=device)
     return states[:, None, :], torch.zeros(len(batch), dtype=torch.long, device=device)  # (B, 1, H), (B,)
 
 
@@ -222,6 +230,8 @@ class DecoderBackbone:
             (``rmserve.models.quantize``).
         pooling: ``hf`` or ``last`` (``rmserve.models.pooling``), against this checkpoint's pad id.
         name: the model's name in the load log.
+        max_packed_tokens: the most tokens of a batch run packed (``rmserve.models.packing``); 0: never;
+            None: by device.
 
     Raises:
         ValueError: the folder is not a decoder checkpoint, or the options do not fit this machine.
@@ -237,6 +247,7 @@ class DecoderBackbone:
         quantize: QuantizeName = "none",
         pooling: Pooling = DEFAULT_POOLING,
         name: str | None = None,
+        max_packed_tokens: int | None = None,
     ) -> None:
         if not (path / "config.json").is_file():
             raise ValueError(f"backbone {path} is not a Hugging Face model folder (no config.json).")
@@ -258,6 +269,7 @@ class DecoderBackbone:
         tokenizer = AutoTokenizer.from_pretrained(path)
         self.pad_id = pad_token_id(tokenizer, config)
         self.pooling = pooling_rule(pooling, config)
+        self.packing = packing_for(config, max_packed_tokens, self.device)
         log_pooling(name or path.name, self.pooling, tokenizer)
         self.max_length = resolve_max_length(config, tokenizer, max_length)
         embeddings = embeddings_of(self.base)

@@ -53,6 +53,7 @@ from rmserve.models.decoder import (
     scored_states,
 )
 from rmserve.models.inputs import EncodedInput, InputEncoder
+from rmserve.models.packing import packing_for
 from rmserve.models.pooling import log_pooling, pooling_rule, resolve_pooling
 from rmserve.models.quantize import check_quantize, finish_quantized, head_modules, pretrained_kwargs
 from rmserve_kernels.heads import HeadOutputs, select_heads_aggregate
@@ -122,6 +123,7 @@ class DenseRewardModel:
             )
         self.base = base_of(model) if self.decoder else None
         self.head = head if self.decoder else None
+        self.packing = packing_for(config, options.max_packed_tokens, self.device) if self.decoder else None
         if not self.decoder and self.pooling.name != "hf":
             raise ValueError(
                 f"{path}: pooling {self.pooling.name!r} is for decoder models; {type(model).__name__} pools "
@@ -196,7 +198,13 @@ class DenseRewardModel:
         if self.decoder:
             assert self.head is not None and self.base is not None
             hidden, positions = scored_states(
-                self.base, batch, plan, pooling=self.pooling, pad_id=self.pad_id, device=self.device
+                self.base,
+                batch,
+                plan,
+                pooling=self.pooling,
+                pad_id=self.pad_id,
+                device=self.device,
+                packing=self.packing,
             )  # (B, T, H), (B,)
             out = self._heads_aggregate(
                 hidden,

@@ -233,6 +233,7 @@ class MultiHeadRewardModel:
             quantize=options.quantize,
             pooling=options.pooling or config.pooling or DEFAULT_POOLING,
             name=name,
+            max_packed_tokens=options.max_packed_tokens,
         )
         self.device = self.backbone.device
         weights = load_file(path / HEADS_FILE) if (path / HEADS_FILE).is_file() else None
@@ -306,6 +307,7 @@ class MultiHeadRewardModel:
             pooling=self.backbone.pooling,
             pad_id=self.backbone.pad_id,
             device=self.device,
+            packing=self.backbone.packing,
         )  # (B, T, H), (B,)
         out = self._heads_aggregate(
             hidden,

@@ -1,6 +1,7 @@
 """One served model: its tokenisation thread and batcher, turning a score request into batched work.
 
-Flow: inputs -> encode (the model's tokenisation thread; tokenizers are not thread-safe) -> batcher
+Flow: inputs -> encode (the model's tokenisation thread, as tokenizers are not thread-safe; a few token
+ids are checked on the event loop instead) -> batcher
 queue -> forward (the device's one forward thread, shared by every model on the device) -> head
 rewards and aggregates. Each queued input carries its request's lambdas, so one batch may serve
 requests with different lambdas; the model's ``reward`` is the aggregate configured for it.
@@ -24,7 +25,7 @@ from rmserve.batching.device import DeviceExecutor
 from rmserve.batching.planning import BatchLimits
 from rmserve.batching.prefix import plan_prefixes, prefix_key
 from rmserve.models.base import Encoded, Encoder, ForwardError, ModelInfo, RewardModel
-from rmserve.models.inputs import EncodedInput, InputError, RewardInput
+from rmserve.models.inputs import EncodedInput, InputError, RewardInput, TokenIds
 from rmserve.names import AGGREGATES, COMBINED, AggregateName, RewardName, TradeoffScope, Truncation
 from rmserve.scoring.duplicates import DuplicateCache, input_digest
 
@@ -84,6 +85,20 @@ class ScoreOutcome:
     input_lengths: list[int] | None = None  # each input's tokens (``input_tokens`` is their sum)
     head_values: list[list[float]] | None = None  # every input's heads, asked for or not (the run monitor)
     head_sigmas: list[list[float]] | None = None  # brme models: every input's sigmas, asked for or not
+
+
+INLINE_ENCODE_IDS = 4096
+"""Requests of token ids alone, this many in all or fewer, are encoded on the event loop: encoding token ids
+never touches the tokenizer (``Encoder``), and checking a few thousand ids takes well under a millisecond."""
+
+
+def _inline(items: Sequence[RewardInput]) -> bool:
+    total = 0
+    for item in items:
+        if not isinstance(item, TokenIds):
+            return False
+        total += len(item.input_ids)
+    return total <= INLINE_ENCODE_IDS
 
 
 class ServedModel:
@@ -279,14 +294,17 @@ class ServedModel:
             )
         params = params or self.info.defaults
         start = time.monotonic()
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(
-            self._tokenizer_thread,
-            self.encoder.encode_many,
-            list(inputs),
-            truncation or self.truncation,
-            max_tokens,
-        )
+        items = list(inputs)
+        if _inline(items):  # token ids only, few: checking them costs less than a thread hop
+            encoded = self.encoder.encode_many(items, truncation or self.truncation, max_tokens)
+        else:
+            encoded = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizer_thread,
+                self.encoder.encode_many,
+                items,
+                truncation or self.truncation,
+                max_tokens,
+            )
         tokenized = time.monotonic()
         groups = None
         if self.prefix_min_tokens:

@@ -183,8 +183,13 @@ MEASURE = textwrap.dedent(
 
     path, batch, length, attention = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     prefix = int(sys.argv[5]) if len(sys.argv) > 5 else 0  # > 0: every row starts with the same prefix
+    packed = len(sys.argv) > 6 and sys.argv[6] == "packed"  # ragged inputs, one packed row of them all
     torch.set_num_threads(1)
     model = DenseRewardModel("m", path, LoadOptions(dtype="float32", device="cpu"))
+    if packed:
+        from rmserve.models.packing import Packing
+
+        model.packing = Packing(max_tokens=batch * length, pair_cost=0.0)
     model.model.set_attn_implementation(attention)
     g = torch.Generator().manual_seed(0)
     def inputs(b, t):
@@ -192,6 +197,10 @@ MEASURE = textwrap.dedent(
     with torch.inference_mode():  # warm-up: threads and kernels initialised before measuring
         model.score(inputs(2, 8), **lambdas_for(model.info.defaults, 2))
     items = inputs(batch, length)
+    if packed:  # lengths 1/4 to 7/4 of length: the same tokens, ragged
+        items = [EncodedInput(x.token_ids[: length // 4 + (i % 4) * length // 4], None, False) for i, x in enumerate(items)]
+        items += inputs(1, batch * length - sum(len(x) for x in items))
+        assert model.packing.rows([len(x) for x in items]) == [list(range(len(items)))]
     plan = None
     if prefix:
         shared = items[0].token_ids[:prefix]
@@ -203,21 +212,37 @@ MEASURE = textwrap.dedent(
         f.write("5")  # resets the peak (VmHWM) to the current RSS
     before = status("VmRSS")
     with torch.inference_mode():
-        model.score(items, **lambdas_for(model.info.defaults, batch), plan=plan)
+        model.score(items, **lambdas_for(model.info.defaults, len(items)), plan=plan)
     print(json.dumps({"peak": status("VmHWM") - before}))
     """
 )
 
 
-def measured_peak(path: Path, batch: int, length: int, attention: str, prefix: int = 0) -> int:
+def measured_peak(
+    path: Path, batch: int, length: int, attention: str, prefix: int = 0, packed: bool = False
+) -> int:
     """The RSS increase of one forward in a fresh process, freed blocks returned to the OS at once; with
-    ``prefix``, every row shares its first ``prefix`` tokens, computed once."""
+    ``prefix``, every row shares its first ``prefix`` tokens, computed once; ``packed``: ragged inputs of
+    ``batch x length`` tokens in all, run as one packed row."""
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    args = [str(path), str(batch), str(length), attention, str(prefix), "packed" if packed else "padded"]
     out = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(path), str(batch), str(length), attention, str(prefix)],
+        [sys.executable, "-c", MEASURE, *args],
         capture_output=True, text=True, env=env, check=True, timeout=300,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+MEASURES_RSS = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="measures the peak RSS through Linux /proc"
+)
+
+
+def meta_arch(path: Path) -> Transformer:
+    """The planner's figures for a Llama folder, read off its meta twin (decoders run unmasked)."""
+    with torch.device("meta"):
+        meta = LlamaForSequenceClassification(LlamaConfig.from_pretrained(path))
+    return Transformer.of(meta, masked=False)
 
 
 @pytest.fixture(scope="module")
@@ -235,17 +260,13 @@ def small_llama(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.skipif(
-    not Path("/proc/self/clear_refs").exists(), reason="measures the peak RSS through Linux /proc"
-)
+@MEASURES_RSS
 @pytest.mark.parametrize(("attention", "batch", "length"), [("sdpa", 16, 512), ("eager", 4, 1024)])
 def test_activation_formula_bounds_the_measured_peak(
     small_llama: Path, attention: str, batch: int, length: int
 ) -> None:
     """Above the measured peak and within 20% of it."""
-    with torch.device("meta"):
-        meta = LlamaForSequenceClassification(LlamaConfig.from_pretrained(small_llama))
-    arch = dataclasses.replace(Transformer.of(meta, masked=False), attention=attention)
+    arch = dataclasses.replace(meta_arch(small_llama), attention=attention)
     shape = ForwardShape.of(max_batch_tokens=batch * length, max_batch_size=batch, length=length)
     formula = activation_bytes(arch, shape, torch.float32)
     peak = measured_peak(small_llama, batch, length, attention)
@@ -254,14 +275,10 @@ def test_activation_formula_bounds_the_measured_peak(
     )
 
 
-@pytest.mark.skipif(
-    not Path("/proc/self/clear_refs").exists(), reason="measures the peak RSS through Linux /proc"
-)
+@MEASURES_RSS
 def test_the_prefix_sharing_term_bounds_the_measured_peak(small_llama: Path) -> None:
     """16 rows of 512 tokens sharing 384: the suffix forward attends over 512 per row, as the planner counts."""
-    with torch.device("meta"):
-        meta = LlamaForSequenceClassification(LlamaConfig.from_pretrained(small_llama))
-    arch = Transformer.of(meta, masked=False)
+    arch = meta_arch(small_llama)
     shape = ForwardShape.of(max_batch_tokens=16 * 512, max_batch_size=16, length=512)
     formula = activation_bytes(arch, shape, torch.float32, prefix_cache_layers=2)
     peak = measured_peak(small_llama, 16, 512, "sdpa", prefix=384)
@@ -269,11 +286,20 @@ def test_the_prefix_sharing_term_bounds_the_measured_peak(small_llama: Path) -> 
     assert formula <= 1.5 * activation_bytes(arch, shape, torch.float32)
 
 
+@MEASURES_RSS
+def test_the_packing_term_bounds_the_measured_peak(small_llama: Path) -> None:
+    """Ragged inputs of 2048 tokens in all, packed into one row: its block mask is what packing adds."""
+    arch = meta_arch(small_llama)
+    shape = ForwardShape.of(max_batch_tokens=2048, max_batch_size=32, length=64)
+    formula = activation_bytes(arch, shape, torch.float32, packed_tokens=2048)
+    peak = measured_peak(small_llama, 32, 64, "sdpa", packed=True)
+    assert peak <= formula, f"formula {formula / 2**20:.1f} MiB, measured {peak / 2**20:.1f} MiB"
+    assert activation_bytes(arch, shape, torch.float32) < peak, "the mask must matter for the test to bite"
+
+
 def test_the_planner_sees_the_attention_the_backends_get(small_llama: Path) -> None:
     loaded = load_model("m", small_llama, LoadOptions(dtype="float32", device="cpu"))
-    with torch.device("meta"):
-        meta = LlamaForSequenceClassification(LlamaConfig.from_pretrained(small_llama))
-    assert Transformer.of(meta, masked=False).attention == loaded.model.config._attn_implementation == "sdpa"
+    assert meta_arch(small_llama).attention == loaded.model.config._attn_implementation == "sdpa"
 
 
 # --- the check ------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ def test_defaults():
         "max_batch_tokens": 8192,
         "max_batch_size": 64,
         "max_join_padding": None,
+        "max_packed_tokens": None,
         "prefix_min_tokens": 32,
         "duplicate_cache_entries": 8192,
         "autocast": False,
@@ -100,22 +101,25 @@ def test_model_spec_aggregation_overrides_are_validated():
 
 def test_load_options_take_the_spec_value_else_the_server_wide_one():
     settings = Settings(
-        dtype="bfloat16", device="cpu", quantize="int8", max_length=512, kernels="reference", pooling="hf"
-    )
+        dtype="bfloat16", device="cpu", quantize="int8", max_length=512, kernels="reference", pooling="hf",
+        max_packed_tokens=1024,
+    )  # fmt: skip
     own = ModelSpec(
         name="a", path="a", kind="brme", dtype="float32", device="cuda:1", quantize="nf4", max_length=64,
-        pooling="last",
+        pooling="last", max_packed_tokens=0,
     )  # fmt: skip
     assert settings.load_options(own) == LoadOptions(
         kind="brme", dtype="float32", device="cuda:1", max_length=64, kernels="reference", quantize="nf4",
-        pooling="last",
+        pooling="last", max_packed_tokens=0,
     )  # fmt: skip
     assert settings.load_options(ModelSpec(name="b", path="b")) == LoadOptions(
         kind="auto", dtype="bfloat16", device="cpu", max_length=512, kernels="reference", quantize="int8",
-        pooling="hf",
+        pooling="hf", max_packed_tokens=1024,
     )  # fmt: skip
     # unset everywhere: None, so each model folder's own rmserve.json declaration (else hf) decides
     assert Settings().load_options(ModelSpec(name="c", path="c")).pooling is None
+    # packing unset everywhere: None, so the backend decides by device
+    assert Settings().load_options(ModelSpec(name="c", path="c")).max_packed_tokens is None
 
 
 def test_pooling_is_a_flag_an_env_var_and_a_yaml_field(monkeypatch, tmp_path):
