@@ -23,7 +23,10 @@ answers without a forward are ``bench/noop_server.py --measure``'s (a load gener
 the bottleneck there).
 
     python bench/peers.py --out docs/benchmarks.md
-    python bench/peers.py --infinity-url http://127.0.0.1:7997 --out docs/benchmarks.md
+    python bench/peers.py --regime small --repeats 5 --out docs/benchmarks.md
+    python bench/peers.py --regime realistic --infinity-url http://127.0.0.1:7997 --out docs/benchmarks.md
+
+Each regime writes its own section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -141,13 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--infinity-model", default=None, help="the model id infinity serves (default: its path)"
     )
+    parser.add_argument(
+        "--regime", action="append", choices=("realistic", "small"), help="run only these (default: both)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
 
     settings = Settings()
     demo_path = resolve_model_path(ModelSpec(name="demo", path="demo"), settings.cache_dir)
     small_path = small_model(settings.cache_dir, demo_path)
-    regimes = regimes_of(settings, demo_path, small_path, args.requests)
+    regimes = [
+        r
+        for r in regimes_of(settings, demo_path, small_path, args.requests)
+        if r.name in (args.regime or (r.name,))
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for regime in regimes:
             model = DenseRewardModel(
@@ -189,9 +199,9 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 for server in servers.values():
                     server.stop()
-    report = render(args, regimes)
-    write_section(args.out, "bench/peers.py", report)
-    print(report)
+            report = render(args, regime)
+            write_section(args.out, f"bench/peers.py --regime {regime.name}", report)
+            print(report)
 
 
 def once(name, servers, regime: Regime, model, runs, args, *, warm: bool) -> float:
@@ -209,46 +219,37 @@ def once(name, servers, regime: Regime, model, runs, args, *, warm: bool) -> flo
     return offline(model, regime.encoded, batches)
 
 
-def render(args, regimes: list[Regime]) -> str:
+def render(args, regime: Regime) -> str:
+    ours = statistics.median(regime.tokens_per_s["rmserve"])
     lines = [
-        "## rmserve and its peers, interleaved (`bench/peers.py`)",
+        f"## rmserve and its peers, interleaved: {regime.name} (`bench/peers.py --regime {regime.name}`)",
         "",
         f"Machine: {machine()}. No GPU.",
         "",
         "```",
-        f"python bench/peers.py --requests {args.requests} --concurrency {args.concurrency} --repeats {args.repeats}"
-        + (" --infinity-url URL" if args.infinity_url else ""),
+        f"python bench/peers.py --regime {regime.name} --requests {args.requests} --concurrency {args.concurrency} "
+        f"--repeats {args.repeats}" + (" --infinity-url URL" if "infinity" in regime.tokens_per_s else ""),
         "```",
         "",
-        f"One input per request from {args.concurrency} concurrent clients; the contenders' runs interleaved "
-        f"(rotating order), median of {args.repeats}. Server defaults, float32. The load generator "
-        "(`bench/loadgen.py`: prepared requests on keep-alive connections, tens of microseconds each) runs on the "
-        "same 2 cores.",
+        f"{regime.description[0].upper()}{regime.description[1:]}. One input per request from {args.concurrency} "
+        f"concurrent clients; the contenders' runs interleaved (rotating order), median of {args.repeats}. Server "
+        "defaults, float32. The load generator (`bench/loadgen.py`: prepared requests on keep-alive connections, "
+        "tens of microseconds each) runs on the same 2 cores.",
         "",
+        "| contender | tokens/s | rmserve is |",
+        "| --- | ---: | ---: |",
     ]
-    for regime in regimes:
-        ours = statistics.median(regime.tokens_per_s["rmserve"])
+    for name, runs in regime.tokens_per_s.items():
+        tps = statistics.median(runs)
+        lines.append(f"| {name} | {tps:.0f} | {'' if name == 'rmserve' else f'{ours / tps:.2f}x'} |")
+    if regime.name == "realistic" and "infinity" not in regime.tokens_per_s:
         lines += [
-            f"### {regime.name}",
             "",
-            f"{regime.description}.",
-            "",
-            "| contender | tokens/s | rmserve is |",
-            "| --- | ---: | ---: |",
+            "infinity: not run. In its own environment (it is not a dependency of rmserve): "
+            "`python -m venv /tmp/infinity && /tmp/infinity/bin/pip install torch==2.13.0 'infinity-emb[server]'`, "
+            "then `/tmp/infinity/bin/infinity_emb v2 --model-id <the demo folder> --engine torch --device cpu "
+            "--port 7997` and `python bench/peers.py --regime realistic --infinity-url http://127.0.0.1:7997`.",
         ]
-        for name, runs in regime.tokens_per_s.items():
-            tps = statistics.median(runs)
-            lines.append(f"| {name} | {tps:.0f} | {'' if name == 'rmserve' else f'{ours / tps:.2f}x'} |")
-        if "infinity" not in regime.tokens_per_s:
-            lines += ["", "infinity: not run (give `--infinity-url`; see the note below)."]
-        lines.append("")
-    lines += [
-        "",
-        "**infinity**, in its own environment (it is not a dependency of rmserve): "
-        "`python -m venv /tmp/infinity && /tmp/infinity/bin/pip install torch==2.13.0 'infinity-emb[server]'`, "
-        "then `/tmp/infinity/bin/infinity_emb v2 --model-id <the demo folder> --engine torch --device cpu "
-        "--port 7997` and `python bench/peers.py --infinity-url http://127.0.0.1:7997`.",
-    ]
     return "\n".join(lines)
 
 
