@@ -51,9 +51,10 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/pip-compile --quiet --g
 	$(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS)) $(LOCK_FLAGS)
 
 lock: $(VENV)/bin/pip-compile
-	$(COMPILE) --extra quantize -o requirements/runtime.txt pyproject.toml requirements/torch.in
-	$(COMPILE) --extra dev --extra lab --extra loadtest --extra quantize -o requirements/dev.txt \
-		pyproject.toml clients/pyproject.toml requirements/torch.in requirements/dev.in
+	$(COMPILE) --extra quantize -o requirements/runtime.txt pyproject.toml requirements/torch.in \
+		requirements/constraints.in
+	$(COMPILE) --extra dev --extra lab --extra loadtest --extra quantize --extra ray -o requirements/dev.txt \
+		pyproject.toml clients/pyproject.toml requirements/torch.in requirements/constraints.in requirements/dev.in
 	$(COMPILE) -o requirements/pip.txt requirements/pip.in
 	$(PIP) install --quiet --dry-run --ignore-installed --no-deps --only-binary=:all: \
 		--report $(VENV)/demo-report.json $(DEMO)
