@@ -111,6 +111,54 @@ def serve(
     )
 
 
+@app.command("serve-ray")
+def serve_ray(
+    model: Annotated[str | None, typer.Option(help=_help("model"))] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML file with settings and a 'models' list (rmserve serve's config)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Where Ray Serve's proxy listens.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The proxy's port.")] = 8000,
+    replicas: Annotated[int, typer.Option(help="Replicas (the least, when autoscaling).")] = 1,
+    max_replicas: Annotated[
+        int | None, typer.Option(help="Autoscale up to this many replicas (default: --replicas, fixed).")
+    ] = None,
+    num_gpus: Annotated[float, typer.Option(help="GPUs each replica reserves (1 on GPU nodes).")] = 0,
+    num_cpus: Annotated[float, typer.Option(help="CPUs each replica reserves.")] = 1,
+) -> None:
+    """Serve through Ray Serve on a local Ray instance: rmserve replicas behind Ray Serve's proxy.
+
+    Every replica is a whole rmserve server (its models, batcher and routes). On a Ray cluster, deploy
+    deploy/ray/serve.yaml with `serve deploy` instead (docs/scaling.md).
+    """
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        from rmserve.deploy.ray import build, run  # the ray extra: pip install 'rmserve[ray]'
+    except ImportError as exc:
+        raise _fail(ImportError(f"{exc}; serve-ray needs Ray Serve: pip install 'rmserve[ray]'.")) from None
+    settings: dict[str, Any] = {}
+    if config is not None:
+        try:
+            settings = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise _fail(exc) from None
+    if model is not None:
+        settings["model"] = model
+    args = {
+        "settings": settings, "min_replicas": replicas, "max_replicas": max_replicas or replicas,
+        "num_gpus": num_gpus, "num_cpus": num_cpus,
+    }  # fmt: skip
+    try:
+        build(args)  # every argument checked before Ray starts
+    except (ValidationError, ValueError) as exc:
+        typer.echo(f"error: invalid settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    run(args, host=host, port=port)
+
+
 @app.command()
 def score(
     input_path: Annotated[

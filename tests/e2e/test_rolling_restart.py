@@ -12,16 +12,9 @@ import asyncio
 import json
 import time
 
-import pytest
-
-from rmserve.config import LoadOptions
 from rmserve.launch import CLEAN_EXIT, Server, start_server
-from rmserve.models.base import reward_values
-from rmserve.models.dense import DenseRewardModel
-from rmserve.models.inputs import PromptResponse
 from rmserve_client import AsyncRewardClient
-
-PAIRS = [(f"Question {i}: what is {i} times three?", f"It is {3 * i}. " * (1 + i % 5)) for i in range(40)]
+from tests.scoring_load import expected_rewards, keep_scoring
 
 
 def answered(server: Server) -> list[dict]:
@@ -32,11 +25,7 @@ def answered(server: Server) -> list[dict]:
 
 def test_sigterm_under_load_loses_no_accepted_request(tiny_model_dirs, tmp_path):
     model_dir = tiny_model_dirs["llama"]
-    model = DenseRewardModel("llama", model_dir, LoadOptions(dtype="float32", device="cpu"))
-    encoder = model.new_encoder()
-    expected = [
-        reward_values(model, [encoder.encode(PromptResponse(prompt=p, response=r))])[0] for p, r in PAIRS
-    ]
+    expected = expected_rewards(model_dir)
     args = ["--model", str(model_dir), "--dtype", "float32", "--log-format", "json", "--max-wait-ms", "2"]
     draining = start_server(args, tmp_path / "a.log")
     staying = start_server(args, tmp_path / "b.log")
@@ -46,24 +35,12 @@ def test_sigterm_under_load_loses_no_accepted_request(tiny_model_dirs, tmp_path)
         nonlocal calls
         stop = asyncio.Event()
         async with AsyncRewardClient([draining.url, staying.url], max_retries=8, backoff=0.05) as client:
-
-            async def loop(worker: int) -> None:
-                nonlocal calls
-                n = worker
-                while not stop.is_set():
-                    chosen = [PAIRS[(n + j) % len(PAIRS)] for j in range(4)]
-                    result = await client.score([p for p, _ in chosen], [r for _, r in chosen])
-                    want = [expected[(n + j) % len(PAIRS)] for j in range(4)]
-                    assert result.rewards == pytest.approx(want, abs=1e-4)
-                    calls += 1
-                    n += 4
-
-            workers = [asyncio.create_task(loop(w)) for w in range(8)]
+            scoring = asyncio.create_task(keep_scoring(client, expected, stop))
             await asyncio.sleep(1.5)
             draining.process.terminate()
             await asyncio.sleep(1.5)
             stop.set()
-            await asyncio.gather(*workers)  # any failed call raises here
+            calls = await scoring  # any failed call raises here
 
     try:
         asyncio.run(load())
