@@ -77,6 +77,14 @@ def test_every_route_answers_through_the_proxy_as_a_single_server_does(cluster, 
         assert scored.json()["rewards"] == pytest.approx(expected[:8], abs=1e-5)
         models = http.get("/v1/models").json()["data"]
         assert [m["kind"] for m in models] == ["dense"]
+        text = PAIRS[0][0]
+        plain = http.post("/v1/score", json={"inputs": [{"text": text}]}).json()["rewards"][0]
+        openrlhf = http.post("/get_reward", json={"query": [text]}).json()  # the trainers' routes
+        verl = http.post(
+            "/classify", json={"model": models[0]["id"], "input": text, "activation": False}
+        ).json()
+        assert openrlhf["rewards"] == pytest.approx([plain], abs=1e-6)
+        assert verl["data"][-1]["probs"][-1] == pytest.approx(plain, abs=1e-6)
         assert http.get("/ready").status_code == 200 and http.get("/health").status_code == 200
         metrics = http.get("/metrics")
         assert metrics.status_code == 200 and "rmserve_requests_total" in metrics.text
