@@ -3,7 +3,8 @@
 Decoder reward models (those with a ``score`` head: Llama, Qwen2, Mistral, Gemma, GPT-NeoX, ...) run
 their base model on right-padded batches without an attention mask: under causal attention a token
 never sees the padding to its right, so every real token's hidden state equals the unpadded
-computation. The score head (or k heads) reads the final hidden state of each sequence's scored token,
+computation; where padding would cost more, a batch runs as packed rows instead (``rmserve.models.packing``).
+The score head (or k heads) reads the final hidden state of each sequence's scored token,
 chosen by the model's pooling rule (``rmserve.models.pooling``).
 
 Also here: the meta-device twins of what the backends load (``meta_classifier``, ``meta_base``), so a
