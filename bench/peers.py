@@ -5,10 +5,13 @@ Contenders, each scoring the same inputs:
 - ``rmserve``: ``rmserve serve`` with its defaults (float32 on CPU);
 - ``rmserve, padded`` (small regime): the same with packing off (``--max-packed-tokens 0``), every batch
   right-padded;
+- ``rmserve --compile``: the defaults plus compiled forwards (``rmserve.models.compile``);
 - ``naive``: ``bench/naive_server.py``, the same tokenisation and model code scoring each request alone in
   its handler, as OpenRLHF's ``serve_rm`` does;
 - ``offline, one at a time``: the model's forward on each input alone, in this process, tokenised up
   front (no HTTP, no batching: what a trainer scoring in-process one rollout at a time gets);
+- ``offline, one at a time, compiled``: the same through the model's compiled forward (what a trainer
+  that compiles its reward model gets);
 - ``offline, batched``: the same inputs sorted by length and cut into the server's batches (``rmserve
   score``);
 - ``infinity`` (with ``--infinity-url``): an infinity server (``infinity_emb``) already serving the same
@@ -50,12 +53,14 @@ from rmserve.launch import start_server
 from rmserve.models.base import reward_values
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.inputs import EncodedInput, Messages, TokenIds
-from rmserve.scoring.loading import resolve_model_path
+from rmserve.scoring.loading import resolve_model_path, warm_up
 from rmserve.scoring.registry import resolve_limits
 from rmserve.training.hh import default_data_path, load_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 PADDED = "rmserve, padded (--max-packed-tokens 0)"
+COMPILED = "rmserve --compile"
+ALONE_COMPILED = "offline, one at a time, compiled"
 
 
 @dataclass
@@ -163,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
             model = DenseRewardModel(
                 regime.path.name, regime.path, LoadOptions(dtype="float32", device="cpu")
             )
+            compiled = DenseRewardModel(
+                regime.path.name, regime.path, LoadOptions(dtype="float32", device="cpu", compile=True)
+            )
+            warm_up(compiled)  # compiles its graphs before any run is timed
             limits, _, _ = resolve_limits(settings, None, model.info)
             alone = [[i] for i in range(len(regime.encoded))]
             batched = plan_offline([len(e) for e in regime.encoded], limits)
@@ -177,6 +186,11 @@ def main(argv: list[str] | None = None) -> None:
                     ["--model", str(regime.path)], Path(tmp) / "n.log",
                     command=[sys.executable, str(ROOT / "bench" / "naive_server.py"), "serve"],
                 )  # fmt: skip
+                servers[COMPILED] = start_server(
+                    ["--model", str(regime.path), "--dtype", "float32", "--duplicate-cache-entries", "0",
+                     "--compile"],
+                    Path(tmp) / "c.log", ready_timeout=1200,
+                )  # fmt: skip
                 if regime.name == "small":  # short ragged rollouts: what packing is for
                     servers[PADDED] = start_server(
                         ["--model", str(regime.path), "--dtype", "float32", "--duplicate-cache-entries", "0",
@@ -184,17 +198,26 @@ def main(argv: list[str] | None = None) -> None:
                         Path(tmp) / "p.log",
                     )  # fmt: skip
                 runs: dict[str, object] = {name: None for name in servers}
-                runs |= {"offline, one at a time": alone, "offline, batched": batched}
+                runs |= {"offline, one at a time": alone, ALONE_COMPILED: alone, "offline, batched": batched}
                 if args.infinity_url and regime.name == "realistic":
                     runs["infinity"] = None
                 names = list(runs)
                 for name in names:  # warm-up
-                    once(name, servers, regime, model, runs, args, warm=True)
+                    once(
+                        name,
+                        servers,
+                        regime,
+                        compiled if name == ALONE_COMPILED else model,
+                        runs,
+                        args,
+                        warm=True,
+                    )
                 for repeat in range(args.repeats):
                     shift = repeat % len(names)
                     for name in names[shift:] + names[:shift]:
                         print(f"{regime.name}: {name} run {repeat + 1} ...", file=sys.stderr, flush=True)
-                        seconds = once(name, servers, regime, model, runs, args, warm=False)
+                        offline_model = compiled if name == ALONE_COMPILED else model
+                        seconds = once(name, servers, regime, offline_model, runs, args, warm=False)
                         regime.tokens_per_s.setdefault(name, []).append(tokens / seconds)
             finally:
                 for server in servers.values():
@@ -221,6 +244,7 @@ def once(name, servers, regime: Regime, model, runs, args, *, warm: bool) -> flo
 
 def render(args, regime: Regime) -> str:
     ours = statistics.median(regime.tokens_per_s["rmserve"])
+    ours_compiled = statistics.median(regime.tokens_per_s[COMPILED])
     lines = [
         f"## rmserve and its peers, interleaved: {regime.name} (`bench/peers.py --regime {regime.name}`)",
         "",
@@ -233,15 +257,19 @@ def render(args, regime: Regime) -> str:
         "",
         f"{regime.description[0].upper()}{regime.description[1:]}. One input per request from {args.concurrency} "
         f"concurrent clients; the contenders' runs interleaved (rotating order), median of {args.repeats}. Server "
-        "defaults, float32. The load generator (`bench/loadgen.py`: prepared requests on keep-alive connections, "
-        "tens of microseconds each) runs on the same 2 cores.",
+        "defaults, float32; `rmserve --compile` adds compiled forwards (its graphs compiled at load, before the "
+        "runs). The offline contenders run in the benchmark's process with torch's default threading. The load "
+        "generator (`bench/loadgen.py`: prepared requests on keep-alive connections, tens of microseconds each) "
+        "runs on the same 2 cores.",
         "",
-        "| contender | tokens/s | rmserve is |",
-        "| --- | ---: | ---: |",
+        f"| contender | tokens/s | rmserve is | {COMPILED} is |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for name, runs in regime.tokens_per_s.items():
         tps = statistics.median(runs)
-        lines.append(f"| {name} | {tps:.0f} | {'' if name == 'rmserve' else f'{ours / tps:.2f}x'} |")
+        ratio = "" if name == "rmserve" else f"{ours / tps:.2f}x"
+        ratio_compiled = "" if name == COMPILED else f"{ours_compiled / tps:.2f}x"
+        lines.append(f"| {name} | {tps:.0f} | {ratio} | {ratio_compiled} |")
     if regime.name == "realistic" and "infinity" not in regime.tokens_per_s:
         lines += [
             "",

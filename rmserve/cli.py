@@ -56,6 +56,7 @@ def serve(
         int | None, typer.Option(help=_help("duplicate_cache_entries"))
     ] = None,
     autocast: Annotated[bool | None, typer.Option("--autocast", help=_help("autocast"))] = None,
+    compile: Annotated[bool | None, typer.Option("--compile", help=_help("compile"))] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help=_help("max_wait_ms"))] = None,
     max_queue_tokens: Annotated[int | None, typer.Option(help=_help("max_queue_tokens"))] = None,
     max_inputs_per_request: Annotated[int | None, typer.Option(help=_help("max_inputs_per_request"))] = None,
@@ -96,6 +97,8 @@ def serve(
     # tokenisation threads need (measured: 108 vs 178 requests/s on short inputs with 2 cores). Set before
     # torch is first imported; an explicit OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # --compile: TorchInductor's generated code kept beside the other caches, so a restart compiles fast
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
     import uvicorn
 
     from rmserve.api.app import create_app

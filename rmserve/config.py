@@ -89,6 +89,7 @@ class LoadOptions:
         pooling: ``hf`` or ``last`` (``rmserve.models.pooling``); None: the folder's declaration, else hf.
         max_packed_tokens: decoders: the most tokens of a batch run packed, without padding
             (``rmserve.models.packing``); 0: never; None: by device.
+        compile: decoders: run unplanned forwards through torch.compile (``rmserve.models.compile``).
     """
 
     kind: KindName = "auto"
@@ -99,6 +100,7 @@ class LoadOptions:
     quantize: QuantizeName = "none"
     pooling: Pooling | None = None
     max_packed_tokens: int | None = None
+    compile: bool = False
 
 
 _POOLING_HELP = (
@@ -124,6 +126,13 @@ _PREFIX_HELP = (
 _DUPLICATES_HELP = (
     "Scored inputs each model keeps (least recently used dropped first) to answer exact repeats (same tokens, "
     "same lambdas) without a forward; 0 turns the duplicate cache off."
+)
+
+
+_COMPILE_HELP = (
+    "Decoder models: run forwards through torch.compile (TorchInductor), compiled at load before the server "
+    "is ready (tens of seconds to minutes on a CPU; on CPU it needs a C++ compiler); rewards equal eager "
+    "ones to float32 rounding (measured speed: docs/benchmarks.md)."
 )
 
 
@@ -170,6 +179,7 @@ class ModelSpec(BaseModel):
     prefix_min_tokens: int | None = Field(None, ge=0, description=_PREFIX_HELP)
     duplicate_cache_entries: int | None = Field(None, ge=0, description=_DUPLICATES_HELP)
     autocast: bool | None = Field(None, description=_AUTOCAST_HELP)
+    compile: bool | None = Field(None, description=_COMPILE_HELP)
     reference_p99: float | None = Field(
         None,
         allow_inf_nan=False,
@@ -235,6 +245,7 @@ class Settings(BaseSettings):
     prefix_min_tokens: int = Field(PREFIX_MIN_TOKENS, ge=0, description=_PREFIX_HELP)
     duplicate_cache_entries: int = Field(8192, ge=0, description=_DUPLICATES_HELP)
     autocast: bool = Field(False, description=_AUTOCAST_HELP)
+    compile: bool = Field(False, description=_COMPILE_HELP)
     max_wait_ms: float = Field(
         2.0,
         ge=0,
@@ -357,6 +368,7 @@ class Settings(BaseSettings):
             max_packed_tokens=self.max_packed_tokens
             if spec.max_packed_tokens is None
             else spec.max_packed_tokens,
+            compile=self.compile if spec.compile is None else spec.compile,
         )
 
     @classmethod

@@ -77,6 +77,7 @@ async def models(request: Request) -> ModelList:
                 memory_estimate_bytes=m.info.memory_estimate_bytes,
                 quantize=m.info.quantize,
                 pooling=m.info.pooling,
+                compiled=m.info.compiled,
                 default=m.name == registry.default,
                 heads=list(m.info.heads),
                 head_std=m.info.has_std,

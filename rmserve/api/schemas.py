@@ -142,6 +142,9 @@ class ModelCard(BaseModel):
         description="Which token a decoder scores: hf (transformers' rule for the checkpoint: the last token "
         "that is not the pad token) or last (the final token); an ensemble of mixed rules lists each member's.",
     )
+    compiled: bool = Field(
+        False, description="Whether its decoder forwards run through torch.compile (--compile)."
+    )
     default: bool = Field(description="Whether requests without 'model' go to this model.")
     heads: list[str] = Field(description="Head (or ensemble member) names, in the order 'heads' lists them.")
     head_std: bool = Field(description="Whether the model reports a sigma per head (brme).")

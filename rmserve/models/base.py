@@ -71,6 +71,7 @@ class ModelInfo:
     defaults: AggregationParams = field(default_factory=AggregationParams)
     categories: tuple[str, ...] = ()  # dmoerm: the task categories its router picks from
     shares_prefixes: bool = False  # whether ``score`` runs prefix plans (decoder backbones)
+    compiled: bool = False  # whether its decoder forwards run through torch.compile (rmserve.models.compile)
 
     @property
     def has_combined(self) -> bool:

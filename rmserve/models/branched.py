@@ -59,6 +59,7 @@ from rmserve.models.base import (
     resolve_device,
     resolve_dtype,
 )
+from rmserve.models.compile import check_compilable
 from rmserve.models.decoder import (
     base_of,
     config_of,
@@ -330,6 +331,8 @@ class BranchedRewardModel:
         self.config = config = read_branched_config(path)
         if options.quantize != "none":
             raise ValueError("branched models are served unquantised; use --quantize none.")
+        if options.compile:
+            check_compilable(name, self.kind, options.quantize)
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         first = load_branch_classifier(path, config, config.branches[0], self.dtype)

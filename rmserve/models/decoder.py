@@ -29,6 +29,7 @@ from transformers import (
 
 from rmserve.batching.prefix import PrefixPlan
 from rmserve.models.base import resolve_device, resolve_dtype
+from rmserve.models.compile import compile_decoder, decoder_hidden_states
 from rmserve.models.inputs import EncodedInput, InputEncoder
 from rmserve.models.packing import Packing, packed_states, packing_for
 from rmserve.models.pooling import PoolingRule, log_pooling, pooling_rule
@@ -84,12 +85,15 @@ def right_padded(
     return padded_rows([x.token_ids for x in batch], pad_id, device), lengths  # (B, T), (B,)
 
 
-def final_hidden_states(base: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """A decoder base model's final hidden states for right-padded ids, (B, T, H).
+def final_hidden_states(
+    base: nn.Module, ids: torch.Tensor, compiled: nn.Module | None = None
+) -> torch.Tensor:
+    """A decoder base model's final hidden states for right-padded ids, (B, T, H), through its compiled
+    forward when given (``rmserve.models.compile``).
 
     No attention mask: with right padding, causal attention already keeps real tokens off the padding.
     """
-    return base(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
+    return decoder_hidden_states(base, compiled, ids)  # (B, T, H)
 
 
 def pooled_hidden_states(
@@ -110,20 +114,24 @@ def scored_states(
     pad_id: int,
     device: torch.device,
     packing: Packing | None = None,
+    compiled: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What a head reads: final hidden states (B, T, H) and each input's scored position in them, (B,).
 
     Without a plan: one right-padded forward, positions by the pooling rule, or, when ``packing`` says it
-    is cheaper, one packed forward (``rmserve.models.packing``). With a plan: each input's scored state
-    computed as the plan says (``rmserve.models.prefix``). Packed or planned, the states come as
-    (B, 1, H) at position 0.
+    is cheaper, one packed forward per row (``rmserve.models.packing``), through ``compiled`` (the base's
+    compiled forward, ``rmserve.models.compile``) when given. With a plan: each input's scored state
+    computed as the plan says (``rmserve.models.prefix``), eagerly. Packed or planned, the states come
+    as (B, 1, H) at position 0.
     """
     rows = packing.rows([len(x) for x in batch]) if plan is None and packing is not None else None
     if rows is not None:
-        states = packed_states(base, batch, rows, pooling=pooling, pad_id=pad_id, device=device)  # (B, H)
+        states = packed_states(
+            base, batch, rows, pooling=pooling, pad_id=pad_id, device=device, compiled=compiled
+        )  # (B, H)
     elif plan is None:
         ids, lengths = right_padded(batch, pad_id, device)
-        return final_hidden_states(base, ids), pooling.positions(ids, lengths)  # (B, T, H), (B,)
+        return final_hidden_states(base, ids, compiled), pooling.positions(ids, lengths)  # (B, T, H), (B,)
     else:
         states = planned_states(base_run(base), batch, plan, pooling=pooling, pad_id=pad_id, device=device)
     return states[:, None, :], torch.zeros(len(batch), dtype=torch.long, device=device)  # (B, 1, H), (B,)
@@ -233,6 +241,7 @@ class DecoderBackbone:
         name: the model's name in the load log.
         max_packed_tokens: the most tokens of a batch run packed (``rmserve.models.packing``); 0: never;
             None: by device.
+        compile: run unplanned forwards through torch.compile (``rmserve.models.compile``).
 
     Raises:
         ValueError: the folder is not a decoder checkpoint, or the options do not fit this machine.
@@ -249,6 +258,7 @@ class DecoderBackbone:
         pooling: Pooling = DEFAULT_POOLING,
         name: str | None = None,
         max_packed_tokens: int | None = None,
+        compile: bool = False,
     ) -> None:
         if not (path / "config.json").is_file():
             raise ValueError(f"backbone {path} is not a Hugging Face model folder (no config.json).")
@@ -271,6 +281,7 @@ class DecoderBackbone:
         self.pad_id = pad_token_id(tokenizer, config)
         self.pooling = pooling_rule(pooling, config)
         self.packing = packing_for(config, max_packed_tokens, self.device)
+        self.compiled = compile_decoder(self.base) if compile else None
         log_pooling(name or path.name, self.pooling, tokenizer)
         self.max_length = resolve_max_length(config, tokenizer, max_length)
         embeddings = embeddings_of(self.base)

@@ -39,6 +39,7 @@ from rmserve.models.base import (
     resolve_device,
     resolve_dtype,
 )
+from rmserve.models.compile import check_compilable, compile_decoder
 from rmserve.models.decoder import (
     base_of,
     config_of,
@@ -104,6 +105,8 @@ class DenseRewardModel:
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self.quantize = check_quantize(options.quantize)
+        if options.compile:
+            check_compilable(name, self.kind, self.quantize)
         self.path = path
         self._tokenizer_path = path
         model = self._load_classifier(path, config)
@@ -124,6 +127,12 @@ class DenseRewardModel:
         self.base = base_of(model) if self.decoder else None
         self.head = head if self.decoder else None
         self.packing = packing_for(config, options.max_packed_tokens, self.device) if self.decoder else None
+        if options.compile and not self.decoder:
+            raise ValueError(
+                f"model {name!r}: --compile compiles decoder forwards; {type(model).__name__} is not a decoder "
+                "with a score head, so serve it without compile."
+            )
+        self.compiled = compile_decoder(self.base) if options.compile and self.base is not None else None
         if not self.decoder and self.pooling.name != "hf":
             raise ValueError(
                 f"{path}: pooling {self.pooling.name!r} is for decoder models; {type(model).__name__} pools "
@@ -148,6 +157,7 @@ class DenseRewardModel:
             quantize=self.quantize,
             pooling=self.pooling.name,
             shares_prefixes=self.decoder,
+            compiled=self.compiled is not None,
         )
 
     @classmethod
@@ -205,6 +215,7 @@ class DenseRewardModel:
                 pad_id=self.pad_id,
                 device=self.device,
                 packing=self.packing,
+                compiled=self.compiled,
             )  # (B, T, H), (B,)
             out = self._heads_aggregate(
                 hidden,

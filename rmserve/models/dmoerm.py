@@ -62,6 +62,7 @@ from rmserve.models.base import (
     resolve_dtype,
 )
 from rmserve.models.branched import BranchStack, check_split, norm_name, run_stack, run_trunk
+from rmserve.models.compile import check_compilable
 from rmserve.models.decoder import (
     base_of,
     config_of,
@@ -211,6 +212,8 @@ class DmoermRewardModel:
         self.config = config = read_dmoerm_config(path)
         if options.quantize != "none":
             raise ValueError("dmoerm models are served unquantised; use --quantize none.")
+        if options.compile:
+            check_compilable(name, self.kind, options.quantize)
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         split = config.trunk_layers

@@ -225,6 +225,7 @@ class EnsembleRewardModel:
             path=str(path),
             weights_bytes=sum(m.info.weights_bytes for m in self.members),
             quantize=first.quantize,
+            compiled=first.compiled,
             pooling=member_poolings(config.members, [m.pooling.name for m in self.members]),
             heads=tuple(m.name for m in config.members),
             has_std=False,

@@ -43,6 +43,7 @@ from rmserve.models.base import (
     resolve_device,
     resolve_dtype,
 )
+from rmserve.models.compile import check_compilable
 from rmserve.models.decoder import (
     DecoderBackbone,
     folder_max_length,
@@ -225,6 +226,8 @@ class MultiHeadRewardModel:
                 f"{path / DESCRIPTOR} names backbone {config.backbone!r}, but {backbone_path} is not a Hugging "
                 "Face model folder (no config.json); fix 'backbone' (absolute, or relative to the model folder)."
             )
+        if options.compile:
+            check_compilable(name, self.kind, options.quantize)
         self.backbone = DecoderBackbone(
             backbone_path,
             dtype=options.dtype,
@@ -234,6 +237,7 @@ class MultiHeadRewardModel:
             pooling=options.pooling or config.pooling or DEFAULT_POOLING,
             name=name,
             max_packed_tokens=options.max_packed_tokens,
+            compile=options.compile,
         )
         self.device = self.backbone.device
         weights = load_file(path / HEADS_FILE) if (path / HEADS_FILE).is_file() else None
@@ -258,6 +262,7 @@ class MultiHeadRewardModel:
             quantize=self.backbone.quantize,
             pooling=self.backbone.pooling.name,
             shares_prefixes=True,
+            compiled=self.backbone.compiled is not None,
             heads=config.heads,
             has_std=config.kind == "brme",
             nominal_head=config.nominal_head,
@@ -308,6 +313,7 @@ class MultiHeadRewardModel:
             pad_id=self.backbone.pad_id,
             device=self.device,
             packing=self.backbone.packing,
+            compiled=self.backbone.compiled,
         )  # (B, T, H), (B,)
         out = self._heads_aggregate(
             hidden,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rmserve.models.compile import decoder_hidden_states
 from rmserve.models.inputs import EncodedInput
 from rmserve.models.pooling import PoolingRule
 from rmserve.models.prefix import scored_positions
@@ -118,9 +119,11 @@ def packed_states(
     pooling: PoolingRule,
     pad_id: int,
     device: torch.device,
+    compiled: nn.Module | None = None,
 ) -> torch.Tensor:
     """Each input's final hidden state at its scored token (pooling rule on its own ids), (B, H), from one
-    forward of ``base`` (a transformers decoder base model) per packed row (``Packing.rows``)."""
+    forward of ``base`` (a transformers decoder base model) per packed row (``Packing.rows``), through
+    ``compiled`` (its compiled forward, ``rmserve.models.compile``) when given."""
     scored = scored_positions(batch, pooling, pad_id)
     states: list[torch.Tensor] = []
     order: list[int] = []
@@ -128,7 +131,7 @@ def packed_states(
         lengths = [len(batch[i]) for i in row]
         ids = torch.tensor([[t for i in row for t in batch[i].token_ids]], device=device)  # (1, T)
         positions = torch.cat([torch.arange(n) for n in lengths])[None, :].to(device)  # (1, T)
-        hidden = base(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state  # (1, T, H)
+        hidden = decoder_hidden_states(base, compiled, ids, positions)  # (1, T, H)
         starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)  # (R,)
         picked = starts + torch.tensor([scored[i] for i in row])  # (R,)
         states.append(hidden[0, picked.to(device)])  # (R, H)

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rmserve.config import ModelSpec, Settings
 from rmserve.demo.build import build_demo
 from rmserve.memory import MemoryPlan, plan_served_models
@@ -67,7 +69,7 @@ def load_models(
         started = time.monotonic()
         log.info("loading model %r from %s", spec.name, path)
         model = load_model(spec.name, path, settings.load_options(spec))
-        warm_up(model)
+        warm_up(model, autocast=settings.autocast if spec.autocast is None else spec.autocast)
         info = model.info
         log.info(
             "loaded %r: %s, %s on %s, quantize %s, %.1fM parameters, %.1f MiB of weights, in %.1fs",
@@ -87,27 +89,47 @@ def load_models(
 
 
 WARM_UP_TEXT = "rmserve warm-up"
+LONGER_WARM_UP_TEXT = "rmserve warm-up, a longer text: with the short one, a batch of two lengths"
 
 
-def warm_up(model: RewardModel) -> None:
+def warm_up(model: RewardModel, *, autocast: bool = False) -> None:
     """Score one short text on the model's device before the model takes requests.
 
     The first forward pays the device's one-off costs: the CUDA context and cuBLAS handles and, on the
     Triton path, every kernel's compilation and the autotuning of the smallest batch bucket (larger
     buckets still tune at their first batch, then come from Triton's disk cache). No request waits on
     them. On a CPU it takes about half a second for the demo model. It also checks that the checkpoint
-    gives finite rewards.
+    gives finite rewards. A compiled model (``rmserve.models.compile``) also scores a batch of two equal
+    and one of two different lengths, so that each of its graphs (one row; a padded batch; packed rows)
+    compiles here, under the autocast setting its forwards run with.
 
     Raises:
         ForwardError: a non-finite reward for the warm-up text.
+        RuntimeError: a compiled model's forward failed to compile.
     """
     started = time.monotonic()
-    encoded = model.new_encoder().encode_many([Text(text=WARM_UP_TEXT)])
-    out = model.score(encoded, **lambdas_for(model.info.defaults, 1))
-    rewards = [out.heads, out.aggregates] + ([] if out.head_std is None else [out.head_std])
-    if not all(bool(t.isfinite().all()) for t in rewards):
-        raise ForwardError(
-            f"model {model.info.name!r} gives a non-finite reward for a short text at load; check the "
-            "checkpoint's weights, or use --dtype float32 if it runs in bfloat16."
-        )
-    log.info("warmed %r up in %.2fs", model.info.name, time.monotonic() - started)
+    encoder = model.new_encoder()
+    batches = [[WARM_UP_TEXT]]
+    if model.info.compiled:
+        batches += [[WARM_UP_TEXT, WARM_UP_TEXT], [WARM_UP_TEXT, LONGER_WARM_UP_TEXT]]
+    device = model.info.device.split(":")[0]
+    for texts in batches:
+        encoded = encoder.encode_many([Text(text=t) for t in texts])
+        try:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                out = model.score(encoded, **lambdas_for(model.info.defaults, len(texts)))
+        except Exception as exc:
+            if not model.info.compiled:
+                raise
+            raise RuntimeError(
+                f"model {model.info.name!r}: torch.compile failed at load ({type(exc).__name__}: {exc}); "
+                "serve it without --compile (on a CPU, compiling needs a C++ compiler such as g++)."
+            ) from exc
+        rewards = [out.heads, out.aggregates] + ([] if out.head_std is None else [out.head_std])
+        if not all(bool(t.isfinite().all()) for t in rewards):
+            raise ForwardError(
+                f"model {model.info.name!r} gives a non-finite reward for a short text at load; check the "
+                "checkpoint's weights, or use --dtype float32 if it runs in bfloat16."
+            )
+    action = "compiled and warmed" if model.info.compiled else "warmed"
+    log.info("%s %r up in %.2fs", action, model.info.name, time.monotonic() - started)

@@ -187,7 +187,7 @@ async def test_models_list_heads_aggregates_and_config_overrides(brme, multihead
         "id": "tiny-brme", "aliases": [str(brme_dir)], "object": "model", "kind": "brme",
         "architecture": "LlamaModel + 5 brme heads",
         "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "weights_bytes": 0, "quantize": "none",
-        "pooling": "hf", "memory_estimate_bytes": None, "default": True,
+        "pooling": "hf", "memory_estimate_bytes": None, "compiled": False, "default": True,
         "heads": ["head0", "head1", "head2", "head3", "head4"], "head_std": True,
         "nominal": "per input, the head with the smallest sigma", "reward": "tradeoff", "categories": [],
         "aggregates": list(AGGREGATES), "uwo_lambda": 0.2, "tradeoff_lambda": 0.6,

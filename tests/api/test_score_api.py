@@ -124,7 +124,7 @@ async def test_several_models_and_model_selection(llama, bert):
         "id": "tiny-llama", "aliases": [llama.info.path], "object": "model", "kind": "dense",
         "architecture": "LlamaForSequenceClassification",
         "dtype": "float32", "device": "cpu", "max_length": 256, "parameters": 0, "weights_bytes": 0, "quantize": "none",
-        "pooling": "hf", "memory_estimate_bytes": None, "default": True,
+        "pooling": "hf", "memory_estimate_bytes": None, "compiled": False, "default": True,
         "heads": ["reward"], "head_std": False, "nominal": "reward", "reward": "mean", "categories": [],
         "aggregates": ["mean", "min", "max", "std", "uwo", "nominal", "tradeoff"],
         "uwo_lambda": 1.0, "tradeoff_lambda": 0.6,

@@ -21,7 +21,8 @@ def test_each_model_is_warmed_up_once_before_it_is_returned(tiny_model_dirs, mon
     warmed: list[tuple[str, list[int]]] = []
     original = loading.warm_up
 
-    def spy(model):
+    def spy(model, *, autocast):
+        assert autocast is False
         real_score = model.score
 
         def score(encoded, **lambdas):
@@ -29,7 +30,7 @@ def test_each_model_is_warmed_up_once_before_it_is_returned(tiny_model_dirs, mon
             return real_score(encoded, **lambdas)
 
         model.score = score  # the warm-up's forward, recorded
-        original(model)
+        original(model, autocast=autocast)
         del model.score
 
     monkeypatch.setattr(loading, "warm_up", spy)

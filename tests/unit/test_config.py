@@ -52,6 +52,7 @@ def test_defaults():
         "prefix_min_tokens": 32,
         "duplicate_cache_entries": 8192,
         "autocast": False,
+        "compile": False,
         "max_wait_ms": 2.0,
         "max_queue_tokens": 1_048_576,
         "max_inputs_per_request": 4096,
