@@ -40,8 +40,9 @@ class Packing:
     Costs are counted in tokens of one layer's per-token work (projections and MLP). A packed row of T
     tokens costs ``T + pair_cost x T^2`` (masked attention: every pair computed); each forward costs
     ``fixed_tokens`` besides (reading every weight, launching every layer). Attention grows with the
-    square of the row, so a batch packs into rows of about ``sqrt(fixed_tokens / pair_cost)`` tokens,
-    where one more forward costs what a longer row would; the right-padded batch costs
+    square of the row, so rows aim at about ``sqrt(fixed_tokens / pair_cost)`` tokens, where one more
+    forward costs what a longer row would, and a batch packs into the cheapest of a few in-order cuts
+    (``rows``); the right-padded batch costs
     ``rows x longest + pair_cost x rows x longest^2 / 2`` (causal, unmasked).
 
     Attributes:
@@ -63,10 +64,32 @@ class Packing:
 
     def rows(self, lengths: Sequence[int]) -> list[list[int]] | None:
         """The packed rows (indices into ``lengths``, in order) when packing costs less than padding, else
-        None. Inputs join a row in order while it stays within ``row_tokens``; an input longer than that
-        is a row of its own."""
+        None.
+
+        Candidates: inputs joining a row in order while it stays within ``row_tokens``, and, for each row
+        count from the fewest ``max_tokens`` allows to about ``total / row_tokens`` more, the inputs cut in
+        order into that many rows of about equal tokens (a 318-token batch runs as one row, not as a row
+        of ``row_tokens`` and a short one that costs a whole forward). The cheapest candidate wins; an
+        input longer than ``row_tokens`` may be a row of its own, and no row of several inputs holds
+        more than ``max_tokens``."""
         if len(lengths) < 2:
             return None
+        total = sum(lengths)
+        fewest = max(1, math.ceil(total / self.max_tokens))
+        most = min(len(lengths), fewest + math.ceil(total / self.row_tokens) + 1)
+        candidates = [self._greedy(lengths)] + [_even(lengths, count) for count in range(fewest, most + 1)]
+        fitting = [
+            rows
+            for rows in candidates
+            if all(len(row) == 1 or sum(lengths[i] for i in row) <= self.max_tokens for row in rows)
+        ]
+        best = min(fitting, key=lambda rows: self._cost(lengths, rows))  # the greedy rows always fit
+        width = max(lengths)
+        padded = len(lengths) * width + self.pair_cost * len(lengths) * width * width / 2
+        return best if self._cost(lengths, best) < padded else None
+
+    def _greedy(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Inputs joining a row in order while it stays within ``row_tokens``."""
         rows: list[list[int]] = []
         size = 0
         for i, n in enumerate(lengths):
@@ -76,13 +99,28 @@ class Packing:
             else:
                 rows.append([i])
                 size = n
-        packed = float(self.fixed_tokens * (len(rows) - 1))
+        return rows
+
+    def _cost(self, lengths: Sequence[int], rows: Sequence[Sequence[int]]) -> float:
+        """Packed rows' cost: one fixed cost per extra forward, the tokens, every pair of each row (a row
+        of one input: causal, half of them)."""
+        cost = float(self.fixed_tokens * (len(rows) - 1))
         for row in rows:
             tokens = sum(lengths[i] for i in row)
-            packed += tokens + self.pair_cost * tokens * tokens / (1 if len(row) > 1 else 2)
-        width = max(lengths)
-        padded = len(lengths) * width + self.pair_cost * len(lengths) * width * width / 2
-        return rows if packed < padded else None
+            cost += tokens + self.pair_cost * tokens * tokens / (1 if len(row) > 1 else 2)
+        return cost
+
+
+def _even(lengths: Sequence[int], count: int) -> list[list[int]]:
+    """Inputs cut in order into at most ``count`` rows of about equal tokens: each input goes to the row
+    its middle token falls in."""
+    share = sum(lengths) / count
+    rows: list[list[int]] = [[] for _ in range(count)]
+    before = 0
+    for i, n in enumerate(lengths):
+        rows[min(count - 1, int((before + n / 2) // share))].append(i)
+        before += n
+    return [row for row in rows if row]
 
 
 def packing_for(config: Any, max_tokens: int | None, device: torch.device) -> Packing | None:

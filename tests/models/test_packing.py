@@ -88,11 +88,19 @@ def test_packing_pays_only_for_ragged_batches():
     assert dear.rows([30, 32, 31, 32]) is None  # little padding: one padded forward wins
 
 
-def test_a_batch_packs_into_rows_of_about_row_tokens_in_order():
+def test_a_batch_packs_in_order_into_the_cheapest_rows():
     rule = Packing(max_tokens=64, pair_cost=1e-3, fixed_tokens=32)
     assert rule.row_tokens == 64  # capped by max_tokens
-    assert rule.rows([30, 30, 10, 70, 5, 5, 60]) == [[0, 1], [2], [3], [4, 5], [6]]
+    # rows filled in order to 64 ([[0, 1], [2], [3], [4, 5], [6]]) cost 346; five even rows cost 344.4,
+    # and the even cuts into four rows would put 80 tokens in one row of two inputs, over max_tokens
+    assert rule.rows([30, 30, 10, 70, 5, 5, 60]) == [[0], [1, 2], [3], [4, 5], [6]]
     assert rule.rows([100, 100, 100, 90]) is None  # rows of one each: more forwards, little padding saved
+    wide = Packing(max_tokens=2048, pair_cost=3.6e-4, fixed_tokens=32)  # the 4 x 512 model of bench/peers.py
+    assert wide.row_tokens == 298
+    sixteen = [8 + i * 3 % 25 for i in range(16)]  # 313 tokens
+    assert wide.rows(sixteen) == [list(range(16))]  # one row beats 298 tokens plus a forward for 15
+    thirty_two = sixteen * 2  # 626 tokens: two even rows
+    assert wide.rows(thirty_two) == [list(range(16)), list(range(16, 32))]
 
 
 def test_the_rule_weighs_attention_by_the_architecture(tiny_model_dirs):
