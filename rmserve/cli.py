@@ -57,6 +57,7 @@ def serve(
     ] = None,
     autocast: Annotated[bool | None, typer.Option("--autocast", help=_help("autocast"))] = None,
     compile: Annotated[bool | None, typer.Option("--compile", help=_help("compile"))] = None,
+    cpu_row_threads: Annotated[int | None, typer.Option(help=_help("cpu_row_threads"))] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help=_help("max_wait_ms"))] = None,
     max_queue_tokens: Annotated[int | None, typer.Option(help=_help("max_queue_tokens"))] = None,
     max_inputs_per_request: Annotated[int | None, typer.Option(help=_help("max_inputs_per_request"))] = None,

@@ -90,6 +90,8 @@ class LoadOptions:
         max_packed_tokens: decoders: the most tokens of a batch run packed, without padding
             (``rmserve.models.packing``); 0: never; None: by device.
         compile: decoders: run unplanned forwards through torch.compile (``rmserve.models.compile``).
+        cpu_row_threads: decoders on the CPU: a batch's parts run side by side on this many threads
+            (``rmserve.models.parallel``); 1: one forward on every core.
     """
 
     kind: KindName = "auto"
@@ -101,6 +103,7 @@ class LoadOptions:
     pooling: Pooling | None = None
     max_packed_tokens: int | None = None
     compile: bool = False
+    cpu_row_threads: int = 1
 
 
 _POOLING_HELP = (
@@ -133,6 +136,13 @@ _COMPILE_HELP = (
     "Decoder models: run forwards through torch.compile (TorchInductor), compiled at load before the server "
     "is ready (tens of seconds to minutes on a CPU; on CPU it needs a C++ compiler); rewards equal eager "
     "ones to float32 rounding (measured speed: docs/benchmarks.md)."
+)
+
+
+_ROW_THREADS_HELP = (
+    "Decoder models on the CPU: a batch of several inputs runs as this many parts side by side (packed rows, "
+    "or slices of the padded batch), each on its own thread with cores / N torch threads; 1: one forward "
+    "on every core. A batch of one input always gets every core."
 )
 
 
@@ -246,6 +256,7 @@ class Settings(BaseSettings):
     duplicate_cache_entries: int = Field(8192, ge=0, description=_DUPLICATES_HELP)
     autocast: bool = Field(False, description=_AUTOCAST_HELP)
     compile: bool = Field(False, description=_COMPILE_HELP)
+    cpu_row_threads: int = Field(1, ge=1, description=_ROW_THREADS_HELP)
     max_wait_ms: float = Field(
         2.0,
         ge=0,
@@ -369,6 +380,7 @@ class Settings(BaseSettings):
             if spec.max_packed_tokens is None
             else spec.max_packed_tokens,
             compile=self.compile if spec.compile is None else spec.compile,
+            cpu_row_threads=self.cpu_row_threads,
         )
 
     @classmethod

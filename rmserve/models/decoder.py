@@ -31,7 +31,8 @@ from rmserve.batching.prefix import PrefixPlan
 from rmserve.models.base import resolve_device, resolve_dtype
 from rmserve.models.compile import compile_decoder, decoder_hidden_states
 from rmserve.models.inputs import EncodedInput, InputEncoder
-from rmserve.models.packing import Packing, packed_states, packing_for
+from rmserve.models.packing import Packing, even_rows, packed_states, packing_for
+from rmserve.models.parallel import RowThreads, row_threads, split_evenly
 from rmserve.models.pooling import PoolingRule, log_pooling, pooling_rule
 from rmserve.models.prefix import base_run, padded_rows, planned_states
 from rmserve.models.quantize import check_quantize, finish_quantized, pretrained_kwargs
@@ -115,20 +116,42 @@ def scored_states(
     device: torch.device,
     packing: Packing | None = None,
     compiled: nn.Module | None = None,
+    threads: RowThreads | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What a head reads: final hidden states (B, T, H) and each input's scored position in them, (B,).
 
     Without a plan: one right-padded forward, positions by the pooling rule, or, when ``packing`` says it
     is cheaper, one packed forward per row (``rmserve.models.packing``), through ``compiled`` (the base's
-    compiled forward, ``rmserve.models.compile``) when given. With a plan: each input's scored state
-    computed as the plan says (``rmserve.models.prefix``), eagerly. Packed or planned, the states come
-    as (B, 1, H) at position 0.
+    compiled forward, ``rmserve.models.compile``) when given. With ``threads`` (a CPU's split forwards,
+    ``rmserve.models.parallel``) a batch of several inputs runs in parts side by side: at least one
+    packed row per thread, or the padded batch in slices. With a plan: each input's scored state
+    computed as the plan says (``rmserve.models.prefix``), eagerly. Split, packed or planned, the states
+    come as (B, 1, H) at position 0.
     """
-    rows = packing.rows([len(x) for x in batch]) if plan is None and packing is not None else None
+    sizes = [len(x) for x in batch]
+    rows = packing.rows(sizes) if plan is None and packing is not None else None
+    split = threads if plan is None and len(batch) >= 2 else None
+    if split is not None and rows is not None and len(rows) < split.count:  # one row per thread at least
+        rows = even_rows(sizes, split.count)
     if rows is not None:
         states = packed_states(
-            base, batch, rows, pooling=pooling, pad_id=pad_id, device=device, compiled=compiled
+            base,
+            batch,
+            rows,
+            pooling=pooling,
+            pad_id=pad_id,
+            device=device,
+            compiled=compiled,
+            threads=threads,
         )  # (B, H)
+    elif split is not None:
+
+        def slice_states(rows: range) -> torch.Tensor:
+            ids, lengths = right_padded([batch[i] for i in rows], pad_id, device)
+            hidden = final_hidden_states(base, ids, compiled)  # (b, T, H)
+            return hidden[torch.arange(len(rows), device=device), pooling.positions(ids, lengths)]  # (b, H)
+
+        states = torch.cat(split.map(slice_states, split_evenly(len(batch), split.count)))  # (B, H)
     elif plan is None:
         ids, lengths = right_padded(batch, pad_id, device)
         return final_hidden_states(base, ids, compiled), pooling.positions(ids, lengths)  # (B, T, H), (B,)
@@ -242,6 +265,8 @@ class DecoderBackbone:
         max_packed_tokens: the most tokens of a batch run packed (``rmserve.models.packing``); 0: never;
             None: by device.
         compile: run unplanned forwards through torch.compile (``rmserve.models.compile``).
+        cpu_row_threads: on the CPU, threads a batch's parts run on side by side
+            (``rmserve.models.parallel``; 1: unsplit).
 
     Raises:
         ValueError: the folder is not a decoder checkpoint, or the options do not fit this machine.
@@ -259,6 +284,7 @@ class DecoderBackbone:
         name: str | None = None,
         max_packed_tokens: int | None = None,
         compile: bool = False,
+        cpu_row_threads: int = 1,
     ) -> None:
         if not (path / "config.json").is_file():
             raise ValueError(f"backbone {path} is not a Hugging Face model folder (no config.json).")
@@ -282,6 +308,7 @@ class DecoderBackbone:
         self.pooling = pooling_rule(pooling, config)
         self.packing = packing_for(config, max_packed_tokens, self.device)
         self.compiled = compile_decoder(self.base) if compile else None
+        self.threads = row_threads(cpu_row_threads) if self.device.type == "cpu" else None
         log_pooling(name or path.name, self.pooling, tokenizer)
         self.max_length = resolve_max_length(config, tokenizer, max_length)
         embeddings = embeddings_of(self.base)

@@ -55,6 +55,7 @@ from rmserve.models.decoder import (
 )
 from rmserve.models.inputs import EncodedInput, InputEncoder
 from rmserve.models.packing import packing_for
+from rmserve.models.parallel import row_threads
 from rmserve.models.pooling import log_pooling, pooling_rule, resolve_pooling
 from rmserve.models.quantize import check_quantize, finish_quantized, head_modules, pretrained_kwargs
 from rmserve_kernels.heads import HeadOutputs, select_heads_aggregate
@@ -133,6 +134,7 @@ class DenseRewardModel:
                 "with a score head, so serve it without compile."
             )
         self.compiled = compile_decoder(self.base) if options.compile and self.base is not None else None
+        self.threads = row_threads(options.cpu_row_threads) if self.device.type == "cpu" else None
         if not self.decoder and self.pooling.name != "hf":
             raise ValueError(
                 f"{path}: pooling {self.pooling.name!r} is for decoder models; {type(model).__name__} pools "
@@ -216,6 +218,7 @@ class DenseRewardModel:
                 device=self.device,
                 packing=self.packing,
                 compiled=self.compiled,
+                threads=self.threads,
             )  # (B, T, H), (B,)
             out = self._heads_aggregate(
                 hidden,

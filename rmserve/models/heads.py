@@ -238,6 +238,7 @@ class MultiHeadRewardModel:
             name=name,
             max_packed_tokens=options.max_packed_tokens,
             compile=options.compile,
+            cpu_row_threads=options.cpu_row_threads,
         )
         self.device = self.backbone.device
         weights = load_file(path / HEADS_FILE) if (path / HEADS_FILE).is_file() else None
@@ -314,6 +315,7 @@ class MultiHeadRewardModel:
             device=self.device,
             packing=self.backbone.packing,
             compiled=self.backbone.compiled,
+            threads=self.backbone.threads,
         )  # (B, T, H), (B,)
         out = self._heads_aggregate(
             hidden,

@@ -25,6 +25,7 @@ from torch import nn
 
 from rmserve.models.compile import decoder_hidden_states
 from rmserve.models.inputs import EncodedInput
+from rmserve.models.parallel import RowThreads
 from rmserve.models.pooling import PoolingRule
 from rmserve.models.prefix import scored_positions
 from rmserve.names import CPU_JOIN_PADDING, CPU_PACKED_TOKENS
@@ -77,7 +78,9 @@ class Packing:
         total = sum(lengths)
         fewest = max(1, math.ceil(total / self.max_tokens))
         most = min(len(lengths), fewest + math.ceil(total / self.row_tokens) + 1)
-        candidates = [self._greedy(lengths)] + [_even(lengths, count) for count in range(fewest, most + 1)]
+        candidates = [self._greedy(lengths)] + [
+            even_rows(lengths, count) for count in range(fewest, most + 1)
+        ]
         fitting = [
             rows
             for rows in candidates
@@ -111,7 +114,7 @@ class Packing:
         return cost
 
 
-def _even(lengths: Sequence[int], count: int) -> list[list[int]]:
+def even_rows(lengths: Sequence[int], count: int) -> list[list[int]]:
     """Inputs cut in order into at most ``count`` rows of about equal tokens: each input goes to the row
     its middle token falls in."""
     share = sum(lengths) / count
@@ -158,21 +161,30 @@ def packed_states(
     pad_id: int,
     device: torch.device,
     compiled: nn.Module | None = None,
+    threads: RowThreads | None = None,
 ) -> torch.Tensor:
     """Each input's final hidden state at its scored token (pooling rule on its own ids), (B, H), from one
     forward of ``base`` (a transformers decoder base model) per packed row (``Packing.rows``), through
-    ``compiled`` (its compiled forward, ``rmserve.models.compile``) when given."""
+    ``compiled`` (its compiled forward, ``rmserve.models.compile``) when given; with ``threads``
+    (``rmserve.models.parallel``), the rows dealt round-robin to its threads and run side by side."""
     scored = scored_positions(batch, pooling, pad_id)
-    states: list[torch.Tensor] = []
-    order: list[int] = []
-    for row in rows:
-        lengths = [len(batch[i]) for i in row]
-        ids = torch.tensor([[t for i in row for t in batch[i].token_ids]], device=device)  # (1, T)
-        positions = torch.cat([torch.arange(n) for n in lengths])[None, :].to(device)  # (1, T)
-        hidden = decoder_hidden_states(base, compiled, ids, positions)  # (1, T, H)
-        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)  # (R,)
-        picked = starts + torch.tensor([scored[i] for i in row])  # (R,)
-        states.append(hidden[0, picked.to(device)])  # (R, H)
-        order.extend(row)
-    out = torch.cat(states)  # (B, H) in row order
+
+    def run_rows(part: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        states = []
+        for row in part:
+            lengths = [len(batch[i]) for i in row]
+            ids = torch.tensor([[t for i in row for t in batch[i].token_ids]], device=device)  # (1, T)
+            positions = torch.cat([torch.arange(n) for n in lengths])[None, :].to(device)  # (1, T)
+            hidden = decoder_hidden_states(base, compiled, ids, positions)  # (1, T, H)
+            starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)  # (R,)
+            picked = starts + torch.tensor([scored[i] for i in row])  # (R,)
+            states.append(hidden[0, picked.to(device)])  # (R, H)
+        return states
+
+    parts = (
+        [rows] if threads is None else [p for k in range(threads.count) if (p := rows[k :: threads.count])]
+    )
+    done = [run_rows(parts[0])] if threads is None else threads.map(run_rows, parts)
+    out = torch.cat([s for states in done for s in states])  # (B, H) in the parts' row order
+    order = [i for part in parts for row in part for i in row]
     return out[torch.tensor(order, device=device).argsort()]  # (B, H) in batch order

@@ -53,6 +53,7 @@ def test_defaults():
         "duplicate_cache_entries": 8192,
         "autocast": False,
         "compile": False,
+        "cpu_row_threads": 1,
         "max_wait_ms": 2.0,
         "max_queue_tokens": 1_048_576,
         "max_inputs_per_request": 4096,
