@@ -424,7 +424,10 @@ def estimate_model(
         )
         sized.append(
             _Part(
-                weights=quantized_bytes(part.module, options.quantize, part.keep) + part.extra_bytes,
+                # compiled (--compile): the graph's frozen copy of the weights beside the eager module
+                weights=quantized_bytes(part.module, options.quantize, part.keep)
+                * (2 if options.compile else 1)
+                + part.extra_bytes,
                 activations=activation_bytes(
                     arch,
                     shape,

@@ -17,6 +17,7 @@ from torch._dynamo.utils import counters
 from rmserve.batching.planning import BatchLimits
 from rmserve.batching.prefix import plan_prefixes
 from rmserve.config import LoadOptions, ModelSpec, Settings
+from rmserve.memory.estimate import estimate_model
 from rmserve.models.compile import check_compilable
 from rmserve.models.dense import DenseRewardModel
 from rmserve.models.heads import MultiHeadRewardModel
@@ -124,6 +125,21 @@ def test_a_failing_compilation_stops_the_load_with_what_to_do(tiny_model_dirs, m
     ) as info:
         warm_up(model)
     assert "serve it without --compile" in str(info.value)
+
+
+def test_the_memory_plan_counts_a_compiled_models_frozen_weights(tiny_model_dirs):
+    eager = estimate_model(
+        "m", tiny_model_dirs["llama"], LoadOptions(**FP32), max_batch_tokens=512, max_batch_size=8
+    )
+    compiled = estimate_model(
+        "m",
+        tiny_model_dirs["llama"],
+        LoadOptions(**FP32, compile=True),
+        max_batch_tokens=512,
+        max_batch_size=8,
+    )
+    assert compiled.activation_bytes == eager.activation_bytes
+    assert compiled.weights_bytes == 2 * eager.weights_bytes  # the eager module, and the graph's frozen copy
 
 
 def test_compile_comes_from_the_model_spec_else_the_server():
