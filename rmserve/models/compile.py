@@ -3,8 +3,8 @@
 TorchInductor fuses the elementwise work around the matmuls (norms, rotary embeddings, activations,
 residual adds) into generated kernels, and, with freezing, folds the weights into the compiled graph as
 constants: on a CPU it prepacks every linear layer's weight for oneDNN once, instead of at every matmul.
-Offline on the 2-core CPU a packed forward of the 4 x 512 model ran 2.2x faster than eager (freezing
-alone doubled the 1.2x of fusion); in the server see ``bench/peers.py`` (docs/benchmarks.md). Rewards
+On the 2-core CPU the 4 x 512 model served 1.55x the tokens per second of eager forwards, and scored
+one input at a time 1.87x faster offline (``bench/peers.py --regime small``, docs/benchmarks.md). Rewards
 stay within float32 rounding of the eager forward (parity: ``tests/models/test_compile.py``). The frozen
 copy of the weights costs memory beside the eager module (kept for the eager paths below); the memory
 plan counts a compiled model's weights twice.
