@@ -29,6 +29,7 @@ the bottleneck there).
 
     python bench/peers.py --out docs/benchmarks.md
     python bench/peers.py --regime small --repeats 5 --out docs/benchmarks.md
+    python bench/peers.py --regime realistic --requests 64 --contender 'offline, one at a time'
     python bench/peers.py --regime realistic --infinity-url http://127.0.0.1:7997 --out docs/benchmarks.md
 
 Each regime writes its own section of docs/benchmarks.md.
@@ -156,8 +157,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--regime", action="append", choices=("realistic", "small"), help="run only these (default: both)"
     )
+    parser.add_argument(
+        "--contender",
+        action="append",
+        help="run only these contenders, named as in the table (repeatable); rmserve and rmserve --compile "
+        "always run, as the ratios are against them",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
+
+    def wanted(name: str) -> bool:
+        return not args.contender or name in args.contender or name in ("rmserve", COMPILED)
 
     settings = Settings()
     demo_path = resolve_model_path(ModelSpec(name="demo", path="demo"), settings.cache_dir)
@@ -172,10 +182,12 @@ def main(argv: list[str] | None = None) -> None:
             model = DenseRewardModel(
                 regime.path.name, regime.path, LoadOptions(dtype="float32", device="cpu")
             )
-            compiled = DenseRewardModel(
-                regime.path.name, regime.path, LoadOptions(dtype="float32", device="cpu", compile=True)
-            )
-            warm_up(compiled)  # compiles its graphs before any run is timed
+            compiled = model
+            if wanted(ALONE_COMPILED):
+                compiled = DenseRewardModel(
+                    regime.path.name, regime.path, LoadOptions(dtype="float32", device="cpu", compile=True)
+                )
+                warm_up(compiled)  # compiles its graphs before any run is timed
             limits, _, _ = resolve_limits(settings, None, model.info)
             alone = [[i] for i in range(len(regime.encoded))]
             batched = plan_offline([len(e) for e in regime.encoded], limits)
@@ -186,28 +198,36 @@ def main(argv: list[str] | None = None) -> None:
                     ["--model", str(regime.path), "--dtype", "float32", "--duplicate-cache-entries", "0"],
                     Path(tmp) / "r.log",
                 )
-                servers["naive"] = start_server(
-                    ["--model", str(regime.path)], Path(tmp) / "n.log",
-                    command=[sys.executable, str(ROOT / "bench" / "naive_server.py"), "serve"],
-                )  # fmt: skip
+                if wanted("naive"):
+                    servers["naive"] = start_server(
+                        ["--model", str(regime.path)], Path(tmp) / "n.log",
+                        command=[sys.executable, str(ROOT / "bench" / "naive_server.py"), "serve"],
+                    )  # fmt: skip
                 for name, flags in (
                     (COMPILED, ["--compile"]),
                     (SPLIT, ["--cpu-row-threads", "2"]),
                     (FASTEST, ["--cpu-row-threads", "2", "--compile"]),
                 ):
+                    if not wanted(name):
+                        continue
                     servers[name] = start_server(
                         ["--model", str(regime.path), "--dtype", "float32", "--duplicate-cache-entries", "0",
                          *flags],
                         Path(tmp) / f"{len(servers)}.log", ready_timeout=1200,
                     )  # fmt: skip
-                if regime.name == "small":  # short ragged rollouts: what packing is for
+                if regime.name == "small" and wanted(PADDED):  # short ragged rollouts: what packing is for
                     servers[PADDED] = start_server(
                         ["--model", str(regime.path), "--dtype", "float32", "--duplicate-cache-entries", "0",
                          "--max-packed-tokens", "0"],
                         Path(tmp) / "p.log",
                     )  # fmt: skip
                 runs: dict[str, object] = {name: None for name in servers}
-                runs |= {"offline, one at a time": alone, ALONE_COMPILED: alone, "offline, batched": batched}
+                offline = {
+                    "offline, one at a time": alone,
+                    ALONE_COMPILED: alone,
+                    "offline, batched": batched,
+                }
+                runs |= {name: batches for name, batches in offline.items() if wanted(name)}
                 if args.infinity_url and regime.name == "realistic":
                     runs["infinity"] = None
                 names = list(runs)
@@ -261,7 +281,9 @@ def render(args, regime: Regime) -> str:
         "",
         "```",
         f"python bench/peers.py --regime {regime.name} --requests {args.requests} --concurrency {args.concurrency} "
-        f"--repeats {args.repeats}" + (" --infinity-url URL" if "infinity" in regime.tokens_per_s else ""),
+        f"--repeats {args.repeats}"
+        + "".join(f" --contender '{c}'" for c in args.contender or ())
+        + (" --infinity-url URL" if "infinity" in regime.tokens_per_s else ""),
         "```",
         "",
         f"{regime.description[0].upper()}{regime.description[1:]}. One input per request from {args.concurrency} "
