@@ -1,6 +1,6 @@
 """Compiled decoder forwards (``--compile``): rewards equal transformers', and no request compiles.
 
-A compiled model compiles its two graphs in the load warm-up (about 20 s each model here); afterwards
+A compiled model compiles its two graphs in the load warm-up (tens of seconds each model here); afterwards
 every batch shape the server forms (one input, a padded batch, packed rows, a one-token input, a prefix
 plan) scores within float32 rounding of plain transformers and compiles nothing new.
 """
